@@ -1,0 +1,41 @@
+"""asgi_guard: pure ASGI guards for FastAPI, Starlette and any ASGI app.
+
+The public API is exactly ``__all__``; every other module is private. FastAPI dependency
+factories live in :mod:`asgi_guard.fastapi`.
+"""
+
+from __future__ import annotations
+
+from ._clock import Clock, ManualClock, MonotonicClock
+from ._errors import ConfigurationError, GuardError, RateLimitExceeded
+from ._events import Event, EventHandler, RateLimitEvent, StorageEvent
+from ._keys import KeyFunc, client_ip, header_key
+from ._limiter import QuotaState, RateLimitDecision, RateLimiter
+from ._policy import Policy
+from ._problem import Rejection
+from .ratelimit import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, RateLimitMiddleware, Rule
+
+__all__ = [
+    "Clock",
+    "ConfigurationError",
+    "Event",
+    "EventHandler",
+    "GuardError",
+    "KeyFunc",
+    "ManualClock",
+    "MonotonicClock",
+    "Policy",
+    "QUOTA_EXCEEDED",
+    "QuotaState",
+    "RateLimitDecision",
+    "RateLimitEvent",
+    "RateLimitExceeded",
+    "RateLimitMiddleware",
+    "RateLimiter",
+    "Rejection",
+    "Rule",
+    "StorageEvent",
+    "TEMPORARY_REDUCED_CAPACITY",
+    "client_ip",
+    "header_key",
+]

@@ -1,0 +1,81 @@
+"""Decision events: small frozen dataclasses delivered to logging and user callbacks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+__all__ = ["Event", "EventHandler", "RateLimitEvent", "StorageEvent", "emit"]
+
+logger = logging.getLogger("asgi_guard")
+
+
+@dataclass(frozen=True)
+class RateLimitEvent:
+    """A rate-limit decision worth reporting: a rejection, or one a dry-run policy would make.
+
+    Attributes:
+        kind: ``"rejected"``, ``"dry_run"`` (a dry-run policy would have rejected) or
+            ``"storage_denied"`` (the storage failed and the policy denies on failure).
+        policies: Names of the policies involved.
+        method: The request method (``"GET"``; ``"WEBSOCKET"`` for a handshake).
+        path: The request path.
+        route: The route template or rule pattern that matched, when known.
+        retry_after: Seconds until a retry can pass (0 when unknown).
+    """
+
+    kind: Literal["rejected", "dry_run", "storage_denied"]
+    policies: tuple[str, ...]
+    method: str
+    path: str
+    route: str | None
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class StorageEvent:
+    """The rate-limit storage stopped answering, or answers again.
+
+    Attributes:
+        kind: ``"unavailable"`` when an outage starts, ``"recovered"`` when it ends.
+        storage: The storage URI with any password removed.
+        error: The error that started the outage (empty on recovery).
+    """
+
+    kind: Literal["unavailable", "recovered"]
+    storage: str
+    error: str
+
+
+Event = Union[RateLimitEvent, StorageEvent]
+#: A user callback: receives every event; its exceptions are logged once and never propagate.
+EventHandler = Callable[[Event], None]
+
+
+class _CallbackGuard:
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
+
+
+def emit(
+    event: Event,
+    handlers: Sequence[EventHandler],
+    guard: _CallbackGuard | None = None,
+    level: int = logging.INFO,
+    message: str = "",
+) -> None:
+    """Log ``event`` (when ``message`` is given) and hand it to every handler."""
+    if message and logger.isEnabledFor(level):
+        logger.log(level, message, extra={"asgi_guard_event": event})
+    for handler in handlers:
+        try:
+            handler(event)
+        except Exception:
+            if guard is None or not guard.failed:
+                if guard is not None:
+                    guard.failed = True
+                logger.exception("asgi_guard: an on_event callback raised; it is ignored")

@@ -1,0 +1,181 @@
+"""Rate-limit policies: what is counted, per what key, how."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from limits import RateLimitItem, parse_many
+from starlette.types import Scope
+
+from ._errors import ConfigurationError
+from ._keys import KeyFunc
+
+__all__ = ["CostFunc", "LimitSpec", "Policy", "Quota", "Strategy", "as_policies"]
+
+Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+STRATEGIES: tuple[str, ...] = (
+    "fixed-window",
+    "moving-window",
+    "sliding-window-counter",
+    "token-bucket",
+)
+#: A request's cost computed from its scope (before the body is read); may be async.
+CostFunc = Callable[[Scope], "int | Awaitable[int]"]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One limit of a policy: ``amount`` per ``period`` seconds, under a header name."""
+
+    name: str
+    amount: int
+    period: int
+    item: RateLimitItem = field(compare=False, repr=False)
+    burst: int
+
+    @property
+    def window(self) -> int:
+        """The window advertised in ``RateLimit-Policy`` (``w``), in seconds."""
+        if self.burst == self.amount:
+            return self.period
+        return max(1, math.ceil(self.period * self.burst / self.amount))
+
+
+def _parse(limit: str) -> list[RateLimitItem]:
+    if not isinstance(limit, str) or not limit.strip():
+        raise ConfigurationError(f"a limit must be a non-empty string such as '10/minute', got {limit!r}")
+    try:
+        items = parse_many(limit)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"cannot parse the limit {limit!r}: use limits notation such as "
+            f"'10/second', '100 per minute' or '10/second;1000/hour'"
+        ) from exc
+    for item in items:
+        if item.amount <= 0:
+            raise ConfigurationError(f"the limit {limit!r} must allow at least one request")
+    return items
+
+
+def _slug(item: RateLimitItem) -> str:
+    return f"{item.amount}-per-{item.get_expiry()}s"
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A named rate-limit policy: one or more limits counted under one key.
+
+    A named policy used in several places (rules, dependencies) shares its counters
+    across all of them: ``Policy("1000/hour", name="api")`` on two routes is one quota of
+    1000 per hour for both. An unnamed limit counts per place (per rule or per route).
+
+    Args:
+        limit: ``limits`` notation, one or several limits: ``"10/second;1000/hour"``.
+        name: The policy name used in the ``RateLimit`` headers and in ``violated-policies``.
+            Several limits get ``name-<amount>-per-<seconds>s``.
+        strategy: ``"fixed-window"`` (default), ``"moving-window"``,
+            ``"sliding-window-counter"`` or ``"token-bucket"`` (GCRA).
+        key: What to count per: a function of the ASGI scope (sync or async). ``None`` uses
+            the middleware's (or dependency's) key, by default the client IP.
+        cost: How much one request consumes: an int or a function of the scope.
+        burst: Token bucket only: how many requests may arrive at once (default: the amount).
+        dry_run: Decide and report, but never reject (shadow mode).
+        on_storage_error: ``"allow"`` lets requests through while the storage fails,
+            ``"deny"`` answers them 503.
+
+    Example:
+        >>> api = Policy("100/minute;1000/hour", name="api")
+        >>> [q.name for q in api.quotas]
+        ['api-100-per-60s', 'api-1000-per-3600s']
+    """
+
+    limit: str
+    name: str | None = None
+    strategy: Strategy = "fixed-window"
+    key: KeyFunc | None = None
+    cost: int | CostFunc = 1
+    burst: int | None = None
+    dry_run: bool = False
+    on_storage_error: Literal["allow", "deny"] = "allow"
+    quotas: tuple[Quota, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        items = _parse(self.limit)
+        if self.strategy not in STRATEGIES:
+            raise ConfigurationError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.name is not None and (
+            not self.name or not self.name.isascii() or '"' in self.name or "\\" in self.name
+            or not self.name.isprintable()
+        ):
+            raise ConfigurationError(
+                f"a policy name must be printable ASCII without quotes or backslashes: {self.name!r}"
+            )
+        if self.burst is not None:
+            if self.strategy != "token-bucket":
+                raise ConfigurationError("burst= applies only to strategy='token-bucket'")
+            if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
+                raise ConfigurationError(f"burst must be a positive int, got {self.burst!r}")
+        if isinstance(self.cost, bool) or not (
+            (isinstance(self.cost, int) and self.cost >= 1) or callable(self.cost)
+        ):
+            raise ConfigurationError(f"cost must be an int >= 1 or a callable, got {self.cost!r}")
+        if self.key is not None and not callable(self.key):
+            raise ConfigurationError(f"key must be a callable taking the scope, got {self.key!r}")
+        if self.on_storage_error not in ("allow", "deny"):
+            raise ConfigurationError("on_storage_error must be 'allow' or 'deny'")
+        base = self.name
+        quotas = []
+        for item in items:
+            if base is not None and len(items) == 1:
+                name = base
+            elif base is not None:
+                name = f"{base}-{_slug(item)}"
+            else:
+                name = _slug(item)
+            burst = self.burst if self.burst is not None else item.amount
+            quotas.append(Quota(name, item.amount, item.get_expiry(), item, burst))
+        object.__setattr__(self, "quotas", tuple(quotas))
+
+    @property
+    def cost_is_async(self) -> bool:
+        return callable(self.cost) and _is_async_callable(self.cost)
+
+
+def _is_async_callable(obj: object) -> bool:
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004
+    )
+
+
+LimitSpec = Union[str, Policy, Sequence[Union[str, Policy]]]
+
+
+def as_policies(spec: LimitSpec | None, *, option: str = "limit") -> tuple[Policy, ...]:
+    """Normalise a ``limit=`` argument into policies."""
+    if spec is None:
+        return ()
+    if isinstance(spec, (str, Policy)):
+        spec = [spec]
+    policies = []
+    for entry in spec:
+        if isinstance(entry, Policy):
+            policies.append(entry)
+        elif isinstance(entry, str):
+            policies.append(Policy(entry))
+        else:
+            raise ConfigurationError(
+                f"{option}= takes limit strings or Policy objects, got {type(entry).__name__}"
+            )
+    names = [q.name for p in policies for q in p.quotas]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigurationError(
+            f"two limits in {option}= share the header name(s) {duplicates}: name your policies"
+        )
+    return tuple(policies)

@@ -1,0 +1,203 @@
+"""FastAPI dependency factories: tighten or add a guard on one route, router or app.
+
+Importing this module needs FastAPI (``pip install asgi-guard[fastapi]``); the rest of
+``asgi_guard`` needs only Starlette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from ._errors import RateLimitExceeded
+from ._events import EventHandler
+from ._keys import KeyFunc
+from ._limiter import RateLimiter
+from ._policy import LimitSpec
+from ._problem import QUOTA_EXCEEDED
+from ._record import get_record
+from .ratelimit import (
+    HeaderMode,
+    RateLimitMiddleware,
+    _Plan,
+    legacy_headers,
+    ratelimit_header_value,
+    retry_after_seconds,
+)
+
+__all__ = ["RateLimitDependency", "rate_limit", "rate_limit_exceeded_handler"]
+
+
+async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("the rate_limit dependency never calls an app")
+
+
+class RateLimitDependency:
+    """A configured rate limit for FastAPI's ``Depends``; build it with :func:`rate_limit`."""
+
+    def __init__(
+        self,
+        limit: LimitSpec,
+        *,
+        key: KeyFunc | None,
+        limiter: RateLimiter | None,
+        headers: HeaderMode,
+        retry_after_jitter: float,
+        problem_type: str,
+        on_event: EventHandler | Sequence[EventHandler],
+    ) -> None:
+        # The middleware's engine does the deciding; the dependency only adapts it to a
+        # route: one plan per route, built on first use.
+        self._core = RateLimitMiddleware(
+            _unreachable,
+            limit=limit,
+            key=key,
+            limiter=limiter,
+            headers=headers,
+            retry_after_jitter=retry_after_jitter,
+            problem_type=problem_type,
+            on_event=on_event,
+        )
+        assert self._core._default is not None
+        self._policies = tuple(b.policy for b in self._core._default.bound)
+        self._plans: dict[str, _Plan] = {}
+        self.limiter = self._core.limiter
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: ``allowed``, ``rejected``, ``dry_run``, ``storage_errors``."""
+        return self._core.stats
+
+    def _plan_for(self, scope: Scope) -> _Plan:
+        route = scope.get("route")
+        template = getattr(route, "path_format", None) or scope.get("path", "")
+        methods = getattr(route, "methods", None)
+        label = f"{','.join(sorted(methods))} {template}" if methods else template
+        plan = self._plans.get(label)
+        if plan is None:
+            plan = self._core._plan(self._policies, f"route:{label}", template, False)
+            self._plans[label] = plan
+        return plan
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        core = self._core
+        scope = request.scope
+        plan = self._plan_for(scope)
+        allowed, states, storage_denied = await core._evaluate(request, plan, scope["path"])  # type: ignore[arg-type]
+        if storage_denied:
+            core.stats["rejected"] += 1
+            raise HTTPException(503, "Rate limiter storage unavailable", headers={"Retry-After": "1"})
+        enforced = [s for s in states if not s.allowed and not s.dry_run]
+        mode = core.headers
+        policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
+        shown = [s for s in states if not s.dry_run]
+        state_value = ratelimit_header_value(shown) if shown else ""
+        if not allowed:
+            core.stats["rejected"] += 1
+            retry = retry_after_seconds(max(s.retry_after for s in enforced), core.retry_after_jitter)
+            out = {"Retry-After": str(retry)}
+            if policy_value:
+                out["RateLimit-Policy"] = policy_value
+                out["RateLimit"] = state_value
+            if mode in ("legacy", "both"):
+                out.update((k.decode(), v.decode()) for k, v in legacy_headers(shown))
+            raise RateLimitExceeded(
+                violated_policies=[s.name for s in enforced],
+                retry_after=retry,
+                headers=out,
+                problem_type=core.problem_type,
+            )
+        core.stats["allowed"] += 1
+        if not shown or mode == "none":
+            return
+        record = get_record(scope)
+        if record.rate_limit_middleware and mode in ("ietf", "both"):
+            # The middleware writes every RateLimit entry into the response it sends.
+            entries = record.rate_limit_headers
+            if entries is None:
+                entries = record.rate_limit_headers = []
+            entries.append(("", policy_value, state_value))
+        elif mode in ("ietf", "both") and policy_value:
+            _merge(response, "RateLimit-Policy", policy_value)
+            _merge(response, "RateLimit", state_value)
+        if mode in ("legacy", "both"):
+            for k, v in legacy_headers(shown):
+                response.headers[k.decode()] = v.decode()
+
+
+def _merge(response: Response, name: str, value: str) -> None:
+    existing = response.headers.get(name)
+    response.headers[name] = f"{existing}, {value}" if existing else value
+
+
+def rate_limit(
+    limit: LimitSpec,
+    *,
+    key: KeyFunc | None = None,
+    limiter: RateLimiter | None = None,
+    headers: HeaderMode = "ietf",
+    retry_after_jitter: float = 0.0,
+    problem_type: str = QUOTA_EXCEEDED,
+    on_event: EventHandler | Sequence[EventHandler] = (),
+) -> RateLimitDependency:
+    """A FastAPI dependency that rate-limits the routes it is attached to.
+
+    Use it per route, per router or per app; handlers keep their signatures. Unnamed limits
+    count per route (``/users/{id}`` is one route whatever the id); a named
+    :class:`~asgi_guard.Policy` is one quota shared by every route that uses it.
+
+    Args:
+        limit: Limits or policies, as for :class:`~asgi_guard.RateLimitMiddleware`.
+        key: Whom to count per: a function of the request (a ``Request`` is also a mapping
+            over the ASGI scope, so scope key functions such as :func:`~asgi_guard.client_ip`
+            work unchanged). Default: the client IP.
+        limiter: A :class:`~asgi_guard.RateLimiter` to share (with a middleware, or with
+            other processes through Redis). Default: a private in-memory limiter.
+        headers: ``"ietf"``, ``"legacy"``, ``"both"`` or ``"none"``. Behind a
+            ``RateLimitMiddleware`` the entries join the middleware's headers; alone they
+            are set on the response FastAPI builds from the handler's return value.
+        retry_after_jitter: Up to this many random seconds added to ``Retry-After``.
+        problem_type: The problem type reported by :func:`rate_limit_exceeded_handler`.
+        on_event: Callbacks receiving every rate-limit event.
+
+    Raises:
+        RateLimitExceeded: (a 429 ``HTTPException``) when the request is over its quota.
+
+    Example:
+        >>> from fastapi import Depends, FastAPI
+        >>> app = FastAPI()
+        >>> @app.post("/login", dependencies=[Depends(rate_limit("5/minute"))])
+        ... async def login() -> dict[str, bool]:
+        ...     return {"ok": True}
+    """
+    return RateLimitDependency(
+        limit,
+        key=key,
+        limiter=limiter,
+        headers=headers,
+        retry_after_jitter=retry_after_jitter,
+        problem_type=problem_type,
+        on_event=on_event,
+    )
+
+
+async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Response:
+    """Render :class:`~asgi_guard.RateLimitExceeded` as RFC 9457 problem+json.
+
+    Register it with ``app.add_exception_handler(RateLimitExceeded,
+    rate_limit_exceeded_handler)``; without it FastAPI answers ``{"detail": ...}`` with the
+    same status and headers.
+    """
+    if not isinstance(exc, RateLimitExceeded):  # pragma: no cover - registered for it only
+        raise exc
+    body = {
+        "type": exc.problem_type,
+        "title": "Too Many Requests",
+        "status": 429,
+        "detail": f"Request quota exceeded; retry after {exc.retry_after} seconds.",
+        "violated-policies": list(exc.violated_policies),
+    }
+    return JSONResponse(body, status_code=429, headers=exc.headers, media_type="application/problem+json")

@@ -1,0 +1,559 @@
+"""Rate limiting: :class:`RateLimitMiddleware` and the pieces it shares with the dependency."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union, cast
+
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._errors import ConfigurationError
+from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
+from ._keys import KeyFunc, client_ip, peer_address
+from ._limiter import QuotaState, RateLimitDecision, RateLimiter, _decision
+from ._policy import LimitSpec, Policy, Quota, _is_async_callable, as_policies
+from ._problem import (
+    QUOTA_EXCEEDED,
+    TEMPORARY_REDUCED_CAPACITY,
+    Rejection,
+    ResponseFactory,
+    send_rejection,
+)
+from ._record import SCOPE_KEY, GuardRecord
+
+__all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware", "Rule"]
+
+logger = logging.getLogger("asgi_guard.ratelimit")
+
+HeaderMode = Literal["ietf", "legacy", "both", "none"]
+ExemptSpec = Union[str, Callable[[Scope], bool]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Limits for the requests whose path matches a route template (and method).
+
+    Rules are tried in order; the first that matches replaces the middleware's default
+    ``limit``. Paths use Starlette's template syntax, so ``"/users/{user_id}"`` matches
+    ``/users/1`` and ``/users/2`` and counts them together; ``per_path=True`` counts every
+    concrete path apart. ``"/static/{rest:path}"`` matches a whole subtree.
+
+    Args:
+        path: A route template, e.g. ``"/login"`` or ``"/items/{item_id:int}"``.
+        limit: Limits or policies for the matching requests; ``None`` exempts them.
+        methods: Only these methods (``HEAD`` follows ``GET``); ``None`` for all.
+        per_path: Count each concrete path separately instead of the template together.
+
+    Example:
+        >>> Rule("/login", limit="5/minute", methods=["POST"])
+        Rule(path='/login', limit='5/minute', methods=['POST'], per_path=False)
+    """
+
+    path: str
+    limit: LimitSpec | None
+    methods: Collection[str] | None = None
+    per_path: bool = False
+
+
+class _BoundPolicy:
+    """A policy resolved for one place: its key, cost, namespace and memory tables."""
+
+    __slots__ = ("cost", "cost_async", "key", "key_async", "namespace", "policy", "tables")
+
+    def __init__(self, policy: Policy, namespace: str, key: KeyFunc, limiter: RateLimiter) -> None:
+        self.policy = policy
+        self.namespace = namespace
+        self.key = policy.key or key
+        self.key_async = _is_async_callable(self.key)
+        self.cost = policy.cost
+        self.cost_async = policy.cost_is_async
+        self.tables = (
+            [limiter.table(namespace, q, policy.strategy) for q in policy.quotas]
+            if limiter.is_memory
+            else None
+        )
+
+
+class _Plan:
+    """Everything static about one place (the default, a rule, a route)."""
+
+    __slots__ = ("bound", "fast", "policy_header", "route", "per_path")
+
+    def __init__(self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode) -> None:
+        self.bound = bound
+        self.route = route
+        self.per_path = per_path
+        enforced = [q for b in bound if not b.policy.dry_run for q in b.policy.quotas]
+        self.policy_header = (
+            policy_header_value(enforced).encode("latin-1")
+            if mode in ("ietf", "both") and enforced
+            else None
+        )
+        # The common case gets a straight path: one policy, one quota, in memory.
+        only = bound[0] if len(bound) == 1 else None
+        self.fast = (
+            only
+            if only is not None
+            and only.tables is not None
+            and len(only.tables) == 1
+            and isinstance(only.cost, int)
+            and not only.key_async
+            and not per_path
+            else None
+        )
+
+
+def policy_header_value(quotas: Iterable[Quota]) -> str:
+    """The ``RateLimit-Policy`` field value for ``quotas`` (a structured-field list)."""
+    return ", ".join(f'"{q.name}";q={q.burst};w={q.window}' for q in quotas)
+
+
+def ratelimit_header_value(states: Iterable[QuotaState]) -> str:
+    """The ``RateLimit`` field value for ``states`` (a structured-field list)."""
+    return ", ".join(
+        f'"{s.name}";r={max(0, s.remaining)};t={math.ceil(max(0.0, s.reset_after))}' for s in states
+    )
+
+
+def legacy_headers(states: Sequence[QuotaState]) -> list[tuple[bytes, bytes]]:
+    """``X-RateLimit-Limit/Remaining/Reset`` for the tightest of ``states``."""
+    tight = min(states, key=lambda s: (s.remaining, -s.reset_after))
+    return [
+        (b"x-ratelimit-limit", str(tight.limit).encode()),
+        (b"x-ratelimit-remaining", str(max(0, tight.remaining)).encode()),
+        (b"x-ratelimit-reset", str(math.ceil(max(0.0, tight.reset_after))).encode()),
+    ]
+
+
+def retry_after_seconds(retry_after: float, jitter: float) -> int:
+    """Whole seconds for ``Retry-After`` (at least 1), plus up to ``jitter`` random seconds."""
+    if jitter:
+        retry_after += random.uniform(0.0, jitter)  # noqa: S311 - spreading retries, not security
+    return max(1, math.ceil(retry_after))
+
+
+class RateLimitMiddleware:
+    """Rejects requests over their quota with ``429`` before the app reads them.
+
+    Pure ASGI: add it with ``app.add_middleware(RateLimitMiddleware, ...)`` or wrap any ASGI
+    callable. Lifespan (and WebSocket when ``websocket=False``) passes through untouched.
+
+    Args:
+        app: The ASGI app to guard.
+        limit: The default limits, for every request no rule matches: ``"100/minute"``,
+            ``"10/second;1000/hour"``, a :class:`Policy` or a list of them.
+        rules: Per-route :class:`Rule` objects, tried in order; the first match replaces
+            ``limit`` for that request.
+        key: Whom to count per, a function of the scope (sync or async). Default:
+            :func:`client_ip` (the socket peer). If it raises or returns nothing, the
+            request is counted under its socket peer address and the error is logged once.
+        storage: A storage URI, ``"memory://"`` by default (see :class:`RateLimiter`).
+        limiter: A :class:`RateLimiter` to share with dependencies or other middlewares;
+            replaces ``storage``.
+        exempt: Paths (exact or templates) and predicates ``(scope) -> bool`` never limited.
+        headers: ``"ietf"`` (``RateLimit``/``RateLimit-Policy``, the default), ``"legacy"``
+            (``X-RateLimit-*``), ``"both"`` or ``"none"``.
+        retry_after_jitter: Up to this many random seconds are added to ``Retry-After``.
+        problem_type: The problem ``type`` URI of the 429 body.
+        response: Build your own rejection response: ``(scope, Rejection) -> ASGI app``.
+        websocket: Limit WebSocket handshakes too (denied with HTTP 429 where the server
+            supports it, else closed with code 1008).
+        on_event: Callbacks receiving every :class:`RateLimitEvent` and :class:`StorageEvent`.
+
+    Example:
+        >>> from starlette.applications import Starlette
+        >>> app = Starlette()
+        >>> app.add_middleware(RateLimitMiddleware, limit="100/minute",
+        ...                    rules=[Rule("/login", limit="5/minute")], exempt=["/health"])
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: LimitSpec | None = None,
+        rules: Sequence[Rule] = (),
+        key: KeyFunc | None = None,
+        storage: str = "memory://",
+        limiter: RateLimiter | None = None,
+        exempt: Iterable[ExemptSpec] = (),
+        headers: HeaderMode = "ietf",
+        retry_after_jitter: float = 0.0,
+        problem_type: str = QUOTA_EXCEEDED,
+        response: ResponseFactory | None = None,
+        websocket: bool = True,
+        on_event: EventHandler | Sequence[EventHandler] = (),
+    ) -> None:
+        self.app = app
+        if headers not in ("ietf", "legacy", "both", "none"):
+            raise ConfigurationError("headers must be 'ietf', 'legacy', 'both' or 'none'")
+        if not isinstance(retry_after_jitter, (int, float)) or not (
+            0 <= retry_after_jitter < math.inf
+        ):
+            raise ConfigurationError("retry_after_jitter must be a non-negative number of seconds")
+        if key is not None and not callable(key):
+            raise ConfigurationError("key must be a callable taking the ASGI scope")
+        if response is not None and not callable(response):
+            raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
+        if limiter is not None and storage != "memory://":
+            raise ConfigurationError("pass either storage= or limiter=, not both")
+        self.limiter = limiter if limiter is not None else RateLimiter(storage)
+        self.headers = headers
+        self.retry_after_jitter = float(retry_after_jitter)
+        self.problem_type = problem_type
+        self.response = response
+        self.websocket = websocket
+        self._handlers: tuple[EventHandler, ...] = (
+            (on_event,) if callable(on_event) else tuple(on_event)
+        )
+        self._callback_guard = _CallbackGuard()
+        self._key = key if key is not None else client_ip()
+        self._key_failed = False
+        self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
+
+        self._exempt_paths: frozenset[str] = frozenset()
+        self._exempt_patterns: list[re.Pattern[str]] = []
+        self._exempt_checks: list[Callable[[Scope], bool]] = []
+        self._compile_exempt(exempt)
+
+        default = as_policies(limit)
+        self._default = self._plan(default, "default", None, False) if default else None
+        self._rules: list[tuple[re.Pattern[str] | None, str, frozenset[str] | None, _Plan | None]] = []
+        for rule in rules:
+            self._add_rule(rule)
+        if self._default is None and not self._rules:
+            raise ConfigurationError("RateLimitMiddleware needs limit= or rules=")
+
+    # -- configuration --------------------------------------------------------------------
+
+    def _compile_exempt(self, exempt: Iterable[ExemptSpec]) -> None:
+        if isinstance(exempt, str) or callable(exempt):
+            exempt = [exempt]
+        paths = set()
+        for entry in exempt:
+            if isinstance(entry, str):
+                if not entry.startswith("/"):
+                    raise ConfigurationError(f"exempt paths start with '/': {entry!r}")
+                if "{" in entry:
+                    self._exempt_patterns.append(_compile(entry))
+                else:
+                    paths.add(entry)
+            elif callable(entry):
+                self._exempt_checks.append(entry)
+            else:
+                raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")
+        self._exempt_paths = frozenset(paths)
+
+    def _plan(self, policies: Sequence[Policy], namespace: str, route: str | None, per_path: bool) -> _Plan:
+        bound = []
+        for policy in policies:
+            self.limiter.check_supported(policy)
+            ns = f"policy:{policy.name}" if policy.name is not None else namespace
+            bound.append(_BoundPolicy(policy, ns, self._key, self.limiter))
+        return _Plan(bound, route, per_path, self.headers)
+
+    def _add_rule(self, rule: Rule) -> None:
+        if not isinstance(rule, Rule):
+            raise ConfigurationError(f"rules= takes Rule objects, got {type(rule).__name__}")
+        if not isinstance(rule.path, str) or not rule.path.startswith("/"):
+            raise ConfigurationError(f"a rule path is a route template starting with '/': {rule.path!r}")
+        methods = None
+        if rule.methods is not None:
+            if isinstance(rule.methods, str):
+                raise ConfigurationError("Rule.methods takes a list of methods, e.g. ['POST']")
+            methods = frozenset(m.upper() for m in rule.methods)
+            if "GET" in methods:
+                methods |= {"HEAD"}
+        pattern = _compile(rule.path) if "{" in rule.path else None
+        label = f"{','.join(sorted(methods))} {rule.path}" if methods else rule.path
+        policies = as_policies(rule.limit, option="Rule.limit")
+        plan = self._plan(policies, f"rule:{label}", rule.path, rule.per_path) if policies else None
+        self._rules.append((pattern, rule.path, methods, plan))
+
+    # -- per request ----------------------------------------------------------------------
+
+    def _match(self, scope: Scope, path: str) -> _Plan | None:
+        method = scope.get("method", "WEBSOCKET")
+        for pattern, template, methods, plan in self._rules:
+            if (path == template if pattern is None else pattern.match(path)) and (
+                methods is None or method in methods
+            ):
+                return plan
+        return self._default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and (kind != "websocket" or not self.websocket):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in self._exempt_paths or (
+            (self._exempt_patterns or self._exempt_checks) and self._is_exempt(scope, path)
+        ):
+            await self.app(scope, receive, send)
+            return
+        plan = self._match(scope, path) if self._rules else self._default
+        if plan is None:
+            await self.app(scope, receive, send)
+            return
+
+        fast = plan.fast
+        if fast is not None:
+            try:
+                key = fast.key(scope)
+                if key.__class__ is not str or not key:
+                    key = self._bad_key(scope, key)
+            except Exception as exc:
+                key = self._key_error(scope, exc)
+            result = fast.tables[0].hit(key, fast.cost, self.limiter.clock.now())  # type: ignore[index]
+            quota = fast.policy.quotas[0]
+            state = QuotaState(
+                quota.name, quota.burst, quota.window, result[1], result[2], result[0], result[3],
+                fast.policy.dry_run,
+            )
+            states: tuple[QuotaState, ...] = (state,)
+            if result[0]:
+                allowed = True
+            elif fast.policy.dry_run:
+                allowed = True
+                self._report_dry_run(scope, plan, states)
+            else:
+                allowed = False
+        else:
+            allowed, states, error_deny = await self._evaluate(scope, plan, path)
+            if error_deny:
+                await self._deny_storage(scope, receive, send, plan)
+                return
+
+        if not allowed:
+            await self._reject(scope, receive, send, plan, states)
+            return
+        self.stats["allowed"] += 1
+
+        record = scope.get(SCOPE_KEY)
+        if record is None:
+            record = scope[SCOPE_KEY] = GuardRecord()
+        record.rate_limit_middleware = True
+        if self.headers == "none" or kind != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = self._response_headers(plan, states, record)
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _is_exempt(self, scope: Scope, path: str) -> bool:
+        if any(p.match(path) for p in self._exempt_patterns):
+            return True
+        for check in self._exempt_checks:
+            try:
+                if check(scope):
+                    return True
+            except Exception:
+                logger.exception("an exempt predicate raised; the request is limited as usual")
+        return False
+
+    def _bad_key(self, scope: Scope, key: object) -> str:
+        if not self._key_failed:
+            self._key_failed = True
+            logger.error(
+                "a rate-limit key function returned %s instead of a non-empty str; such "
+                "requests are counted under their socket peer address",
+                type(key).__name__,
+            )
+        return peer_address(scope)
+
+    def _key_error(self, scope: Scope, exc: Exception) -> str:
+        if not self._key_failed:
+            self._key_failed = True
+            logger.error(
+                "a rate-limit key function raised %s; such requests are counted under their "
+                "socket peer address",
+                type(exc).__name__,
+                exc_info=exc,
+            )
+        return peer_address(scope)
+
+    async def _key_for(self, bound: _BoundPolicy, scope: Scope, path: str, per_path: bool) -> str:
+        try:
+            key: Any = bound.key(scope)
+            if bound.key_async or not isinstance(key, str):
+                if hasattr(key, "__await__"):
+                    key = await cast(Awaitable[Any], key)
+            if key.__class__ is not str or not key:
+                key = self._bad_key(scope, key)
+        except Exception as exc:
+            key = self._key_error(scope, exc)
+        return f"{path}\x00{key}" if per_path else cast(str, key)
+
+    async def _cost_for(self, bound: _BoundPolicy, scope: Scope) -> int:
+        cost = bound.cost
+        if isinstance(cost, int):
+            return cost
+        try:
+            value: Any = cost(scope)
+            if hasattr(value, "__await__"):
+                value = await value
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"cost must be an int >= 0, got {value!r}")
+            return value
+        except Exception:
+            logger.exception("a rate-limit cost function failed; the request costs 1")
+            return 1
+
+    async def _evaluate(
+        self, scope: Scope, plan: _Plan, path: str
+    ) -> tuple[bool, tuple[QuotaState, ...], bool]:
+        """Decide every policy of ``plan``: (allowed, states, denied because storage failed)."""
+        limiter = self.limiter
+        decisions: list[RateLimitDecision] = []
+        keys: dict[int, str] = {}
+        if limiter.is_memory:
+            # Check first, commit only if every enforced policy admits: a refused request
+            # consumes no quota anywhere.
+            now = limiter.clock.now()
+            pending = []
+            allowed = True
+            for bound in plan.bound:
+                key = keys.get(id(bound.key))
+                if key is None:
+                    key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+                cost = await self._cost_for(bound, scope)
+                tables = bound.tables or []
+                results = [t.hit(key, cost, now, commit=False) for t in tables]
+                ok = all(r[0] for r in results)
+                if not ok and not bound.policy.dry_run:
+                    allowed = False
+                pending.append((bound, key, cost, tables, results, ok))
+            for bound, key, cost, tables, results, ok in pending:
+                if allowed and ok and cost:
+                    results = [t.hit(key, cost, now) for t in tables]
+                decisions.append(_decision(bound.policy.quotas, results, bound.policy.dry_run))
+        else:
+            allowed = True
+            for bound in plan.bound:
+                key = keys.get(id(bound.key))
+                if key is None:
+                    key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+                cost = await self._cost_for(bound, scope)
+                decision = await limiter.decide(bound.namespace, bound.policy, key, cost)
+                if decision.storage_error:
+                    self.stats["storage_errors"] += 1
+                    if not decision.allowed:
+                        return False, (), True
+                elif not decision.allowed:
+                    allowed = False
+                decisions.append(decision)
+        states = tuple(s for d in decisions for s in d.quotas)
+        if any(s.dry_run and not s.allowed for s in states):
+            self._report_dry_run(scope, plan, states)
+        return allowed, states, False
+
+    def _response_headers(
+        self, plan: _Plan, states: tuple[QuotaState, ...], record: GuardRecord
+    ) -> list[tuple[bytes, bytes]]:
+        enforced = [s for s in states if not s.dry_run]
+        out: list[tuple[bytes, bytes]] = []
+        mode = self.headers
+        if mode in ("ietf", "both"):
+            policy = plan.policy_header
+            current = ratelimit_header_value(enforced) if enforced else ""
+            extra = record.rate_limit_headers
+            if extra:
+                # Entries a rate_limit dependency added after routing.
+                extra_policy = ", ".join(e[1] for e in extra)
+                extra_state = ", ".join(e[2] for e in extra)
+                policy = (policy + b", " if policy else b"") + extra_policy.encode("latin-1")
+                current = f"{current}, {extra_state}" if current else extra_state
+            if policy:
+                out.append((b"ratelimit-policy", policy))
+            if current:
+                out.append((b"ratelimit", current.encode("latin-1")))
+        if mode in ("legacy", "both") and enforced:
+            out.extend(legacy_headers(enforced))
+        return out
+
+    def _report_dry_run(self, scope: Scope, plan: _Plan, states: tuple[QuotaState, ...]) -> None:
+        self.stats["dry_run"] += 1
+        names = tuple(s.name for s in states if s.dry_run and not s.allowed)
+        event = RateLimitEvent(
+            "dry_run",
+            names,
+            scope.get("method", "WEBSOCKET"),
+            scope["path"],
+            plan.route,
+            max(s.retry_after for s in states if s.dry_run and not s.allowed),
+        )
+        emit(
+            event,
+            self._handlers,
+            self._callback_guard,
+            logging.INFO,
+            f"dry run: {event.method} {event.path} would be rate limited by {', '.join(names)}",
+        )
+
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, plan: _Plan, states: tuple[QuotaState, ...]
+    ) -> None:
+        self.stats["rejected"] += 1
+        violated = [s for s in states if not s.allowed and not s.dry_run]
+        retry = retry_after_seconds(max(s.retry_after for s in violated), self.retry_after_jitter)
+        names = [s.name for s in violated]
+        headers = [("retry-after", str(retry))]
+        headers.extend((k.decode(), v.decode("latin-1")) for k, v in self._response_headers(plan, states, GuardRecord()))
+        if self._handlers or logger.isEnabledFor(logging.DEBUG):
+            event = RateLimitEvent(
+                "rejected", tuple(names), scope.get("method", "WEBSOCKET"), scope["path"], plan.route, retry
+            )
+            emit(
+                event,
+                self._handlers,
+                self._callback_guard,
+                logging.DEBUG,
+                f"rate limited: {event.method} {event.path} by {', '.join(names)}",
+            )
+        rejection = Rejection(
+            status=429,
+            type=self.problem_type,
+            title="Too Many Requests",
+            detail=f"Request quota exceeded; retry after {retry} seconds.",
+            headers=headers,
+            extensions={"violated-policies": names},
+            guard="rate_limit",
+        )
+        await send_rejection(rejection, scope, receive, send, self.response)
+
+    async def _deny_storage(self, scope: Scope, receive: Receive, send: Send, plan: _Plan) -> None:
+        self.stats["rejected"] += 1
+        names = [q.name for b in plan.bound for q in b.policy.quotas]
+        event = RateLimitEvent(
+            "storage_denied", tuple(names), scope.get("method", "WEBSOCKET"), scope["path"], plan.route, 1.0
+        )
+        emit(event, self._handlers, self._callback_guard)
+        rejection = Rejection(
+            status=503,
+            type=TEMPORARY_REDUCED_CAPACITY,
+            title="Service Unavailable",
+            detail="The rate limiter cannot reach its storage; retry shortly.",
+            headers=[("retry-after", "1")],
+            guard="rate_limit",
+        )
+        await send_rejection(rejection, scope, receive, send, self.response)
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    try:
+        regex, _, _ = compile_path(template)
+    except (ValueError, AssertionError) as exc:
+        raise ConfigurationError(f"cannot compile the path template {template!r}: {exc}") from exc
+    return regex

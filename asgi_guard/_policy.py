@@ -162,6 +162,10 @@ def as_policies(spec: LimitSpec | None, *, option: str = "limit") -> tuple[Polic
         return ()
     if isinstance(spec, (str, Policy)):
         spec = [spec]
+    elif not isinstance(spec, Sequence):
+        raise ConfigurationError(
+            f"{option}= takes a limit string, a Policy or a list of them, got {type(spec).__name__}"
+        )
     policies = []
     for entry in spec:
         if isinstance(entry, Policy):

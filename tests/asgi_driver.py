@@ -1,0 +1,71 @@
+"""A small raw ASGI driver for what httpx.ASGITransport cannot show: streaming, websockets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.types import ASGIApp, Message
+
+
+def http_scope(
+    path: str = "/",
+    *,
+    method: str = "GET",
+    client: tuple[str, int] | None = ("10.1.2.3", 5000),
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": client,
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+class Driven:
+    """What an app sent, and how often it called ``receive``."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.receive_calls = 0
+
+    @property
+    def status(self) -> int:
+        start = next(m for m in self.sent if m["type"] == "http.response.start")
+        return int(start["status"])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        start = next(m for m in self.sent if m["type"].endswith("response.start"))
+        return {k.decode(): v.decode() for k, v in start["headers"]}
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"].endswith("response.body"))
+
+
+async def drive(app: ASGIApp, scope: dict[str, Any], messages: Sequence[Message] = ()) -> Driven:
+    """Run ``app`` on ``scope``, feeding ``messages`` to receive and recording what it sends."""
+    driven = Driven()
+    queue = list(messages) or [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> Message:
+        driven.receive_calls += 1
+        if queue:
+            return queue.pop(0)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        driven.sent.append(message)
+
+    await app(scope, receive, send)
+    return driven

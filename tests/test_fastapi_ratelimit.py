@@ -1,0 +1,166 @@
+"""The rate_limit FastAPI dependency: per route, per router, per app, with and without the middleware."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import APIRouter, Depends, FastAPI
+
+from asgi_guard import (
+    QUOTA_EXCEEDED,
+    ManualClock,
+    Policy,
+    RateLimiter,
+    RateLimitExceeded,
+    RateLimitMiddleware,
+    header_key,
+)
+from asgi_guard.fastapi import RateLimitDependency, rate_limit, rate_limit_exceeded_handler
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def limiter() -> RateLimiter:
+    return RateLimiter(clock=ManualClock(1000.0))
+
+
+def client_for(app: FastAPI, ip: str = "10.0.0.1") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(ip, 1)), base_url="http://t")
+
+
+async def codes(client: httpx.AsyncClient, *paths: str) -> list[int]:
+    return [(await client.get(p)).status_code for p in paths]
+
+
+async def test_per_route_limit_counts_the_template_not_the_path() -> None:
+    """Unnamed limits count per route: /users/1 and /users/2 share the /users/{id} quota."""
+    app = FastAPI()
+    dep = rate_limit("2/minute", limiter=limiter())
+
+    @app.get("/users/{user_id}", dependencies=[Depends(dep)])
+    async def user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    @app.get("/teams/{team_id}", dependencies=[Depends(dep)])
+    async def team(team_id: int) -> dict[str, int]:
+        return {"id": team_id}
+
+    async with client_for(app) as client:
+        assert await codes(client, "/users/1", "/users/2", "/users/3") == [200, 200, 429]
+        assert await codes(client, "/teams/1", "/teams/2", "/teams/3") == [200, 200, 429]
+        r = await client.get("/users/9")
+    assert r.status_code == 429
+    assert "retry-after" in r.headers
+    assert r.headers["ratelimit"].endswith("r=0;t=20"), r.headers
+
+
+async def test_named_policy_is_shared_by_routes_and_router_and_app_dependencies() -> None:
+    """A named policy in a router dependency is one quota for every route of the router."""
+    shared = rate_limit(Policy("3/minute", name="api"), limiter=limiter())
+    router = APIRouter(dependencies=[Depends(shared)])
+
+    @router.get("/a")
+    async def a() -> str:
+        return "a"
+
+    @router.get("/b")
+    async def b() -> str:
+        return "b"
+
+    app = FastAPI(dependencies=[Depends(rate_limit("100/minute", limiter=limiter()))])
+    app.include_router(router)
+    async with client_for(app) as client:
+        assert await codes(client, "/a", "/b", "/a", "/b") == [200, 200, 200, 429]
+
+
+async def test_headers_without_middleware_are_set_on_the_response() -> None:
+    """Alone, the dependency sets RateLimit headers on the response FastAPI builds."""
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(rate_limit(Policy("5/minute", name="x"), limiter=limiter(), headers="both"))])
+    async def x() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    async with client_for(app) as client:
+        r = await client.get("/x")
+    assert r.status_code == 200, r.text
+    assert r.headers["ratelimit-policy"] == '"x";q=5;w=60'
+    assert r.headers["ratelimit"] == '"x";r=4;t=20'
+    assert r.headers["x-ratelimit-remaining"] == "4"
+
+
+async def test_headers_merge_with_the_middleware_and_limiter_is_shared() -> None:
+    """Behind the middleware, one RateLimit header lists the app's and the route's quotas."""
+    shared = limiter()
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limit=Policy("10/minute", name="app"), limiter=shared)
+    async with client_for(app) as client:
+        r = await client.get("/x")
+        assert r.headers["ratelimit-policy"] == '"app";q=10;w=60, "route";q=2;w=60', r.headers
+        assert r.headers["ratelimit"] == '"app";r=9;t=20, "route";r=1;t=20', r.headers
+        assert await codes(client, "/x", "/x") == [200, 429]
+
+
+async def test_exceeded_is_an_http_exception_and_the_handler_renders_problem_json() -> None:
+    """Without a handler FastAPI answers 429 {detail}; with it, problem+json naming the policy."""
+    for install in (False, True):
+        app = FastAPI()
+        if install:
+            app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+
+        @app.post("/login", dependencies=[Depends(rate_limit(Policy("1/minute", name="login"), limiter=limiter()))])
+        async def login() -> dict[str, bool]:
+            return {"ok": True}
+
+        async with LifespanManager(app), client_for(app, "10.20.30.40") as client:
+            assert (await client.post("/login")).status_code == 200
+            r = await client.post("/login")
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "20"  # windows are aligned: 1000 s -> 1020 s
+        assert "10.20.30.40" not in r.text
+        if install:
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"] == QUOTA_EXCEEDED
+            assert r.json()["violated-policies"] == ["login"]
+        else:
+            assert r.json() == {"detail": "Too Many Requests"}
+
+
+async def test_custom_key_gets_the_request_mapping() -> None:
+    """Scope key functions such as header_key work on the Request the dependency passes."""
+    app = FastAPI()
+
+    @app.get("/k", dependencies=[Depends(rate_limit("1/minute", key=header_key("x-api-key"), limiter=limiter()))])
+    async def k() -> str:
+        return "k"
+
+    async with client_for(app) as client:
+        assert (await client.get("/k", headers={"x-api-key": "A"})).status_code == 200
+        assert (await client.get("/k", headers={"x-api-key": "A"})).status_code == 429
+        assert (await client.get("/k", headers={"x-api-key": "B"})).status_code == 200
+
+
+async def test_dependency_exposes_stats() -> None:
+    """The dependency counts what it allowed and rejected."""
+    dep = rate_limit("1/minute", limiter=limiter())
+    assert isinstance(dep, RateLimitDependency)
+    app = FastAPI()
+
+    @app.get("/s", dependencies=[Depends(dep)])
+    async def s() -> str:
+        return "s"
+
+    async with client_for(app) as client:
+        await codes(client, "/s", "/s", "/s")
+    assert (dep.stats["allowed"], dep.stats["rejected"]) == (1, 2)

@@ -1,0 +1,189 @@
+"""The in-memory store: limits hold exactly, keys expire by generation, max_keys evicts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asgi_guard._memory import (
+    FixedWindowTable,
+    MemoryTable,
+    MovingWindowTable,
+    SlidingWindowTable,
+    TokenBucketTable,
+)
+
+
+def _table(strategy: str, amount: int, period: float, max_keys: int | None = None) -> MemoryTable:  # type: ignore[type-arg]
+    if strategy == "fixed":
+        return FixedWindowTable(amount, period, max_keys)
+    if strategy == "bucket":
+        return TokenBucketTable(amount, period, amount, max_keys)
+    if strategy == "sliding":
+        return SlidingWindowTable(amount, period, max_keys)
+    return MovingWindowTable(amount, period, max_keys)
+
+
+STRATEGIES = ["fixed", "bucket", "sliding", "moving"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_admits_exactly_the_amount_at_one_instant(strategy: str) -> None:
+    """At one instant every strategy admits exactly `amount` hits and no more."""
+    table = _table(strategy, 5, 10.0)
+    results = [table.hit("k", 1, 100.0)[0] for _ in range(8)]
+    assert results == [True] * 5 + [False] * 3, results
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_remaining_counts_down_and_retry_is_positive_when_refused(strategy: str) -> None:
+    """`remaining` falls by the cost and a refusal carries a positive retry_after."""
+    table = _table(strategy, 3, 10.0)
+    remaining = [table.hit("k", 1, 50.0)[1] for _ in range(3)]
+    assert remaining == [2, 1, 0], remaining
+    allowed, _, reset, retry = table.hit("k", 1, 50.0)
+    assert not allowed
+    assert 0 < retry <= 20.0, retry  # a sliding window can need up to two periods
+    assert reset > 0, reset
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_refused_requests_consume_nothing_and_quota_returns(strategy: str) -> None:
+    """A refused hit consumes nothing; after retry_after the same hit passes."""
+    table = _table(strategy, 2, 10.0)
+    assert table.hit("k", 1, 0.0)[0] and table.hit("k", 1, 0.0)[0]
+    refused = table.hit("k", 1, 0.0)
+    assert not refused[0]
+    assert table.hit("k", 1, refused[3] + 1e-6)[0], refused
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_commit_false_only_peeks(strategy: str) -> None:
+    """commit=False reports without counting."""
+    table = _table(strategy, 1, 10.0)
+    assert table.hit("k", 1, 0.0, commit=False)[0]
+    assert table.hit("k", 1, 0.0)[0]
+    assert not table.hit("k", 1, 0.0)[0]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cost_larger_than_amount_is_always_refused(strategy: str) -> None:
+    """A request that costs more than the whole quota never passes, and never raises."""
+    table = _table(strategy, 3, 1.0)
+    assert not table.hit("k", 4, 0.0)[0]
+    assert not table.hit("k", 4, 100.0)[0]
+
+
+def test_fixed_window_resets_at_the_aligned_boundary() -> None:
+    """Fixed windows are aligned on the clock: the count resets at the next multiple of the period."""
+    table = FixedWindowTable(2, 10.0, None)
+    assert table.hit("k", 1, 15.0) == (True, 1, 5.0, 0.0)
+    assert table.hit("k", 1, 19.0)[0]
+    assert table.hit("k", 1, 19.9) == (False, 0, pytest.approx(0.1), pytest.approx(0.1))
+    assert table.hit("k", 1, 20.0)[0]
+    assert len(table) == 1
+
+
+def test_token_bucket_allows_burst_then_refills_at_rate() -> None:
+    """GCRA: `burst` at once, then one per interval."""
+    table = TokenBucketTable(10, 1.0, 3, None)  # 10/s, burst 3
+    assert [table.hit("k", 1, 0.0)[0] for _ in range(4)] == [True, True, True, False]
+    assert not table.hit("k", 1, 0.05)[0]
+    assert table.hit("k", 1, 0.1)[0]
+    assert not table.hit("k", 1, 0.1)[0]
+    assert table.hit("k", 1, 10.0)[1] == 2
+
+
+def test_sliding_window_weights_the_previous_window() -> None:
+    """The previous window's count weighs in proportion to its overlap."""
+    table = SlidingWindowTable(10, 10.0, None)
+    for _ in range(10):
+        assert table.hit("k", 1, 5.0)[0]
+    # At 15.0, half the previous window overlaps: 5 used, 5 left.
+    results = [table.hit("k", 1, 15.0)[0] for _ in range(6)]
+    assert results == [True] * 5 + [False], results
+    # Two windows later everything is forgotten.
+    assert table.hit("k", 1, 40.0)[1] == 9
+
+
+def test_moving_window_frees_the_oldest_hit_first() -> None:
+    """A moving window frees capacity exactly one period after each hit."""
+    table = MovingWindowTable(2, 10.0, None)
+    assert table.hit("k", 1, 0.0)[0] and table.hit("k", 1, 5.0)[0]
+    refused = table.hit("k", 1, 6.0)
+    assert not refused[0] and refused[3] == pytest.approx(4.0), refused
+    assert table.hit("k", 1, 10.01)[0]
+    assert not table.hit("k", 1, 10.02)[0]
+
+
+@pytest.mark.parametrize("strategy", ["bucket", "moving"])
+def test_idle_keys_expire_by_generation_without_a_scan(strategy: str) -> None:
+    """Keys unused for two lifetimes are gone; keys in use survive the rotation."""
+    table = _table(strategy, 5, 1.0)
+    for i in range(1000):
+        table.hit(f"k{i}", 1, 0.0)
+    table.hit("hot", 1, 0.0)
+    table.hit("hot", 1, 1.5)  # rotation: the 1000 become the previous generation
+    table.hit("hot", 1, 3.0)  # second rotation: they are dropped
+    assert len(table) == 1, len(table)
+    assert table.evictions == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_max_keys_bounds_the_table_and_counts_evictions(strategy: str) -> None:
+    """A table never holds more than max_keys keys; evicted keys are counted."""
+    table = _table(strategy, 5, 1000.0, max_keys=100)
+    for i in range(1000):
+        table.hit(f"k{i}", 1, 1.0)
+        assert len(table) <= 100
+    assert table.evictions >= 800, table.evictions
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_recently_used_keys_survive_eviction(strategy: str) -> None:
+    """Under key pressure a key in constant use keeps its count (LRU approximation)."""
+    table = _table(strategy, 5, 1000.0, max_keys=20)
+    assert table.hit("hot", 5, 1.0)[0]
+    for i in range(200):
+        table.hit(f"cold{i}", 1, 1.0)
+        assert not table.hit("hot", 1, 1.0)[0], i
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    strategy=st.sampled_from(STRATEGIES),
+    amount=st.integers(1, 20),
+    period=st.sampled_from([1.0, 2.0, 10.0]),
+    steps=st.lists(
+        st.tuples(st.floats(0, 0.5), st.integers(1, 3), st.sampled_from(["a", "b"])),
+        max_size=120,
+    ),
+)
+def test_never_admits_more_than_the_limit(
+    strategy: str, amount: int, period: float, steps: list[tuple[float, int, str]]
+) -> None:
+    """Property: in any span of one period, admitted cost per key never exceeds the amount
+    (fixed and sliding windows: never more than the amount per aligned window / 2x over a
+    sliding span; token bucket: never more than burst + rate x span)."""
+    table = _table(strategy, amount, period)
+    now = 0.0
+    admitted: dict[str, list[tuple[float, int]]] = {"a": [], "b": []}
+    for delta, cost, key in steps:
+        now += delta
+        if table.hit(key, cost, now)[0]:
+            admitted[key].append((now, cost))
+    for hits in admitted.values():
+        for start, _ in hits:
+            in_span = sum(c for t, c in hits if start <= t < start + period)
+            if strategy == "moving":
+                assert in_span <= amount, (in_span, hits)
+            elif strategy == "bucket":
+                assert in_span <= amount + amount, (in_span, hits)
+            else:
+                assert in_span <= 2 * amount, (in_span, hits)
+        if strategy == "fixed":
+            windows: dict[float, int] = {}
+            for t, c in hits:
+                windows[t // period] = windows.get(t // period, 0) + c
+            assert max(windows.values(), default=0) <= amount, windows

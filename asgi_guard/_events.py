@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 __all__ = ["Event", "EventHandler", "RateLimitEvent", "StorageEvent", "emit"]
 
@@ -49,7 +49,7 @@ class StorageEvent:
     error: str
 
 
-Event = Union[RateLimitEvent, StorageEvent]
+Event = RateLimitEvent | StorageEvent
 #: A user callback: receives every event; its exceptions are logged once and never propagate.
 EventHandler = Callable[[Event], None]
 

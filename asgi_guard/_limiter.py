@@ -114,7 +114,9 @@ class RateLimitDecision:
     @property
     def retry_after(self) -> float:
         """Seconds until every violated quota would admit the request again."""
-        return max((q.retry_after for q in self.quotas if not q.allowed and not q.dry_run), default=0.0)
+        return max(
+            (q.retry_after for q in self.quotas if not q.allowed and not q.dry_run), default=0.0
+        )
 
 
 def _redact(uri: str) -> str:
@@ -165,7 +167,9 @@ class RateLimiter:
         ):
             raise ConfigurationError(f"max_keys must be an int >= 2 or None, got {max_keys!r}")
         if not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            raise ConfigurationError(
+                f"timeout must be a positive number of seconds, got {timeout!r}"
+            )
         self.uri = _redact(storage)
         self.max_keys = max_keys
         self.timeout = float(timeout)
@@ -241,7 +245,8 @@ class RateLimiter:
         if policy.strategy == "token-bucket":
             if not hasattr(storage, "bridge"):
                 raise ConfigurationError(
-                    f"strategy 'token-bucket' needs memory or Redis/Valkey storage, not {self.uri!r}"
+                    "strategy 'token-bucket' needs memory or Redis/Valkey storage, "
+                    f"not {self.uri!r}"
                 )
             return
         try:
@@ -255,7 +260,7 @@ class RateLimiter:
         strategy = self._strategies.get(name)
         if strategy is None:
             assert self._storage is not None
-            cls = {
+            cls: type[Any] = {
                 "fixed-window": aio_strategies.FixedWindowRateLimiter,
                 "moving-window": aio_strategies.MovingWindowRateLimiter,
                 "sliding-window-counter": aio_strategies.SlidingWindowCounterRateLimiter,
@@ -263,7 +268,9 @@ class RateLimiter:
             strategy = self._strategies[name] = cls(self._storage)
         return strategy
 
-    async def _remote_hit(self, namespace: str, quota: Quota, strategy: str, key: str, cost: int) -> HitResult:
+    async def _remote_hit(
+        self, namespace: str, quota: Quota, strategy: str, key: str, cost: int
+    ) -> HitResult:
         if strategy == "token-bucket":
             if self._gcra is None:
                 bridge = self._storage.bridge  # type: ignore[union-attr]
@@ -337,7 +344,9 @@ class RateLimiter:
         self.check_supported(policy)
         return await self.decide(namespace, policy, key, cost)
 
-    async def decide(self, namespace: str, policy: Policy, key: str, cost: int) -> RateLimitDecision:
+    async def decide(
+        self, namespace: str, policy: Policy, key: str, cost: int
+    ) -> RateLimitDecision:
         quotas = policy.quotas
         strategy = policy.strategy
         dry = policy.dry_run
@@ -353,10 +362,14 @@ class RateLimiter:
             return _decision(quotas, results, dry)
         try:
             with anyio.fail_after(self.timeout):
-                results = [await self._remote_hit(namespace, q, strategy, key, cost) for q in quotas]
+                results = [
+                    await self._remote_hit(namespace, q, strategy, key, cost) for q in quotas
+                ]
         except Exception as exc:
             self._storage_failed(exc)
-            return RateLimitDecision(policy.on_storage_error == "allow" or dry, (), storage_error=True)
+            return RateLimitDecision(
+                policy.on_storage_error == "allow" or dry, (), storage_error=True
+            )
         if self._down:
             self._storage_ok()
         return _decision(quotas, results, dry)
@@ -382,6 +395,6 @@ class RateLimiter:
 def _decision(quotas: tuple[Quota, ...], results: list[HitResult], dry: bool) -> RateLimitDecision:
     states = tuple(
         QuotaState(q.name, q.burst, q.window, r[1], r[2], r[0], r[3], dry)
-        for q, r in zip(quotas, results)
+        for q, r in zip(quotas, results, strict=False)
     )
     return RateLimitDecision(dry or all(r[0] for r in results), states)

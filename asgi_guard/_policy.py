@@ -6,7 +6,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from limits import RateLimitItem, parse_many
 from starlette.types import Scope
@@ -47,7 +47,9 @@ class Quota:
 
 def _parse(limit: str) -> list[RateLimitItem]:
     if not isinstance(limit, str) or not limit.strip():
-        raise ConfigurationError(f"a limit must be a non-empty string such as '10/minute', got {limit!r}")
+        raise ConfigurationError(
+            f"a limit must be a non-empty string such as '10/minute', got {limit!r}"
+        )
     try:
         items = parse_many(limit)
     except ValueError as exc:
@@ -110,11 +112,15 @@ class Policy:
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
         if self.name is not None and (
-            not self.name or not self.name.isascii() or '"' in self.name or "\\" in self.name
+            not self.name
+            or not self.name.isascii()
+            or '"' in self.name
+            or "\\" in self.name
             or not self.name.isprintable()
         ):
             raise ConfigurationError(
-                f"a policy name must be printable ASCII without quotes or backslashes: {self.name!r}"
+                "a policy name must be printable ASCII without quotes or backslashes: "
+                f"{self.name!r}"
             )
         if self.burst is not None:
             if self.strategy != "token-bucket":
@@ -153,7 +159,7 @@ def _is_async_callable(obj: object) -> bool:
     )
 
 
-LimitSpec = Union[str, Policy, Sequence[Union[str, Policy]]]
+LimitSpec = str | Policy | Sequence[str | Policy]
 
 
 def as_policies(spec: LimitSpec | None, *, option: str = "limit") -> tuple[Policy, ...]:

@@ -62,7 +62,9 @@ class Rejection:
 ResponseFactory = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp]"]
 
 
-def _http_headers(rejection: Rejection, content_type: bytes, length: int) -> list[tuple[bytes, bytes]]:
+def _http_headers(
+    rejection: Rejection, content_type: bytes, length: int
+) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", content_type), (b"content-length", str(length).encode())]
     headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in rejection.headers)
     return headers

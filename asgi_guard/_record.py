@@ -30,4 +30,4 @@ def get_record(scope: Scope) -> GuardRecord:
     record = scope.get(SCOPE_KEY)
     if record is None:
         record = scope[SCOPE_KEY] = GuardRecord()
-    return record  # type: ignore[no-any-return]
+    return record  # type: ignore[no-any-return,unused-ignore]

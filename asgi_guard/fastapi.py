@@ -89,7 +89,9 @@ class RateLimitDependency:
         allowed, states, storage_denied = await core._evaluate(request, plan, scope["path"])  # type: ignore[arg-type]
         if storage_denied:
             core.stats["rejected"] += 1
-            raise HTTPException(503, "Rate limiter storage unavailable", headers={"Retry-After": "1"})
+            raise HTTPException(
+                503, "Rate limiter storage unavailable", headers={"Retry-After": "1"}
+            )
         enforced = [s for s in states if not s.allowed and not s.dry_run]
         mode = core.headers
         policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
@@ -97,7 +99,9 @@ class RateLimitDependency:
         state_value = ratelimit_header_value(shown) if shown else ""
         if not allowed:
             core.stats["rejected"] += 1
-            retry = retry_after_seconds(max(s.retry_after for s in enforced), core.retry_after_jitter)
+            retry = retry_after_seconds(
+                max(s.retry_after for s in enforced), core.retry_after_jitter
+            )
             out = {"Retry-After": str(retry)}
             if policy_value:
                 out["RateLimit-Policy"] = policy_value
@@ -200,4 +204,6 @@ async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Respo
         "detail": f"Request quota exceeded; retry after {exc.retry_after} seconds.",
         "violated-policies": list(exc.violated_policies),
     }
-    return JSONResponse(body, status_code=429, headers=exc.headers, media_type="application/problem+json")
+    return JSONResponse(
+        body, status_code=429, headers=exc.headers, media_type="application/problem+json"
+    )

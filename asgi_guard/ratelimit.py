@@ -8,7 +8,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union, cast
+from typing import Any, Literal, cast
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,7 +32,7 @@ __all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware"
 logger = logging.getLogger("asgi_guard.ratelimit")
 
 HeaderMode = Literal["ietf", "legacy", "both", "none"]
-ExemptSpec = Union[str, Callable[[Scope], bool]]
+ExemptSpec = str | Callable[[Scope], bool]
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,11 @@ class _BoundPolicy:
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = ("bound", "fast", "policy_header", "route", "per_path")
+    __slots__ = ("bound", "fast", "per_path", "policy_header", "route")
 
-    def __init__(self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode) -> None:
+    def __init__(
+        self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
+    ) -> None:
         self.bound = bound
         self.route = route
         self.per_path = per_path
@@ -134,7 +136,7 @@ def legacy_headers(states: Sequence[QuotaState]) -> list[tuple[bytes, bytes]]:
 def retry_after_seconds(retry_after: float, jitter: float) -> int:
     """Whole seconds for ``Retry-After`` (at least 1), plus up to ``jitter`` random seconds."""
     if jitter:
-        retry_after += random.uniform(0.0, jitter)  # noqa: S311 - spreading retries, not security
+        retry_after += random.uniform(0.0, jitter)
     return max(1, math.ceil(retry_after))
 
 
@@ -224,7 +226,9 @@ class RateLimitMiddleware:
 
         default = as_policies(limit)
         self._default = self._plan(default, "default", None, False) if default else None
-        self._rules: list[tuple[re.Pattern[str] | None, str, frozenset[str] | None, _Plan | None]] = []
+        self._rules: list[
+            tuple[re.Pattern[str] | None, str, frozenset[str] | None, _Plan | None]
+        ] = []
         for rule in rules:
             self._add_rule(rule)
         if self._default is None and not self._rules:
@@ -250,7 +254,9 @@ class RateLimitMiddleware:
                 raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")
         self._exempt_paths = frozenset(paths)
 
-    def _plan(self, policies: Sequence[Policy], namespace: str, route: str | None, per_path: bool) -> _Plan:
+    def _plan(
+        self, policies: Sequence[Policy], namespace: str, route: str | None, per_path: bool
+    ) -> _Plan:
         bound = []
         for policy in policies:
             self.limiter.check_supported(policy)
@@ -262,7 +268,9 @@ class RateLimitMiddleware:
         if not isinstance(rule, Rule):
             raise ConfigurationError(f"rules= takes Rule objects, got {type(rule).__name__}")
         if not isinstance(rule.path, str) or not rule.path.startswith("/"):
-            raise ConfigurationError(f"a rule path is a route template starting with '/': {rule.path!r}")
+            raise ConfigurationError(
+                f"a rule path is a route template starting with '/': {rule.path!r}"
+            )
         methods = None
         if rule.methods is not None:
             if isinstance(rule.methods, str):
@@ -311,10 +319,16 @@ class RateLimitMiddleware:
                     key = self._bad_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
-            result = fast.tables[0].hit(key, fast.cost, self.limiter.clock.now())  # type: ignore[index]
+            result = fast.tables[0].hit(key, fast.cost, self.limiter.clock.now())  # type: ignore[index,arg-type]
             quota = fast.policy.quotas[0]
             state = QuotaState(
-                quota.name, quota.burst, quota.window, result[1], result[2], result[0], result[3],
+                quota.name,
+                quota.burst,
+                quota.window,
+                result[1],
+                result[2],
+                result[0],
+                result[3],
                 fast.policy.dry_run,
             )
             states: tuple[QuotaState, ...] = (state,)
@@ -387,14 +401,13 @@ class RateLimitMiddleware:
     async def _key_for(self, bound: _BoundPolicy, scope: Scope, path: str, per_path: bool) -> str:
         try:
             key: Any = bound.key(scope)
-            if bound.key_async or not isinstance(key, str):
-                if hasattr(key, "__await__"):
-                    key = await cast(Awaitable[Any], key)
+            if (bound.key_async or not isinstance(key, str)) and hasattr(key, "__await__"):
+                key = await cast("Awaitable[Any]", key)
             if key.__class__ is not str or not key:
                 key = self._bad_key(scope, key)
         except Exception as exc:
             key = self._key_error(scope, exc)
-        return f"{path}\x00{key}" if per_path else cast(str, key)
+        return f"{path}\x00{key}" if per_path else cast("str", key)
 
     async def _cost_for(self, bound: _BoundPolicy, scope: Scope) -> int:
         cost = bound.cost
@@ -427,7 +440,9 @@ class RateLimitMiddleware:
             for bound in plan.bound:
                 key = keys.get(id(bound.key))
                 if key is None:
-                    key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+                    key = keys[id(bound.key)] = await self._key_for(
+                        bound, scope, path, plan.per_path
+                    )
                 cost = await self._cost_for(bound, scope)
                 tables = bound.tables or []
                 results = [t.hit(key, cost, now, commit=False) for t in tables]
@@ -444,7 +459,9 @@ class RateLimitMiddleware:
             for bound in plan.bound:
                 key = keys.get(id(bound.key))
                 if key is None:
-                    key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+                    key = keys[id(bound.key)] = await self._key_for(
+                        bound, scope, path, plan.per_path
+                    )
                 cost = await self._cost_for(bound, scope)
                 decision = await limiter.decide(bound.namespace, bound.policy, key, cost)
                 if decision.storage_error:
@@ -503,17 +520,30 @@ class RateLimitMiddleware:
         )
 
     async def _reject(
-        self, scope: Scope, receive: Receive, send: Send, plan: _Plan, states: tuple[QuotaState, ...]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        plan: _Plan,
+        states: tuple[QuotaState, ...],
     ) -> None:
         self.stats["rejected"] += 1
         violated = [s for s in states if not s.allowed and not s.dry_run]
         retry = retry_after_seconds(max(s.retry_after for s in violated), self.retry_after_jitter)
         names = [s.name for s in violated]
         headers = [("retry-after", str(retry))]
-        headers.extend((k.decode(), v.decode("latin-1")) for k, v in self._response_headers(plan, states, GuardRecord()))
+        headers.extend(
+            (k.decode(), v.decode("latin-1"))
+            for k, v in self._response_headers(plan, states, GuardRecord())
+        )
         if self._handlers or logger.isEnabledFor(logging.DEBUG):
             event = RateLimitEvent(
-                "rejected", tuple(names), scope.get("method", "WEBSOCKET"), scope["path"], plan.route, retry
+                "rejected",
+                tuple(names),
+                scope.get("method", "WEBSOCKET"),
+                scope["path"],
+                plan.route,
+                retry,
             )
             emit(
                 event,
@@ -537,7 +567,12 @@ class RateLimitMiddleware:
         self.stats["rejected"] += 1
         names = [q.name for b in plan.bound for q in b.policy.quotas]
         event = RateLimitEvent(
-            "storage_denied", tuple(names), scope.get("method", "WEBSOCKET"), scope["path"], plan.route, 1.0
+            "storage_denied",
+            tuple(names),
+            scope.get("method", "WEBSOCKET"),
+            scope["path"],
+            plan.route,
+            1.0,
         )
         emit(event, self._handlers, self._callback_guard)
         rejection = Rejection(

@@ -50,7 +50,9 @@ class Driven:
 
     @property
     def body(self) -> bytes:
-        return b"".join(m.get("body", b"") for m in self.sent if m["type"].endswith("response.body"))
+        return b"".join(
+            m.get("body", b"") for m in self.sent if m["type"].endswith("response.body")
+        )
 
 
 async def drive(app: ASGIApp, scope: dict[str, Any], messages: Sequence[Message] = ()) -> Driven:

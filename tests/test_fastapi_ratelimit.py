@@ -1,4 +1,4 @@
-"""The rate_limit FastAPI dependency: per route, per router, per app, with and without the middleware."""
+"""The rate_limit FastAPI dependency: per route, router and app, with and without middleware."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def limiter() -> RateLimiter:
 
 
 def client_for(app: FastAPI, ip: str = "10.0.0.1") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(ip, 1)), base_url="http://t")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=(ip, 1)), base_url="http://t"
+    )
 
 
 async def codes(client: httpx.AsyncClient, *paths: str) -> list[int]:
@@ -83,7 +85,12 @@ async def test_headers_without_middleware_are_set_on_the_response() -> None:
     """Alone, the dependency sets RateLimit headers on the response FastAPI builds."""
     app = FastAPI()
 
-    @app.get("/x", dependencies=[Depends(rate_limit(Policy("5/minute", name="x"), limiter=limiter(), headers="both"))])
+    @app.get(
+        "/x",
+        dependencies=[
+            Depends(rate_limit(Policy("5/minute", name="x"), limiter=limiter(), headers="both"))
+        ],
+    )
     async def x() -> dict[str, str]:
         return {"ok": "yes"}
 
@@ -100,7 +107,9 @@ async def test_headers_merge_with_the_middleware_and_limiter_is_shared() -> None
     shared = limiter()
     app = FastAPI()
 
-    @app.get("/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))])
+    @app.get(
+        "/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))]
+    )
     async def x() -> str:
         return "x"
 
@@ -119,7 +128,10 @@ async def test_exceeded_is_an_http_exception_and_the_handler_renders_problem_jso
         if install:
             app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
 
-        @app.post("/login", dependencies=[Depends(rate_limit(Policy("1/minute", name="login"), limiter=limiter()))])
+        @app.post(
+            "/login",
+            dependencies=[Depends(rate_limit(Policy("1/minute", name="login"), limiter=limiter()))],
+        )
         async def login() -> dict[str, bool]:
             return {"ok": True}
 
@@ -141,7 +153,12 @@ async def test_custom_key_gets_the_request_mapping() -> None:
     """Scope key functions such as header_key work on the Request the dependency passes."""
     app = FastAPI()
 
-    @app.get("/k", dependencies=[Depends(rate_limit("1/minute", key=header_key("x-api-key"), limiter=limiter()))])
+    @app.get(
+        "/k",
+        dependencies=[
+            Depends(rate_limit("1/minute", key=header_key("x-api-key"), limiter=limiter()))
+        ],
+    )
     async def k() -> str:
         return "k"
 

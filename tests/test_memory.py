@@ -52,7 +52,8 @@ def test_remaining_counts_down_and_retry_is_positive_when_refused(strategy: str)
 def test_refused_requests_consume_nothing_and_quota_returns(strategy: str) -> None:
     """A refused hit consumes nothing; after retry_after the same hit passes."""
     table = _table(strategy, 2, 10.0)
-    assert table.hit("k", 1, 0.0)[0] and table.hit("k", 1, 0.0)[0]
+    assert table.hit("k", 1, 0.0)[0]
+    assert table.hit("k", 1, 0.0)[0]
     refused = table.hit("k", 1, 0.0)
     assert not refused[0]
     assert table.hit("k", 1, refused[3] + 1e-6)[0], refused
@@ -76,11 +77,14 @@ def test_cost_larger_than_amount_is_always_refused(strategy: str) -> None:
 
 
 def test_fixed_window_resets_at_the_aligned_boundary() -> None:
-    """Fixed windows are aligned on the clock: the count resets at the next multiple of the period."""
+    """Fixed windows are aligned on the clock: counts reset at each multiple of the period."""
     table = FixedWindowTable(2, 10.0, None)
     assert table.hit("k", 1, 15.0) == (True, 1, 5.0, 0.0)
     assert table.hit("k", 1, 19.0)[0]
-    assert table.hit("k", 1, 19.9) == (False, 0, pytest.approx(0.1), pytest.approx(0.1))
+    allowed, remaining, reset, retry = table.hit("k", 1, 19.9)
+    assert (allowed, remaining) == (False, 0)
+    assert reset == pytest.approx(0.1)
+    assert retry == pytest.approx(0.1)
     assert table.hit("k", 1, 20.0)[0]
     assert len(table) == 1
 
@@ -110,9 +114,11 @@ def test_sliding_window_weights_the_previous_window() -> None:
 def test_moving_window_frees_the_oldest_hit_first() -> None:
     """A moving window frees capacity exactly one period after each hit."""
     table = MovingWindowTable(2, 10.0, None)
-    assert table.hit("k", 1, 0.0)[0] and table.hit("k", 1, 5.0)[0]
+    assert table.hit("k", 1, 0.0)[0]
+    assert table.hit("k", 1, 5.0)[0]
     refused = table.hit("k", 1, 6.0)
-    assert not refused[0] and refused[3] == pytest.approx(4.0), refused
+    assert not refused[0]
+    assert refused[3] == pytest.approx(4.0), refused
     assert table.hit("k", 1, 10.01)[0]
     assert not table.hit("k", 1, 10.02)[0]
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -31,6 +32,7 @@ from asgi_guard import (
     Rule,
     client_ip,
 )
+from asgi_guard._policy import Strategy
 
 from .asgi_driver import drive, http_scope
 
@@ -97,7 +99,9 @@ async def test_ietf_headers_are_structured_field_lists() -> None:
 async def test_several_limits_name_only_the_violated_one() -> None:
     """With two limits, the 429 names the one that was exceeded; a refused request costs nothing."""
     clock = ManualClock(0.0)
-    app = RateLimitMiddleware(ok_app, limit=Policy("2/second;3/minute", name="api"), limiter=manual(clock))
+    app = RateLimitMiddleware(
+        ok_app, limit=Policy("2/second;3/minute", name="api"), limiter=manual(clock)
+    )
     async with client_for(app) as client:
         assert await statuses(client, "/", 3) == [200, 200, 429]
         r = await client.get("/")
@@ -112,7 +116,11 @@ async def test_several_limits_name_only_the_violated_one() -> None:
 async def test_legacy_both_and_no_headers() -> None:
     """headers='legacy' sends X-RateLimit-*, 'both' sends both kinds, 'none' sends neither."""
     for mode, present, absent in [
-        ("legacy", ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"], ["ratelimit"]),
+        (
+            "legacy",
+            ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"],
+            ["ratelimit"],
+        ),
         ("both", ["x-ratelimit-remaining", "ratelimit", "ratelimit-policy"], []),
         ("none", [], ["ratelimit", "x-ratelimit-limit"]),
     ]:
@@ -151,11 +159,15 @@ async def test_clients_are_counted_apart() -> None:
         assert (await a.get("/")).status_code == 429
 
 
-@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"])
-async def test_every_strategy_limits_through_the_middleware(strategy: str) -> None:
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter", "token-bucket"]
+)
+async def test_every_strategy_limits_through_the_middleware(strategy: Strategy) -> None:
     """Each strategy admits exactly the amount at one instant and recovers with time."""
     clock = ManualClock(0.0)
-    app = RateLimitMiddleware(ok_app, limit=Policy("4/second", strategy=strategy), limiter=manual(clock))  # type: ignore[arg-type]
+    app = RateLimitMiddleware(
+        ok_app, limit=Policy("4/second", strategy=strategy), limiter=manual(clock)
+    )
     async with client_for(app) as client:
         assert await statuses(client, "/", 5) == [200] * 4 + [429]
         clock.advance(2.0)
@@ -189,15 +201,22 @@ async def test_rules_by_template_share_a_counter_and_per_path_separates() -> Non
         limiter=manual(),
     )
     async with client_for(app) as client:
-        assert [(await client.get(p)).status_code for p in ["/users/1", "/users/2", "/users/3"]] == [200, 200, 429]
-        assert [(await client.get(p)).status_code for p in ["/items/1", "/items/2", "/items/1"]] == [200, 200, 429]
+        assert [
+            (await client.get(p)).status_code for p in ["/users/1", "/users/2", "/users/3"]
+        ] == [200, 200, 429]
+        assert [
+            (await client.get(p)).status_code for p in ["/items/1", "/items/2", "/items/1"]
+        ] == [200, 200, 429]
         assert (await client.get("/elsewhere")).status_code == 200
 
 
 async def test_rule_methods_and_default_limit() -> None:
     """A rule for POST applies to POST only; other methods get the default limit."""
     app = RateLimitMiddleware(
-        ok_app, limit="3/minute", rules=[Rule("/login", limit="1/minute", methods=["POST"])], limiter=manual()
+        ok_app,
+        limit="3/minute",
+        rules=[Rule("/login", limit="1/minute", methods=["POST"])],
+        limiter=manual(),
     )
     async with client_for(app) as client:
         assert await statuses(client, "/login", 2, "POST") == [200, 429]
@@ -208,10 +227,14 @@ async def test_named_policy_is_shared_across_rules() -> None:
     """A named Policy used by two rules is one quota for both routes."""
     shared = Policy("3/minute", name="expensive")
     app = RateLimitMiddleware(
-        ok_app, rules=[Rule("/search", limit=shared), Rule("/export", limit=shared)], limiter=manual()
+        ok_app,
+        rules=[Rule("/search", limit=shared), Rule("/export", limit=shared)],
+        limiter=manual(),
     )
     async with client_for(app) as client:
-        codes = [(await client.get(p)).status_code for p in ["/search", "/export", "/search", "/export"]]
+        codes = [
+            (await client.get(p)).status_code for p in ["/search", "/export", "/search", "/export"]
+        ]
     assert codes == [200, 200, 200, 429], codes
 
 
@@ -246,7 +269,7 @@ async def test_cost_int_and_sync_and_async_callables() -> None:
         return int(dict(scope["headers"]).get(b"x-cost", b"1"))
 
     async def async_cost(scope: Scope) -> int:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return 2
 
     def broken(scope: Scope) -> int:
@@ -265,7 +288,9 @@ async def test_cost_int_and_sync_and_async_callables() -> None:
     async with client_for(app) as client:
         assert await statuses(client, "/int", 2) == [200, 429]
         r = await client.get("/sync", headers={"x-cost": "4"})
-        assert r.headers["ratelimit"].endswith("r=1;t=60") or "r=1;" in r.headers["ratelimit"], r.headers
+        assert r.headers["ratelimit"].endswith("r=1;t=60") or "r=1;" in r.headers["ratelimit"], (
+            r.headers
+        )
         assert (await client.get("/sync", headers={"x-cost": "2"})).status_code == 429
         assert await statuses(client, "/async", 3) == [200, 200, 429]
         assert await statuses(client, "/broken", 3) == [200, 200, 429]
@@ -274,7 +299,9 @@ async def test_cost_int_and_sync_and_async_callables() -> None:
 # -- keys ----------------------------------------------------------------------------
 
 
-async def test_failing_key_function_falls_back_to_the_peer_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+async def test_failing_key_function_falls_back_to_the_peer_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A key function that raises counts the request under its socket peer; one log line."""
 
     def broken(scope: Scope) -> str:
@@ -293,8 +320,8 @@ async def test_key_returning_nothing_and_async_keys() -> None:
     """A key returning None falls back to the peer; async key functions are awaited."""
 
     async def tenant(scope: Scope) -> str:
-        await anyio.sleep(0)
-        return dict(scope["headers"]).get(b"x-tenant", b"anon").decode()
+        await anyio.lowlevel.checkpoint()
+        return str(dict(scope["headers"]).get(b"x-tenant", b"anon").decode())
 
     app = RateLimitMiddleware(
         ok_app,
@@ -327,7 +354,11 @@ async def test_rejection_never_reads_the_body() -> None:
     """A refused request is answered without a single receive() call."""
     app = RateLimitMiddleware(ok_app, limit="1/minute", limiter=manual())
     await drive(app, http_scope())
-    driven = await drive(app, http_scope(method="POST"), [{"type": "http.request", "body": b"x" * 10, "more_body": True}])
+    driven = await drive(
+        app,
+        http_scope(method="POST"),
+        [{"type": "http.request", "body": b"x" * 10, "more_body": True}],
+    )
     assert driven.status == 429
     assert driven.receive_calls == 0
 
@@ -363,13 +394,15 @@ async def test_streaming_background_tasks_and_contextvars_are_untouched() -> Non
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(3):
             yield f"chunk{i};".encode()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async def stream(request: Request) -> Response:
         return StreamingResponse(chunks(), media_type="text/plain")
 
     async def background(request: Request) -> Response:
-        return PlainTextResponse("done", background=BackgroundTask(lambda: ran.append(request_id.get())))
+        return PlainTextResponse(
+            "done", background=BackgroundTask(lambda: ran.append(request_id.get()))
+        )
 
     inner = Starlette(routes=[Route("/stream", stream), Route("/bg", background)])
     guarded = RateLimitMiddleware(inner, limit="10/minute", limiter=manual())
@@ -432,7 +465,7 @@ async def test_websocket_denial_response_when_supported() -> None:
     """With the websocket.http.response extension, the handshake is denied with HTTP 429."""
     app = RateLimitMiddleware(ws_app, limit="1/minute", limiter=manual())
     connect = [{"type": "websocket.connect"}]
-    ext = {"websocket.http.response": {}}
+    ext: dict[str, Any] = {"websocket.http.response": {}}
     await drive(app, ws_scope(ext), connect)
     denied = await drive(app, ws_scope(ext), connect)
     assert denied.sent[0]["type"] == "websocket.http.response.start"
@@ -452,10 +485,13 @@ async def test_websocket_passes_through_when_not_guarded() -> None:
 
 
 async def test_dry_run_rejects_nothing_but_reports(caplog: pytest.LogCaptureFixture) -> None:
-    """A dry-run policy never rejects; would-be rejections are logged, counted and sent as events."""
+    """A dry-run policy never rejects; would-be rejections are logged, counted and emitted."""
     events: list[Event] = []
     app = RateLimitMiddleware(
-        ok_app, limit=Policy("1/minute", name="shadow", dry_run=True), limiter=manual(), on_event=events.append
+        ok_app,
+        limit=Policy("1/minute", name="shadow", dry_run=True),
+        limiter=manual(),
+        on_event=events.append,
     )
     with caplog.at_level(logging.INFO, logger="asgi_guard"):
         async with client_for(app) as client:
@@ -483,7 +519,7 @@ async def test_dry_run_beside_an_enforced_policy() -> None:
 
 
 async def test_custom_response_and_events() -> None:
-    """response= builds the rejection; on_event sees the rejection; a raising callback is harmless."""
+    """response= builds the rejection; on_event sees it; a raising callback is harmless."""
     events: list[Event] = []
 
     def respond(scope: Scope, rejection: Rejection) -> Response:
@@ -497,7 +533,11 @@ async def test_custom_response_and_events() -> None:
         raise RuntimeError("callback bug")
 
     app = RateLimitMiddleware(
-        ok_app, limit=Policy("1/minute", name="p"), response=respond, on_event=[events.append, explode], limiter=manual()
+        ok_app,
+        limit=Policy("1/minute", name="p"),
+        response=respond,
+        on_event=[events.append, explode],
+        limiter=manual(),
     )
     async with client_for(app) as client:
         await client.get("/")
@@ -507,7 +547,12 @@ async def test_custom_response_and_events() -> None:
     assert "retry-after" in r.headers
     (event,) = events
     assert isinstance(event, RateLimitEvent)
-    assert (event.kind, event.policies, event.method, event.path) == ("rejected", ("p",), "GET", "/x")
+    assert (event.kind, event.policies, event.method, event.path) == (
+        "rejected",
+        ("p",),
+        "GET",
+        "/x",
+    )
 
 
 # -- configuration errors --------------------------------------------------------------

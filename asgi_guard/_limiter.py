@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -344,9 +345,25 @@ class RateLimiter:
         self.check_supported(policy)
         return await self.decide(namespace, policy, key, cost)
 
+    def check_event_loop(self) -> None:
+        """Raise :class:`ConfigurationError` if a remote storage runs outside asyncio.
+
+        ``limits``' async storages are built on asyncio; on trio only the memory store works.
+        """
+        if self.is_memory:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError(
+                f"storage {self.uri!r} needs asyncio (limits' async storages are built on it); "
+                f"on trio use storage='memory://'"
+            ) from None
+
     async def decide(
         self, namespace: str, policy: Policy, key: str, cost: int
     ) -> RateLimitDecision:
+        """Count one request against ``policy`` in ``namespace`` (see :meth:`hit`)."""
         quotas = policy.quotas
         strategy = policy.strategy
         dry = policy.dry_run
@@ -360,6 +377,7 @@ class RateLimiter:
                 if all(r[0] for r in results):
                     results = [t.hit(key, cost, now) for t in tables]
             return _decision(quotas, results, dry)
+        self.check_event_loop()
         try:
             with anyio.fail_after(self.timeout):
                 results = [

@@ -298,6 +298,9 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self.websocket):
+            if kind == "lifespan" and not self.limiter.is_memory:
+                await self.app(scope, receive, self._lifespan_send(send))
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -365,6 +368,22 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        """Check the event loop at startup and close the storage at shutdown."""
+        limiter = self.limiter
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    limiter.check_event_loop()
+                except ConfigurationError as exc:
+                    message = {"type": "lifespan.startup.failed", "message": str(exc)}
+            elif message["type"] == "lifespan.shutdown.complete":
+                await limiter.aclose()
+            await send(message)
+
+        return lifespan_send
 
     def _is_exempt(self, scope: Scope, path: str) -> bool:
         if any(p.match(path) for p in self._exempt_patterns):

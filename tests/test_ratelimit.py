@@ -626,3 +626,30 @@ async def test_memory_store_admits_exactly_the_limit_under_concurrency() -> None
             tg.start_soon(one)
     assert codes.count(200) == 100, codes.count(200)
     assert codes.count(429) == 900
+
+
+async def test_remote_storage_lifespan_startup_checks_the_event_loop(anyio_backend: str) -> None:
+    """With a remote storage, startup fails clearly on trio and completes on asyncio."""
+    sent: list[Message] = []
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    guarded = RateLimitMiddleware(app, limit="1/minute", storage="redis://127.0.0.1:1")
+    await guarded({"type": "lifespan"}, receive, send)
+    if anyio_backend == "trio":
+        assert sent[0]["type"] == "lifespan.startup.failed"
+        assert "needs asyncio" in sent[0]["message"]
+    else:
+        assert sent[0] == {"type": "lifespan.startup.complete"}
+    assert sent[1] == {"type": "lifespan.shutdown.complete"}

@@ -1,0 +1,86 @@
+"""The demo: a FastAPI app with the rate limiter on, served on http://127.0.0.1:8000.
+
+Run it with ``python examples/demo.py`` and follow the curl commands it prints.
+
+* ``RateLimitMiddleware`` (in memory, the default) limits every request before routing:
+  100 per minute per client, ``GET /hello`` 5 per minute and ``POST /login`` 3 per minute by
+  rules; ``/health`` is exempt.
+* ``/items/{item_id}`` adds a ``rate_limit`` dependency after routing: 2 per minute for all
+  items together, answered as problem+json by ``rate_limit_exceeded_handler``.
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from asgi_guard import RateLimitExceeded, RateLimitMiddleware, Rule
+from asgi_guard.fastapi import RateLimitDependency, rate_limit, rate_limit_exceeded_handler
+
+HOST = "127.0.0.1"
+PORT = 8000
+
+CURL_COMMANDS = f"""\
+Rate-limited demo on http://{HOST}:{PORT} (Ctrl+C to stop). In another terminal:
+
+  # GET /hello allows 5 per minute: the 6th answer is 429 Too Many Requests
+  for i in $(seq 1 6); do curl -si http://{HOST}:{PORT}/hello | head -1; done
+
+  # the whole 429: Retry-After, RateLimit headers, an application/problem+json body
+  curl -si http://{HOST}:{PORT}/hello
+
+  # POST /login allows 3 per minute (a Rule in the middleware): the 4th is 429
+  for i in $(seq 1 4); do curl -si -X POST http://{HOST}:{PORT}/login | head -1; done
+
+  # /items/{{item_id}} allows 2 per minute for all items (a dependency): the 3rd is 429
+  for i in $(seq 1 3); do curl -si http://{HOST}:{PORT}/items/$i | head -1; done
+
+  # /health is exempt: never 429
+  for i in $(seq 1 10); do curl -si http://{HOST}:{PORT}/health | head -1; done
+"""
+
+#: Tighter than the middleware's limits, checked after routing: per route, per client.
+items_limit: RateLimitDependency = rate_limit("2/minute")
+
+app = FastAPI(title="asgi_guard demo")
+app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+app.add_middleware(
+    RateLimitMiddleware,
+    limit="100/minute",
+    rules=[
+        Rule("/hello", limit="5/minute", methods=["GET"]),
+        Rule("/login", limit="3/minute", methods=["POST"]),
+    ],
+    exempt=["/health"],
+)
+
+
+@app.get("/hello")
+async def hello() -> dict[str, str]:
+    return {"hello": "world"}
+
+
+@app.post("/login")
+async def login() -> dict[str, bool]:
+    return {"logged_in": True}
+
+
+@app.get("/items/{item_id}", dependencies=[Depends(items_limit)])
+async def read_item(item_id: int) -> dict[str, int]:
+    return {"item_id": item_id}
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def main() -> None:
+    """Serve the demo on 127.0.0.1:8000 and print what to curl."""
+    import uvicorn
+
+    print(CURL_COMMANDS, flush=True)
+    uvicorn.run(app, host=HOST, port=PORT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+from fastapi import Depends, FastAPI
+
+from asgi_guard import RateLimitMiddleware
+from asgi_guard.fastapi import rate_limit
+
+app = FastAPI()
+app.add_middleware(RateLimitMiddleware, limit="100/minute")  # every request, per client IP
+
+
+@app.post("/login", dependencies=[Depends(rate_limit("5/minute"))])  # this route: tighter
+async def login() -> dict[str, bool]:
+    return {"ok": True}

@@ -1,0 +1,474 @@
+"""Every example runs as the docs say, and the README and CI agree with the examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.types import ASGIApp
+
+import asgi_guard
+import asgi_guard.fastapi
+from asgi_guard import QUOTA_EXCEEDED, ConfigurationError, GuardError, ManualClock, StorageEvent
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DOCS = ROOT / "docs"
+PROBLEM_JSON = "application/problem+json"
+_loads = itertools.count()
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` afresh, so every test starts with empty counters."""
+    path = EXAMPLES / f"{name}.py"
+    module_name = f"_asgi_guard_example_{name}_{next(_loads)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@asynccontextmanager
+async def client_for(
+    app: ASGIApp, client: tuple[str, int] = ("127.0.0.1", 50000)
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            yield http
+
+
+async def statuses(http: httpx.AsyncClient, method: str, *paths: str, **kw: Any) -> list[int]:
+    return [(await http.request(method, path, **kw)).status_code for path in paths]
+
+
+def assert_problem(r: httpx.Response, status: int = 429) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM_JSON), r.headers
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status, body
+    assert "127.0.0.1" not in r.text, r.text
+    return body
+
+
+# -- quickstart -------------------------------------------------------------------------------
+
+
+async def test_quickstart_limits_login_after_five_posts() -> None:
+    """The README quickstart: the dependency refuses the 6th POST /login within a minute."""
+    app = load("quickstart").app
+    async with client_for(app) as http:
+        assert await statuses(http, "POST", *["/login"] * 5) == [200] * 5
+        r = await http.post("/login")
+    assert r.status_code == 429, r.text
+    assert "retry-after" in r.headers, r.headers
+    assert '"5-per-60s";q=5;w=60' in r.headers["ratelimit-policy"], r.headers
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+
+async def test_demo_hello_is_refused_with_problem_json_after_five() -> None:
+    """The demo's first curl loop: five 200s, then a 429 problem+json with Retry-After."""
+    app = load("demo").app
+    async with client_for(app) as http:
+        ok = [await http.get("/hello") for _ in range(5)]
+        r = await http.get("/hello")
+    assert [x.status_code for x in ok] == [200] * 5, ok[-1].text
+    assert ok[0].headers["ratelimit-policy"] == '"5-per-60s";q=5;w=60', ok[0].headers
+    assert ok[0].headers["ratelimit"].startswith('"5-per-60s";r=4;t='), ok[0].headers
+    body = assert_problem(r)
+    assert body["type"] == QUOTA_EXCEEDED, body
+    assert body["violated-policies"] == ["5-per-60s"], body
+    assert int(r.headers["retry-after"]) >= 1, r.headers
+
+
+async def test_demo_login_rule_applies_to_post_only() -> None:
+    """The POST /login rule allows three; other methods fall under the default limit."""
+    app = load("demo").app
+    async with client_for(app) as http:
+        assert await statuses(http, "POST", *["/login"] * 4) == [200, 200, 200, 429]
+        assert await statuses(http, "GET", "/login") == [405]
+
+
+async def test_demo_dependency_route_answers_through_the_handler() -> None:
+    """/items/{item_id} shares one dependency quota of two; the 429 is problem+json."""
+    app = load("demo").app
+    async with client_for(app) as http:
+        assert await statuses(http, "GET", "/items/1", "/items/2") == [200, 200]
+        r = await http.get("/items/3")
+    body = assert_problem(r)
+    assert body["type"] == QUOTA_EXCEEDED, body
+    assert body["violated-policies"] == ["2-per-60s"], body
+    assert "retry-after" in r.headers, r.headers
+
+
+async def test_demo_health_is_never_limited() -> None:
+    """/health is exempt: far more requests than any limit, all 200, no RateLimit headers."""
+    app = load("demo").app
+    async with client_for(app) as http:
+        responses = [await http.get("/health") for _ in range(120)]
+    assert {r.status_code for r in responses} == {200}, responses[-1].text
+    assert "ratelimit" not in responses[-1].headers, responses[-1].headers
+
+
+def test_demo_main_prints_the_curl_commands_and_serves_on_8000(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python examples/demo.py`` prints the curl loop and runs uvicorn on 127.0.0.1:8000."""
+    import uvicorn
+
+    demo = load("demo")
+    served: list[tuple[object, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
+    demo.main()
+    assert served == [(demo.app, {"host": "127.0.0.1", "port": 8000})], served
+    printed = capsys.readouterr().out
+    assert "for i in $(seq 1 6); do curl -si http://127.0.0.1:8000/hello | head -1; done" in (
+        printed
+    ), printed
+    assert "curl -si -X POST http://127.0.0.1:8000/login" in printed, printed
+    assert "http://127.0.0.1:8000/items/$i" in printed, printed
+
+
+# -- FastAPI dependencies ---------------------------------------------------------------------
+
+
+async def test_dependencies_named_policy_is_one_quota_for_the_router() -> None:
+    """The router's named policy: /reports/daily and /reports/monthly share ten per minute."""
+    app = load("dependencies").app
+    async with client_for(app) as http:
+        codes = await statuses(http, "GET", *[f"/reports/{p}" for p in ["daily", "monthly"] * 5])
+        r = await http.get("/reports/daily")
+    assert codes == [200] * 10, codes
+    body = assert_problem(r)
+    assert body["violated-policies"] == ["reports"], body
+
+
+async def test_dependencies_per_route_key_and_app_limit() -> None:
+    """/search counts per API key; the app-wide dependency adds its quota to the headers."""
+    app = load("dependencies").app
+    async with client_for(app) as http:
+        k1 = await statuses(http, "GET", *["/search"] * 6, headers={"x-api-key": "k1"})
+        r = await http.get("/search", headers={"x-api-key": "k2"})
+    assert k1 == [200] * 5 + [429], k1
+    assert r.status_code == 200, r.text
+    assert r.headers["ratelimit-policy"].count(";q=") == 2, r.headers
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+
+async def test_policies_dry_run_logs_but_never_rejects(caplog: pytest.LogCaptureFixture) -> None:
+    """The dry-run policy logs the 4th request it would refuse; headers show only enforced ones."""
+    caplog.set_level(logging.INFO, logger="asgi_guard")
+    app = load("policies").app
+    async with client_for(app) as http:
+        responses = [await http.get("/") for _ in range(4)]
+    assert [r.status_code for r in responses] == [200] * 4, responses[-1].text
+    policy = responses[0].headers["ratelimit-policy"]
+    assert policy == '"api-10-per-1s";q=10;w=1, "api-1000-per-3600s";q=1000;w=3600', policy
+    assert "candidate" not in responses[-1].headers["ratelimit"], responses[-1].headers
+    dry = [r for r in caplog.records if "dry run" in r.getMessage()]
+    assert len(dry) == 1, caplog.text
+    assert "candidate" in dry[0].getMessage(), caplog.text
+
+
+async def test_policies_token_bucket_allows_a_burst_of_five() -> None:
+    """The uploads token bucket admits five POSTs at once, then refuses."""
+    app = load("policies").app
+    async with client_for(app) as http:
+        assert await statuses(http, "POST", *["/uploads"] * 6) == [200] * 5 + [429]
+        r = await http.post("/uploads")
+    assert assert_problem(r)["violated-policies"] == ["uploads"]
+
+
+async def test_policies_cost_function_charges_csv_exports_five() -> None:
+    """A CSV export costs 5 of 20 per minute: four pass, then even a cheap export is refused."""
+    app = load("policies").app
+    async with client_for(app) as http:
+        csv = await statuses(http, "GET", *["/exports?format=csv"] * 5)
+        json_export = await http.get("/exports")
+    assert csv == [200, 200, 200, 200, 429], csv
+    assert json_export.status_code == 429, json_export.text
+
+
+async def test_policies_named_policy_is_shared_by_both_routes() -> None:
+    """One dependency built from a named policy: /search and /suggest share five per minute."""
+    app = load("policies").app
+    async with client_for(app) as http:
+        codes = await statuses(http, "GET", "/search", "/suggest", "/search", "/suggest")
+        codes += await statuses(http, "GET", "/search", "/suggest")
+    assert codes == [200] * 5 + [429], codes
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+async def test_rules_template_counts_users_together() -> None:
+    """/users/1 and /users/2 share the /users/{user_id:int} rule's ten per minute."""
+    app = load("rules").app
+    async with client_for(app) as http:
+        codes = await statuses(http, "GET", *[f"/users/{i % 2}" for i in range(11)])
+    assert codes == [200] * 10 + [429], codes
+
+
+async def test_rules_method_and_per_path() -> None:
+    """POST /login is limited to 5 (GET is not); each report counts apart (per_path)."""
+    app = load("rules").app
+    async with client_for(app) as http:
+        assert await statuses(http, "POST", *["/login"] * 6) == [200] * 5 + [429]
+        assert await statuses(http, "GET", *["/login"] * 6) == [200] * 6
+        assert await statuses(http, "GET", *["/reports/a"] * 4) == [200] * 3 + [429]
+        assert await statuses(http, "GET", "/reports/b") == [200]
+
+
+async def test_rules_static_health_and_internal_clients_are_exempt() -> None:
+    """limit=None, exempt paths and the exempt predicate: none of them is ever refused."""
+    app = load("rules").app
+    async with client_for(app) as http:
+        assert set(await statuses(http, "GET", *["/static/css/site.css"] * 110)) == {200}
+        assert set(await statuses(http, "GET", *["/health"] * 110)) == {200}
+    async with client_for(app, client=("10.1.2.3", 40000)) as internal:
+        assert set(await statuses(internal, "GET", *["/reports/a"] * 10)) == {200}
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+async def test_keys_forwarded_for_counts_only_from_trusted_proxies() -> None:
+    """X-Forwarded-For counts per client from the trusted proxy, and is ignored from others."""
+    app = load("keys").app
+    one = {"x-forwarded-for": "203.0.113.1"}
+    two = {"x-forwarded-for": "203.0.113.2"}
+    async with client_for(app) as proxy:
+        assert await statuses(proxy, "GET", *["/api/a"] * 6, headers=one) == [200] * 5 + [429]
+        assert await statuses(proxy, "GET", "/api/a", headers=two) == [200]
+    async with client_for(app, client=("198.51.100.9", 40000)) as direct:
+        codes = [
+            (await direct.get("/api/a", headers={"x-forwarded-for": f"203.0.113.{i}"})).status_code
+            for i in range(10, 16)
+        ]
+    assert codes == [200] * 5 + [429], codes
+
+
+async def test_keys_api_key_header_has_its_own_quota() -> None:
+    """Each X-Api-Key value is counted apart from the others."""
+    app = load("keys").app
+    async with client_for(app) as http:
+        k1 = await statuses(http, "GET", *["/api/items"] * 6, headers={"x-api-key": "k1"})
+        k2 = await statuses(http, "GET", "/api/items", headers={"x-api-key": "k2"})
+    assert (k1, k2) == ([200] * 5 + [429], [200]), (k1, k2)
+
+
+async def test_keys_async_key_counts_per_account() -> None:
+    """The async key function counts per account: alice's 4th /me is refused, bob's passes."""
+    app = load("keys").app
+    alice = {"authorization": "Bearer token-alice"}
+    bob = {"authorization": "Bearer token-bob"}
+    async with client_for(app) as http:
+        assert await statuses(http, "GET", *["/me"] * 4, headers=alice) == [200] * 3 + [429]
+        assert await statuses(http, "GET", "/me", headers=bob) == [200]
+
+
+# -- Starlette and plain ASGI -----------------------------------------------------------------
+
+
+async def test_starlette_app_default_and_rule() -> None:
+    """The Starlette app: ten per minute by default, three POST /login."""
+    app = load("starlette_app").app
+    async with client_for(app) as http:
+        assert await statuses(http, "GET", *["/"] * 11) == [200] * 10 + [429]
+        assert await statuses(http, "POST", *["/login"] * 4) == [200] * 3 + [429]
+
+
+async def test_plain_asgi_app_is_wrapped_with_legacy_headers_and_lifespan() -> None:
+    """The wrapped ASGI callable passes lifespan through and sends X-RateLimit-* headers."""
+    asgi_app = load("starlette_app").asgi_app
+    async with client_for(asgi_app) as http:
+        responses = [await http.get("/anything") for _ in range(11)]
+    assert [r.status_code for r in responses] == [200] * 10 + [429], responses[-1].text
+    assert responses[0].text == "plain ASGI", responses[0].text
+    assert responses[0].headers["x-ratelimit-limit"] == "10", responses[0].headers
+    assert responses[0].headers["x-ratelimit-remaining"] == "9", responses[0].headers
+    assert "ratelimit" not in responses[0].headers, responses[0].headers
+
+
+# -- order of middlewares ---------------------------------------------------------------------
+
+
+async def test_ordering_puts_cors_headers_on_the_429() -> None:
+    """CORS added last (outermost): the rate limiter's 429 carries CORS headers too."""
+    app = load("ordering").app
+    origin = {"origin": "https://app.example.com"}
+    async with client_for(app) as http:
+        ok = [await http.get("/data", headers=origin) for _ in range(5)]
+        r = await http.get("/data", headers=origin)
+    assert [x.status_code for x in ok] == [200] * 5, ok[-1].text
+    assert_problem(r)
+    assert r.headers["access-control-allow-origin"] == "https://app.example.com", r.headers
+    assert "ratelimit" in r.headers["access-control-expose-headers"].lower(), r.headers
+
+
+# -- custom responses and events --------------------------------------------------------------
+
+
+async def test_custom_response_and_event_callback() -> None:
+    """The response factory adds a hint to the problem; the callback counts the rejection."""
+    example = load("custom_response")
+    async with client_for(example.app) as http:
+        assert await statuses(http, "GET", *["/"] * 3) == [200] * 3
+        r = await http.get("/")
+    body = assert_problem(r)
+    assert body["type"] == QUOTA_EXCEEDED, body
+    assert body["hint"].startswith("Slow down"), body
+    assert body["violated-policies"] == ["3-per-60s"], body
+    assert "retry-after" in r.headers, r.headers
+    assert "ratelimit" in r.headers, r.headers
+    assert example.metrics.rejected == {"3-per-60s": 1}, example.metrics.rejected
+
+
+# -- Redis (no server here) -------------------------------------------------------------------
+
+
+def test_redis_example_imports_without_a_server() -> None:
+    """Importing the Redis example builds a remote limiter without connecting to anything."""
+    example = load("redis_storage")
+    limiter = example.limiter
+    assert limiter.is_memory is False
+    assert (limiter.uri, limiter.timeout) == ("redis://127.0.0.1:6379", 0.1)
+    assert example.login_policy.on_storage_error == "deny"
+    assert example.browse.on_storage_error == "allow"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_example_health_follows_storage_events() -> None:
+    """The exempt /health reports the storage state that StorageEvents set (asyncio only)."""
+    example = load("redis_storage")
+    async with client_for(example.app) as http:
+        up = (await http.get("/health")).json()
+        example.storage_health(StorageEvent("unavailable", example.limiter.uri, "refused"))
+        down = (await http.get("/health")).json()
+    assert (up, down) == ({"rate_limit_storage": "up"}, {"rate_limit_storage": "down"})
+    assert example.storage_health.last_error == "refused"
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+async def test_engine_counts_on_a_manual_clock() -> None:
+    """RateLimiter.hit admits three, refuses the fourth, and admits again a minute later."""
+    engine = load("engine")
+    clock = ManualClock()
+    lines = await engine.run_jobs(
+        engine.make_limiter(clock), clock, engine.policy_from_settings("3/minute")
+    )
+    assert lines == [
+        "allowed, 2 of 3 left for 60s",
+        "allowed, 1 of 3 left for 60s",
+        "allowed, 0 of 3 left for 60s",
+        "refused by jobs, retry in 60s",
+        "allowed, 2 of 3 left for 60s",
+    ], lines
+
+
+async def test_engine_main_prints_every_decision(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python examples/engine.py`` prints one line per decision."""
+    await load("engine").main()
+    assert capsys.readouterr().out.count("\n") == 5
+
+
+def test_engine_bad_setting_fails_at_startup() -> None:
+    """A malformed limit stops the program with the ConfigurationError's message."""
+    engine = load("engine")
+    with pytest.raises(SystemExit, match="invalid JOBS_LIMIT") as excinfo:
+        engine.policy_from_settings("three a fortnight")
+    cause = excinfo.value.__cause__
+    assert isinstance(cause, ConfigurationError), cause
+    assert isinstance(cause, GuardError), cause
+
+
+# -- the docs cannot rot ----------------------------------------------------------------------
+
+
+def _public_names() -> list[str]:
+    return [*asgi_guard.__all__, *asgi_guard.fastapi.__all__]
+
+
+def _text(paths: Iterator[Path]) -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(paths))
+
+
+@pytest.mark.parametrize("where", ["examples", "docs"])
+def test_every_public_name_is_used_in_examples_and_docs(where: str) -> None:
+    """Each name in the ``__all__`` of asgi_guard and asgi_guard.fastapi appears in ``where``."""
+    text = _text((ROOT / where).rglob("*.py" if where == "examples" else "*.md"))
+    missing = [name for name in _public_names() if not re.search(rf"\b{name}\b", text)]
+    assert not missing, f"not in {where}/: {missing}"
+
+
+def test_docs_snippets_point_at_existing_files() -> None:
+    """Every ``--8<--`` include in docs/ names a file that exists."""
+    text = _text(DOCS.rglob("*.md"))
+    included = re.findall(r'--8<-- "([^"]+)"', text)
+    for block in re.findall(r"^--8<--\n(.*?)\n--8<--$", text, re.MULTILINE | re.DOTALL):
+        included.extend(line.strip() for line in block.splitlines() if line.strip())
+    assert included, "docs/ include no snippets"
+    missing = [path for path in included if not (ROOT / path.split(":")[0]).is_file()]
+    assert not missing, missing
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _readme_commands() -> list[str]:
+    return re.findall(r"```(?:bash|sh|shell)\n(.*?)\n```", _readme(), re.DOTALL)[:2]
+
+
+def test_readme_opens_with_two_one_line_commands() -> None:
+    """After the title and one sentence, the README gives the demo and the test command."""
+    head = _readme().split("```", 1)[0]
+    assert head.startswith("# asgi_guard\n"), head
+    demo, test = _readme_commands()
+    for command in (demo, test):
+        assert "\n" not in command, command
+        assert command.startswith("python3 -m venv"), command
+    assert demo.endswith("examples/demo.py"), demo
+    assert test.endswith("-m pytest"), test
+
+
+def test_readme_quickstart_is_examples_quickstart() -> None:
+    """The README's quickstart block is exactly examples/quickstart.py."""
+    blocks = re.findall(r"```python\n(.*?)```", _readme(), re.DOTALL)
+    quickstart = (EXAMPLES / "quickstart.py").read_text(encoding="utf-8")
+    assert blocks, "no python block in README.md"
+    assert blocks[0] == quickstart, blocks[0]
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    """.ci/run runs the README's second command verbatim, at the start of a line."""
+    test_command = _readme_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert any(line.startswith(test_command) for line in ci.splitlines()), test_command

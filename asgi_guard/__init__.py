@@ -1,13 +1,13 @@
 """asgi_guard: pure ASGI guards for FastAPI, Starlette and any ASGI app.
 
 The public API is exactly ``__all__``; every other module is private. FastAPI dependency
-factories live in :mod:`asgi_guard.fastapi`.
+factories live in `fastapi`.
 """
 
 from __future__ import annotations
 
 from ._clock import Clock, ManualClock, MonotonicClock
-from ._errors import ConfigurationError, GuardError, RateLimitExceeded
+from ._errors import ConfigurationError, GuardError, RateLimitExceeded, RequestRejected
 from ._events import Event, EventHandler, RateLimitEvent, StorageEvent
 from ._keys import KeyFunc, client_ip, header_key
 from ._limiter import QuotaState, RateLimitDecision, RateLimiter
@@ -33,6 +33,7 @@ __all__ = [
     "RateLimitMiddleware",
     "RateLimiter",
     "Rejection",
+    "RequestRejected",
     "Rule",
     "StorageEvent",
     "TEMPORARY_REDUCED_CAPACITY",

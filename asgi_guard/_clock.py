@@ -1,4 +1,4 @@
-"""Injectable clocks: guards read time only through a :class:`Clock`."""
+"""Injectable clocks: guards read time only through a `Clock`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    """The default clock: :func:`time.monotonic`."""
+    """The default clock: `monotonic`."""
 
     __slots__ = ()
 
@@ -29,7 +29,7 @@ class MonotonicClock:
 class ManualClock:
     """A clock that moves only when told to, for tests.
 
-    Example:
+    Examples:
         >>> clock = ManualClock()
         >>> clock.advance(1.5)
         >>> clock.now()

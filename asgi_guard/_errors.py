@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 
 from starlette.exceptions import HTTPException
 
-from ._problem import QUOTA_EXCEEDED
+from ._problem import QUOTA_EXCEEDED, Rejection
 
-__all__ = ["ConfigurationError", "GuardError", "RateLimitExceeded"]
+__all__ = ["ConfigurationError", "GuardError", "RateLimitExceeded", "RequestRejected"]
 
 
 class GuardError(Exception):
@@ -23,16 +23,32 @@ class ConfigurationError(GuardError, ValueError):
     """
 
 
-class RateLimitExceeded(HTTPException):
-    """Raised by the ``rate_limit`` dependency when a request is over its quota.
+class RequestRejected(HTTPException):
+    """Raised by a guard's FastAPI dependency to refuse a request.
 
-    It is an ``HTTPException`` subclass, so FastAPI answers it without a custom handler;
-    the middleware answers directly instead of raising.
+    It is an ``HTTPException``, so FastAPI answers it even without a handler (as
+    ``{"detail": ...}`` with the status and headers); register
+    ``asgi_guard.fastapi.rejection_handler`` to answer in RFC 9457 problem+json, as the
+    middlewares do.
+
+    Attributes:
+        rejection: What the problem+json response is built from.
+    """
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(
+            status_code=rejection.status, detail=rejection.title, headers=dict(rejection.headers)
+        )
+        self.rejection = rejection
+
+
+class RateLimitExceeded(RequestRejected):
+    """Raised by the ``rate_limit`` dependency when a request is over its quota (429).
 
     Attributes:
         violated_policies: The names of the policies that rejected the request.
         retry_after: Seconds after which a retry can succeed.
-        problem_type: The problem ``type`` URI for a problem+json rendering.
+        problem_type: The problem ``type`` URI of the problem+json rendering.
     """
 
     def __init__(
@@ -43,7 +59,16 @@ class RateLimitExceeded(HTTPException):
         headers: Mapping[str, str] | None = None,
         problem_type: str = QUOTA_EXCEEDED,
     ) -> None:
-        super().__init__(status_code=429, detail="Too Many Requests", headers=dict(headers or {}))
+        rejection = Rejection(
+            status=429,
+            type=problem_type,
+            title="Too Many Requests",
+            detail=f"Request quota exceeded; retry after {retry_after} seconds.",
+            headers=list((headers or {}).items()),
+            extensions={"violated-policies": list(violated_policies)},
+            guard="rate_limit",
+        )
+        super().__init__(rejection)
         self.violated_policies = tuple(violated_policies)
         self.retry_after = retry_after
         self.problem_type = problem_type

@@ -99,7 +99,7 @@ def peer_address(scope: Scope, ipv6_prefix: int = 64) -> str:
     Raises:
         ConfigurationError: If ``ipv6_prefix`` is outside 0..128.
 
-    Example:
+    Examples:
         >>> peer_address({"type": "http", "client": ("2001:db8:1:2::7", 5000)})
         '2001:db8:1:2::/64'
     """
@@ -269,7 +269,7 @@ def client_ip(
         ConfigurationError: For a malformed proxy address, an unknown header name or an
             ``ipv6_prefix`` outside 0..128.
 
-    Example:
+    Examples:
         >>> key = client_ip(trusted_proxies=["10.0.0.0/8"])
         >>> key({
         ...     "type": "http",
@@ -387,7 +387,7 @@ def header_key(
     The key is the first occurrence of header ``name`` (case-insensitive, latin-1 decoded,
     stripped). Values over 256 characters are replaced by ``"h:"`` and a BLAKE2b digest, so a
     huge header cannot bloat the store. When the header is missing or empty the key comes from
-    ``fallback``, or from the socket peer (as :func:`peer_address`) without one.
+    ``fallback``, or from the socket peer (as `peer_address`) without one.
 
     The returned function is synchronous unless ``fallback`` is an async function, in which
     case it is async too.
@@ -402,7 +402,7 @@ def header_key(
     Raises:
         ConfigurationError: If ``name`` is empty or not a valid header name.
 
-    Example:
+    Examples:
         >>> key = header_key("x-api-key")
         >>> key({"type": "http", "client": ("192.0.2.1", 1), "headers": [(b"x-api-key", b"k1")]})
         'k1'

@@ -13,7 +13,12 @@ from typing import Any
 
 import anyio
 from limits.aio import strategies as aio_strategies
-from limits.aio.storage import Storage
+from limits.aio.storage import (
+    RedisClusterStorage,
+    RedisSentinelStorage,
+    RedisStorage,
+    Storage,
+)
 from limits.errors import ConfigurationError as LimitsConfigurationError
 from limits.storage import storage_from_string
 
@@ -95,7 +100,7 @@ class QuotaState:
 
 @dataclass(frozen=True)
 class RateLimitDecision:
-    """What :meth:`RateLimiter.hit` decided.
+    """What `hit` decided.
 
     Attributes:
         allowed: Whether the request may proceed.
@@ -138,14 +143,14 @@ class RateLimiter:
             ``"redis+cluster://..."``, ``"redis+sentinel://..."``, ``"valkey://..."``,
             ``"memcached://127.0.0.1:11211"``. Remote storages run on asyncio only.
         max_keys: In memory: the most keys one quota keeps; past half of it the least
-            recently used half is evicted (and counted in :attr:`evictions`). ``None`` for
+            recently used half is evicted (and counted in `evictions`). ``None`` for
             no bound.
         timeout: Seconds a remote storage call may take before it counts as failed.
         storage_options: Extra keyword arguments for the ``limits`` storage.
-        clock: The clock of the memory store (tests pass a :class:`ManualClock`).
-        on_event: Callbacks for :class:`StorageEvent` (outage started, outage ended).
+        clock: The clock of the memory store (tests pass a `ManualClock`).
+        on_event: Callbacks for `StorageEvent` (outage started, outage ended).
 
-    Example:
+    Examples:
         >>> limiter = RateLimiter()            # in memory
         >>> shared = RateLimiter("redis://127.0.0.1:6379", timeout=0.1)
     """
@@ -208,7 +213,7 @@ class RateLimiter:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def table(self, namespace: str, quota: Quota, strategy: str) -> MemoryTable[Any]:
+    def _table(self, namespace: str, quota: Quota, strategy: str) -> MemoryTable[Any]:
         """The in-memory table that counts ``quota`` in ``namespace`` (memory storage only)."""
         ident = (namespace, quota.name, strategy)
         table = self._tables.get(ident)
@@ -238,13 +243,13 @@ class RateLimiter:
 
     # -- remote ---------------------------------------------------------------------------
 
-    def check_supported(self, policy: Policy) -> None:
-        """Raise :class:`ConfigurationError` if the storage cannot run ``policy``."""
+    def _check_supported(self, policy: Policy) -> None:
+        """Raise `ConfigurationError` if the storage cannot run ``policy``."""
         if self.is_memory:
             return
         storage = self._storage
         if policy.strategy == "token-bucket":
-            if not hasattr(storage, "bridge"):
+            if not isinstance(storage, (RedisStorage, RedisClusterStorage, RedisSentinelStorage)):
                 raise ConfigurationError(
                     "strategy 'token-bucket' needs memory or Redis/Valkey storage, "
                     f"not {self.uri!r}"
@@ -330,10 +335,10 @@ class RateLimiter:
                 (or its limit string for an unnamed policy).
 
         Returns:
-            The decision, with the state of every quota. A storage failure never raises:
+            The decision, with the state of every quota. A storage failure never raises;
             the decision has ``storage_error=True`` and follows ``policy.on_storage_error``.
 
-        Example:
+        Examples:
             >>> import anyio
             >>> limiter = RateLimiter()
             >>> policy = Policy("2/minute", name="demo")
@@ -342,11 +347,11 @@ class RateLimiter:
         """
         if namespace is None:
             namespace = policy.name if policy.name is not None else policy.limit
-        self.check_supported(policy)
-        return await self.decide(namespace, policy, key, cost)
+        self._check_supported(policy)
+        return await self._decide(namespace, policy, key, cost)
 
-    def check_event_loop(self) -> None:
-        """Raise :class:`ConfigurationError` if a remote storage runs outside asyncio.
+    def _check_event_loop(self) -> None:
+        """Raise `ConfigurationError` if a remote storage runs outside asyncio.
 
         ``limits``' async storages are built on asyncio; on trio only the memory store works.
         """
@@ -360,16 +365,16 @@ class RateLimiter:
                 f"on trio use storage='memory://'"
             ) from None
 
-    async def decide(
+    async def _decide(
         self, namespace: str, policy: Policy, key: str, cost: int
     ) -> RateLimitDecision:
-        """Count one request against ``policy`` in ``namespace`` (see :meth:`hit`)."""
+        """Count one request against ``policy`` in ``namespace`` (see `hit`)."""
         quotas = policy.quotas
         strategy = policy.strategy
         dry = policy.dry_run
         if self.is_memory:
             now = self.clock.now()
-            tables = [self.table(namespace, q, strategy) for q in quotas]
+            tables = [self._table(namespace, q, strategy) for q in quotas]
             if len(quotas) == 1:
                 results = [tables[0].hit(key, cost, now)]
             else:
@@ -377,8 +382,8 @@ class RateLimiter:
                 if all(r[0] for r in results):
                     results = [t.hit(key, cost, now) for t in tables]
             return _decision(quotas, results, dry)
-        self.check_event_loop()
         try:
+            self._check_event_loop()
             with anyio.fail_after(self.timeout):
                 results = [
                     await self._remote_hit(namespace, q, strategy, key, cost) for q in quotas

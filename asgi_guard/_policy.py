@@ -71,9 +71,10 @@ def _slug(item: RateLimitItem) -> str:
 class Policy:
     """A named rate-limit policy: one or more limits counted under one key.
 
-    A named policy used in several places (rules, dependencies) shares its counters
-    across all of them: ``Policy("1000/hour", name="api")`` on two routes is one quota of
-    1000 per hour for both. An unnamed limit counts per place (per rule or per route).
+    A named policy counts once per `RateLimiter`, wherever it is used: in two rules of one
+    middleware, or in dependencies and a middleware given the same ``limiter=``,
+    ``Policy("1000/hour", name="api")`` is one quota of 1000 per hour for all of them. An
+    unnamed limit counts per place (per rule or per route).
 
     Args:
         limit: ``limits`` notation, one or several limits: ``"10/second;1000/hour"``.
@@ -89,7 +90,7 @@ class Policy:
         on_storage_error: ``"allow"`` lets requests through while the storage fails,
             ``"deny"`` answers them 503.
 
-    Example:
+    Examples:
         >>> api = Policy("100/minute;1000/hour", name="api")
         >>> [q.name for q in api.quotas]
         ['api-100-per-60s', 'api-1000-per-3600s']

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from ._errors import RateLimitExceeded
+from ._errors import RateLimitExceeded, RequestRejected
 from ._events import EventHandler
 from ._keys import KeyFunc
 from ._limiter import RateLimiter
@@ -26,9 +26,10 @@ from .ratelimit import (
     legacy_headers,
     ratelimit_header_value,
     retry_after_seconds,
+    storage_rejection,
 )
 
-__all__ = ["RateLimitDependency", "rate_limit", "rate_limit_exceeded_handler"]
+__all__ = ["RateLimitDependency", "rate_limit", "rejection_handler"]
 
 
 async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
@@ -36,7 +37,7 @@ async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:  # p
 
 
 class RateLimitDependency:
-    """A configured rate limit for FastAPI's ``Depends``; build it with :func:`rate_limit`."""
+    """A configured rate limit for FastAPI's ``Depends``; build it with `rate_limit`."""
 
     def __init__(
         self,
@@ -89,52 +90,49 @@ class RateLimitDependency:
         allowed, states, storage_denied = await core._evaluate(request, plan, scope["path"])  # type: ignore[arg-type]
         if storage_denied:
             core.stats["rejected"] += 1
-            raise HTTPException(
-                503, "Rate limiter storage unavailable", headers={"Retry-After": "1"}
-            )
-        enforced = [s for s in states if not s.allowed and not s.dry_run]
+            raise RequestRejected(storage_rejection())
         mode = core.headers
-        policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
         shown = [s for s in states if not s.dry_run]
+        ietf = mode in ("ietf", "both") and bool(shown) and plan.policy_header is not None
+        policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
         state_value = ratelimit_header_value(shown) if shown else ""
-        if not allowed:
-            core.stats["rejected"] += 1
-            retry = retry_after_seconds(
-                max(s.retry_after for s in enforced), core.retry_after_jitter
-            )
-            out = {"Retry-After": str(retry)}
-            if policy_value:
-                out["RateLimit-Policy"] = policy_value
-                out["RateLimit"] = state_value
-            if mode in ("legacy", "both"):
-                out.update((k.decode(), v.decode()) for k, v in legacy_headers(shown))
-            raise RateLimitExceeded(
-                violated_policies=[s.name for s in enforced],
-                retry_after=retry,
-                headers=out,
-                problem_type=core.problem_type,
-            )
-        core.stats["allowed"] += 1
-        if not shown or mode == "none":
-            return
         record = get_record(scope)
-        if record.rate_limit_middleware and mode in ("ietf", "both"):
-            # The middleware writes every RateLimit entry into the response it sends.
+        behind_middleware = record.rate_limit_middleware
+        if ietf and behind_middleware:
+            # The middleware writes every RateLimit entry into the response it sends,
+            # a 429 raised here included: one field line for the app's and the route's quotas.
             entries = record.rate_limit_headers
             if entries is None:
                 entries = record.rate_limit_headers = []
             entries.append(("", policy_value, state_value))
-        elif mode in ("ietf", "both") and policy_value:
-            _merge(response, "RateLimit-Policy", policy_value)
-            _merge(response, "RateLimit", state_value)
-        if mode in ("legacy", "both"):
-            for k, v in legacy_headers(shown):
-                response.headers[k.decode()] = v.decode()
+        headers: dict[str, str] = {}
+        if ietf and not behind_middleware:
+            headers["RateLimit-Policy"] = policy_value
+            headers["RateLimit"] = state_value
+        if mode in ("legacy", "both") and shown:
+            headers.update((k.decode(), v.decode()) for k, v in legacy_headers(shown))
+        if not allowed:
+            core.stats["rejected"] += 1
+            enforced = [s for s in states if not s.allowed and not s.dry_run]
+            retry = retry_after_seconds(
+                max(s.retry_after for s in enforced), core.retry_after_jitter
+            )
+            raise RateLimitExceeded(
+                violated_policies=[s.name for s in enforced],
+                retry_after=retry,
+                headers={"Retry-After": str(retry), **headers},
+                problem_type=core.problem_type,
+            )
+        core.stats["allowed"] += 1
+        for name, value in headers.items():
+            _merge(response, name, value)
 
 
 def _merge(response: Response, name: str, value: str) -> None:
     existing = response.headers.get(name)
-    response.headers[name] = f"{existing}, {value}" if existing else value
+    if existing and name.lower() in ("ratelimit", "ratelimit-policy"):
+        value = f"{existing}, {value}"
+    response.headers[name] = value
 
 
 def rate_limit(
@@ -151,26 +149,27 @@ def rate_limit(
 
     Use it per route, per router or per app; handlers keep their signatures. Unnamed limits
     count per route (``/users/{id}`` is one route whatever the id); a named
-    :class:`~asgi_guard.Policy` is one quota shared by every route that uses it.
+    `Policy` is one quota for every route counted by the same limiter: every route of one
+    dependency object, or of several given the same ``limiter=``.
 
     Args:
-        limit: Limits or policies, as for :class:`~asgi_guard.RateLimitMiddleware`.
+        limit: Limits or policies, as for `RateLimitMiddleware`.
         key: Whom to count per: a function of the request (a ``Request`` is also a mapping
-            over the ASGI scope, so scope key functions such as :func:`~asgi_guard.client_ip`
+            over the ASGI scope, so scope key functions such as `client_ip`
             work unchanged). Default: the client IP.
-        limiter: A :class:`~asgi_guard.RateLimiter` to share (with a middleware, or with
+        limiter: A `RateLimiter` to share (with a middleware, or with
             other processes through Redis). Default: a private in-memory limiter.
         headers: ``"ietf"``, ``"legacy"``, ``"both"`` or ``"none"``. Behind a
             ``RateLimitMiddleware`` the entries join the middleware's headers; alone they
             are set on the response FastAPI builds from the handler's return value.
         retry_after_jitter: Up to this many random seconds added to ``Retry-After``.
-        problem_type: The problem type reported by :func:`rate_limit_exceeded_handler`.
+        problem_type: The problem type reported by `rejection_handler`.
         on_event: Callbacks receiving every rate-limit event.
 
     Raises:
         RateLimitExceeded: (a 429 ``HTTPException``) when the request is over its quota.
 
-    Example:
+    Examples:
         >>> from fastapi import Depends, FastAPI
         >>> app = FastAPI()
         >>> @app.post("/login", dependencies=[Depends(rate_limit("5/minute"))])
@@ -188,22 +187,19 @@ def rate_limit(
     )
 
 
-async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Response:
-    """Render :class:`~asgi_guard.RateLimitExceeded` as RFC 9457 problem+json.
+async def rejection_handler(request: Request, exc: Exception) -> Response:
+    """Render a `RequestRejected` (such as `RateLimitExceeded`) as RFC 9457 problem+json.
 
-    Register it with ``app.add_exception_handler(RateLimitExceeded,
-    rate_limit_exceeded_handler)``; without it FastAPI answers ``{"detail": ...}`` with the
-    same status and headers.
+    Register it once for every guard dependency:
+    ``app.add_exception_handler(RequestRejected, rejection_handler)``. Without it FastAPI
+    answers ``{"detail": ...}`` with the same status and headers.
     """
-    if not isinstance(exc, RateLimitExceeded):  # pragma: no cover - registered for it only
+    if not isinstance(exc, RequestRejected):  # pragma: no cover - registered for it only
         raise exc
-    body = {
-        "type": exc.problem_type,
-        "title": "Too Many Requests",
-        "status": 429,
-        "detail": f"Request quota exceeded; retry after {exc.retry_after} seconds.",
-        "violated-policies": list(exc.violated_policies),
-    }
+    rejection = exc.rejection
     return JSONResponse(
-        body, status_code=429, headers=exc.headers, media_type="application/problem+json"
+        rejection.problem(),
+        status_code=rejection.status,
+        headers=exc.headers,
+        media_type="application/problem+json",
     )

@@ -1,4 +1,4 @@
-"""Rate limiting: :class:`RateLimitMiddleware` and the pieces it shares with the dependency."""
+"""Rate limiting: `RateLimitMiddleware` and the pieces it shares with the dependency."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class Rule:
         methods: Only these methods (``HEAD`` follows ``GET``); ``None`` for all.
         per_path: Count each concrete path separately instead of the template together.
 
-    Example:
+    Examples:
         >>> Rule("/login", limit="5/minute", methods=["POST"])
         Rule(path='/login', limit='5/minute', methods=['POST'], per_path=False)
     """
@@ -74,7 +74,7 @@ class _BoundPolicy:
         self.cost = policy.cost
         self.cost_async = policy.cost_is_async
         self.tables = (
-            [limiter.table(namespace, q, policy.strategy) for q in policy.quotas]
+            [limiter._table(namespace, q, policy.strategy) for q in policy.quotas]
             if limiter.is_memory
             else None
         )
@@ -149,14 +149,14 @@ class RateLimitMiddleware:
     Args:
         app: The ASGI app to guard.
         limit: The default limits, for every request no rule matches: ``"100/minute"``,
-            ``"10/second;1000/hour"``, a :class:`Policy` or a list of them.
-        rules: Per-route :class:`Rule` objects, tried in order; the first match replaces
+            ``"10/second;1000/hour"``, a `Policy` or a list of them.
+        rules: Per-route `Rule` objects, tried in order; the first match replaces
             ``limit`` for that request.
         key: Whom to count per, a function of the scope (sync or async). Default:
-            :func:`client_ip` (the socket peer). If it raises or returns nothing, the
+            `client_ip` (the socket peer). If it raises or returns nothing, the
             request is counted under its socket peer address and the error is logged once.
-        storage: A storage URI, ``"memory://"`` by default (see :class:`RateLimiter`).
-        limiter: A :class:`RateLimiter` to share with dependencies or other middlewares;
+        storage: A storage URI, ``"memory://"`` by default (see `RateLimiter`).
+        limiter: A `RateLimiter` to share with dependencies or other middlewares;
             replaces ``storage``.
         exempt: Paths (exact or templates) and predicates ``(scope) -> bool`` never limited.
         headers: ``"ietf"`` (``RateLimit``/``RateLimit-Policy``, the default), ``"legacy"``
@@ -166,9 +166,9 @@ class RateLimitMiddleware:
         response: Build your own rejection response: ``(scope, Rejection) -> ASGI app``.
         websocket: Limit WebSocket handshakes too (denied with HTTP 429 where the server
             supports it, else closed with code 1008).
-        on_event: Callbacks receiving every :class:`RateLimitEvent` and :class:`StorageEvent`.
+        on_event: Callbacks receiving every `RateLimitEvent` and `StorageEvent`.
 
-    Example:
+    Examples:
         >>> from starlette.applications import Starlette
         >>> app = Starlette()
         >>> app.add_middleware(RateLimitMiddleware, limit="100/minute",
@@ -205,7 +205,7 @@ class RateLimitMiddleware:
             raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
         if limiter is not None and storage != "memory://":
             raise ConfigurationError("pass either storage= or limiter=, not both")
-        self.limiter = limiter if limiter is not None else RateLimiter(storage)
+        self.limiter = limiter if limiter is not None else RateLimiter(storage, on_event=on_event)
         self.headers = headers
         self.retry_after_jitter = float(retry_after_jitter)
         self.problem_type = problem_type
@@ -217,6 +217,7 @@ class RateLimitMiddleware:
         self._callback_guard = _CallbackGuard()
         self._key = key if key is not None else client_ip()
         self._key_failed = False
+        self._cost_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
 
         self._exempt_paths: frozenset[str] = frozenset()
@@ -259,7 +260,7 @@ class RateLimitMiddleware:
     ) -> _Plan:
         bound = []
         for policy in policies:
-            self.limiter.check_supported(policy)
+            self.limiter._check_supported(policy)
             ns = f"policy:{policy.name}" if policy.name is not None else namespace
             bound.append(_BoundPolicy(policy, ns, self._key, self.limiter))
         return _Plan(bound, route, per_path, self.headers)
@@ -376,7 +377,7 @@ class RateLimitMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 try:
-                    limiter.check_event_loop()
+                    limiter._check_event_loop()
                 except ConfigurationError as exc:
                     message = {"type": "lifespan.startup.failed", "message": str(exc)}
             elif message["type"] == "lifespan.shutdown.complete":
@@ -439,8 +440,14 @@ class RateLimitMiddleware:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TypeError(f"cost must be an int >= 0, got {value!r}")
             return value
-        except Exception:
-            logger.exception("a rate-limit cost function failed; the request costs 1")
+        except Exception as exc:
+            if not self._cost_failed:
+                self._cost_failed = True
+                logger.error(
+                    "a rate-limit cost function failed (%s); such requests cost 1",
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
             return 1
 
     async def _evaluate(
@@ -482,7 +489,7 @@ class RateLimitMiddleware:
                         bound, scope, path, plan.per_path
                     )
                 cost = await self._cost_for(bound, scope)
-                decision = await limiter.decide(bound.namespace, bound.policy, key, cost)
+                decision = await limiter._decide(bound.namespace, bound.policy, key, cost)
                 if decision.storage_error:
                     self.stats["storage_errors"] += 1
                     if not decision.allowed:
@@ -594,15 +601,19 @@ class RateLimitMiddleware:
             1.0,
         )
         emit(event, self._handlers, self._callback_guard)
-        rejection = Rejection(
-            status=503,
-            type=TEMPORARY_REDUCED_CAPACITY,
-            title="Service Unavailable",
-            detail="The rate limiter cannot reach its storage; retry shortly.",
-            headers=[("retry-after", "1")],
-            guard="rate_limit",
-        )
-        await send_rejection(rejection, scope, receive, send, self.response)
+        await send_rejection(storage_rejection(), scope, receive, send, self.response)
+
+
+def storage_rejection() -> Rejection:
+    """The 503 for a policy with ``on_storage_error="deny"`` while its storage fails."""
+    return Rejection(
+        status=503,
+        type=TEMPORARY_REDUCED_CAPACITY,
+        title="Service Unavailable",
+        detail="The rate limiter cannot reach its storage; retry shortly.",
+        headers=[("retry-after", "1")],
+        guard="rate_limit",
+    )
 
 
 def _compile(template: str) -> re.Pattern[str]:

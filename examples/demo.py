@@ -6,15 +6,15 @@ Run it with ``python examples/demo.py`` and follow the curl commands it prints.
   100 per minute per client, ``GET /hello`` 5 per minute and ``POST /login`` 3 per minute by
   rules; ``/health`` is exempt.
 * ``/items/{item_id}`` adds a ``rate_limit`` dependency after routing: 2 per minute for all
-  items together, answered as problem+json by ``rate_limit_exceeded_handler``.
+  items together, answered as problem+json by ``rejection_handler``.
 """
 
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
-from asgi_guard import RateLimitExceeded, RateLimitMiddleware, Rule
-from asgi_guard.fastapi import RateLimitDependency, rate_limit, rate_limit_exceeded_handler
+from asgi_guard import RateLimitMiddleware, RequestRejected, Rule
+from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -42,7 +42,7 @@ Rate-limited demo on http://{HOST}:{PORT} (Ctrl+C to stop). In another terminal:
 items_limit: RateLimitDependency = rate_limit("2/minute")
 
 app = FastAPI(title="asgi_guard demo")
-app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+app.add_exception_handler(RequestRejected, rejection_handler)
 app.add_middleware(
     RateLimitMiddleware,
     limit="100/minute",

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI
+import logging
 
-from asgi_guard import Policy, RateLimitExceeded, header_key
-from asgi_guard.fastapi import rate_limit, rate_limit_exceeded_handler
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+
+from asgi_guard import Policy, RateLimitExceeded, RequestRejected, header_key
+from asgi_guard.fastapi import rate_limit, rejection_handler
+
+logger = logging.getLogger("example")
 
 # Per app: every route gets 100 per minute per client, each route counted apart.
 app = FastAPI(dependencies=[Depends(rate_limit("100/minute"))])
 # Without this handler FastAPI answers {"detail": "Too Many Requests"}, same status and headers.
-app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+app.add_exception_handler(RequestRejected, rejection_handler)
+
+
+# A handler of your own for 429s only: RateLimitExceeded says which policies refused.
+async def log_and_reject(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RateLimitExceeded):
+        logger.info("429 on %s by %s", request.url.path, ", ".join(exc.violated_policies))
+    return await rejection_handler(request, exc)
+
+
+app.add_exception_handler(RateLimitExceeded, log_and_reject)
 
 # Per router: a named policy in one dependency is one quota for all the router's routes.
 reports = APIRouter(

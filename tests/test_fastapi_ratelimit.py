@@ -12,11 +12,11 @@ from asgi_guard import (
     ManualClock,
     Policy,
     RateLimiter,
-    RateLimitExceeded,
     RateLimitMiddleware,
+    RequestRejected,
     header_key,
 )
-from asgi_guard.fastapi import RateLimitDependency, rate_limit, rate_limit_exceeded_handler
+from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler
 
 pytestmark = pytest.mark.anyio
 
@@ -126,7 +126,7 @@ async def test_exceeded_is_an_http_exception_and_the_handler_renders_problem_jso
     for install in (False, True):
         app = FastAPI()
         if install:
-            app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+            app.add_exception_handler(RequestRejected, rejection_handler)
 
         @app.post(
             "/login",
@@ -181,3 +181,56 @@ async def test_dependency_exposes_stats() -> None:
     async with client_for(app) as client:
         await codes(client, "/s", "/s", "/s")
     assert (dep.stats["allowed"], dep.stats["rejected"]) == (1, 2)
+
+
+async def test_429_behind_the_middleware_has_one_merged_ratelimit_line() -> None:
+    """A dependency's 429 behind the middleware carries one RateLimit line with both quotas."""
+    shared = limiter()
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get(
+        "/x", dependencies=[Depends(rate_limit(Policy("1/minute", name="route"), limiter=shared))]
+    )
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limit=Policy("10/minute", name="app"), limiter=shared)
+    async with client_for(app) as client:
+        await client.get("/x")
+        r = await client.get("/x")
+    assert r.status_code == 429, r.text
+    assert r.headers.get_list("ratelimit") == ['"app";r=8;t=20, "route";r=0;t=20'], r.headers
+    assert r.headers.get_list("ratelimit-policy") == ['"app";q=10;w=60, "route";q=1;w=60']
+    assert r.json()["violated-policies"] == ["route"]
+
+
+async def test_storage_failure_with_deny_is_a_503_problem(anyio_backend: str) -> None:
+    """A failing storage with on_storage_error='deny' answers 503 problem+json, never a 500."""
+    if anyio_backend == "trio":
+        pytest.skip("remote storages run on asyncio only")
+    dead = RateLimiter("redis://127.0.0.1:1", timeout=0.2)
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get(
+        "/deny",
+        dependencies=[
+            Depends(rate_limit(Policy("5/minute", on_storage_error="deny"), limiter=dead))
+        ],
+    )
+    async def deny() -> str:
+        return "never"
+
+    @app.get("/allow", dependencies=[Depends(rate_limit(Policy("5/minute"), limiter=dead))])
+    async def allow() -> str:
+        return "open"
+
+    async with client_for(app) as client:
+        denied = await client.get("/deny")
+        allowed = await client.get("/allow")
+    assert denied.status_code == 503, denied.text
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert denied.json()["type"].endswith("#temporary-reduced-capacity")
+    assert denied.headers["retry-after"] == "1"
+    assert allowed.status_code == 200, allowed.text

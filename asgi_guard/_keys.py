@@ -350,7 +350,11 @@ def _check_header_name(name: str) -> bytes:
 
 
 def _header_value(scope: Scope, target: bytes) -> str | None:
-    """Return the first ``target`` header, stripped, hashed when long; ``None`` if empty."""
+    """Return ``name=value`` of the first ``target`` header, hashed when long; ``None`` if empty.
+
+    The header's name prefixes the value so that no header value can pose as a client
+    address (``X-API-Key: 192.0.2.1``) or as another header's value in a fallback chain.
+    """
     size = len(target)
     for name, raw in scope.get("headers") or ():
         if name == target or (len(name) == size and name.lower() == target):
@@ -358,8 +362,9 @@ def _header_value(scope: Scope, target: bytes) -> str | None:
             if not value:
                 return None
             if len(value) > _MAX_HEADER_KEY_CHARS:
-                return "h:" + hashlib.blake2b(value, digest_size=16).hexdigest()
-            return value.decode("latin-1")
+                digest = hashlib.blake2b(value, digest_size=16).hexdigest()
+                return f"{target.decode()}#{digest}"
+            return f"{target.decode()}={value.decode('latin-1')}"
     return None
 
 
@@ -384,9 +389,11 @@ def header_key(
 ) -> Callable[[Scope], str | Awaitable[str]]:
     """Build a key function that identifies the client by a request header, such as an API key.
 
-    The key is the first occurrence of header ``name`` (case-insensitive, latin-1 decoded,
-    stripped). Values over 256 characters are replaced by ``"h:"`` and a BLAKE2b digest, so a
-    huge header cannot bloat the store. When the header is missing or empty the key comes from
+    The key is ``"<name>=<value>"`` of the first occurrence of header ``name``
+    (case-insensitive, lower-cased name, latin-1 decoded, stripped value): the name keeps a
+    header value from posing as a client address or as another header's value. Values over
+    256 characters become ``"<name>#<BLAKE2b digest>"``, so a huge header cannot bloat the
+    store. When the header is missing or empty the key comes from
     ``fallback``, or from the socket peer (as `peer_address`) without one.
 
     The returned function is synchronous unless ``fallback`` is an async function, in which
@@ -405,7 +412,7 @@ def header_key(
     Examples:
         >>> key = header_key("x-api-key")
         >>> key({"type": "http", "client": ("192.0.2.1", 1), "headers": [(b"x-api-key", b"k1")]})
-        'k1'
+        'x-api-key=k1'
     """
     target = _check_header_name(name)
 

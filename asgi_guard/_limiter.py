@@ -39,6 +39,11 @@ __all__ = ["QuotaState", "RateLimitDecision", "RateLimiter"]
 
 logger = logging.getLogger("asgi_guard.ratelimit")
 
+#: Storage calls one limiter has in flight at once; more wait their turn, untimed.
+MAX_IN_FLIGHT = 16
+#: Seconds between attempts to reach a storage that is down.
+PROBE_INTERVAL = 0.5
+
 _MEMORY_SCHEMES = ("memory", "async+memory")
 _REMOTE_SCHEMES = {
     "redis": "async+redis",
@@ -54,22 +59,74 @@ _REMOTE_SCHEMES = {
     "memcached": "async+memcached",
 }
 
-# GCRA in one atomic step, on the server's clock so that every process agrees.
-_GCRA_LUA = """
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local interval = tonumber(ARGV[1])
-local tau = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + cost * interval
-if new_tat - now > tau + 1e-9 then
-  return {0, tostring(tat - now), tostring(new_tat - tau - now)}
+# Redis decides a whole policy (every quota) in one round trip and one atomic step: check
+# every quota, commit only if all admit, so a refused request consumes nothing, as in memory.
+# Times are in milliseconds; numbers go back as strings because Lua numbers become integers.
+
+# KEYS: one counter per quota. ARGV: cost, then amount and window (ms) per quota.
+# Windows start at a key's first hit, as in limits' fixed window.
+_FIXED_WINDOW_LUA = """
+local cost = tonumber(ARGV[1])
+local ok = 1
+local counts, ttls = {}, {}
+for i = 1, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < 0 then
+    count = 0
+    ttl = tonumber(ARGV[2 * i + 1])
+  end
+  counts[i], ttls[i] = count, ttl
+  if count + cost > tonumber(ARGV[2 * i]) then ok = 0 end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
-return {1, tostring(new_tat - now), '0'}
+if ok == 1 and cost > 0 then
+  for i = 1, #KEYS do
+    if counts[i] == 0 then
+      redis.call('SET', KEYS[i], cost, 'PX', ARGV[2 * i + 1])
+      counts[i] = cost
+    else
+      counts[i] = redis.call('INCRBY', KEYS[i], cost)
+    end
+  end
+end
+local out = {ok}
+for i = 1, #KEYS do
+  out[2 * i] = tostring(counts[i])
+  out[2 * i + 1] = tostring(ttls[i])
+end
+return out
+"""
+
+# GCRA on the server's clock, so that every process agrees. KEYS: one TAT per quota.
+# ARGV: cost, then emission interval and burst tolerance (ms) per quota.
+_TOKEN_BUCKET_LUA = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local cost = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local ok = 1
+local tats, news = {}, {}
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  tats[i] = tat
+  news[i] = tat + cost * tonumber(ARGV[2 * i])
+  if news[i] - now > tonumber(ARGV[2 * i + 1]) + 1e-6 then ok = 0 end
+end
+if ok == 1 and cost > 0 then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], string.format('%.3f', news[i]), 'PX',
+      math.ceil(news[i] - now) + 1)
+  end
+end
+local out = {ok}
+for i = 1, #KEYS do
+  local tat = tats[i]
+  if ok == 1 then tat = news[i] end
+  out[2 * i] = string.format('%.3f', tat - now)
+  out[2 * i + 1] = string.format('%.3f', news[i] - tonumber(ARGV[2 * i + 1]) - now)
+end
+return out
 """
 
 
@@ -187,29 +244,36 @@ class RateLimiter:
         self._tables: dict[tuple[str, str, str], MemoryTable[Any]] = {}
         self._storage: Storage | None = None
         self._strategies: dict[str, aio_strategies.RateLimiter] = {}
-        self._gcra: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._scripted = False
+        self._gate = anyio.Semaphore(MAX_IN_FLIGHT)
+        self._next_probe = 0.0
         self._down = False
         if scheme in _MEMORY_SCHEMES:
             self.is_memory = True
             return
         self.is_memory = False
-        target = _REMOTE_SCHEMES.get(scheme) or (scheme if scheme.startswith("async+") else None)
+        plain = scheme.removeprefix("async+")
+        target = _REMOTE_SCHEMES.get(plain)
         if target is None:
             known = ", ".join(sorted({"memory", *_REMOTE_SCHEMES}))
             raise ConfigurationError(
                 f"unknown storage URI {self.uri!r}: the scheme must be one of {known}"
             )
+        password = urllib.parse.urlsplit(storage).password
         try:
             self._storage = storage_from_string(
                 target + storage[len(scheme) :], **(storage_options or {})
             )  # type: ignore[assignment]
-        except LimitsConfigurationError as exc:
-            raise ConfigurationError(
-                f"cannot use storage {self.uri!r}: {exc}. The client library comes with "
-                f"'pip install asgi-guard[redis]' or 'asgi-guard[memcached]'"
-            ) from exc
         except Exception as exc:
-            raise ConfigurationError(f"cannot use storage {self.uri!r}: {exc}") from exc
+            reason = str(exc).replace(password, "***") if password else str(exc)
+            hint = ""
+            if isinstance(exc, LimitsConfigurationError) and "dependenc" in reason.lower():
+                hint = " (install it with 'pip install asgi-guard[redis]' or '[memcached]')"
+            raise ConfigurationError(f"cannot use storage {self.uri!r}: {reason}{hint}") from None
+        self._scripted = isinstance(
+            self._storage, (RedisStorage, RedisClusterStorage, RedisSentinelStorage)
+        )
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -247,9 +311,8 @@ class RateLimiter:
         """Raise `ConfigurationError` if the storage cannot run ``policy``."""
         if self.is_memory:
             return
-        storage = self._storage
         if policy.strategy == "token-bucket":
-            if not isinstance(storage, (RedisStorage, RedisClusterStorage, RedisSentinelStorage)):
+            if not self._scripted:
                 raise ConfigurationError(
                     "strategy 'token-bucket' needs memory or Redis/Valkey storage, "
                     f"not {self.uri!r}"
@@ -274,32 +337,66 @@ class RateLimiter:
             strategy = self._strategies[name] = cls(self._storage)
         return strategy
 
-    async def _remote_hit(
-        self, namespace: str, quota: Quota, strategy: str, key: str, cost: int
-    ) -> HitResult:
-        if strategy == "token-bucket":
-            if self._gcra is None:
-                bridge = self._storage.bridge  # type: ignore[union-attr]
-                self._gcra = bridge.get_connection().register_script(_GCRA_LUA)
-            interval = quota.period / quota.amount
-            redis_key = f"asgi_guard/gcra/{namespace}/{quota.name}/{key}"
-            ok, reset, retry = await self._gcra(
-                keys=[redis_key], args=[repr(interval), repr(interval * quota.burst), str(cost)]
-            )
-            reset_after = float(reset)
-            remaining = int((interval * quota.burst - reset_after) / interval + 1e-9)
-            return bool(int(ok)), max(0, remaining), reset_after, float(retry)
-        limiter = self._strategy(strategy)
-        item = quota.item
-        allowed = await limiter.hit(item, namespace, key, cost=cost)
-        stats = await limiter.get_window_stats(item, namespace, key)
-        reset_after = max(0.0, stats.reset_time - time.time())
-        return allowed, stats.remaining, reset_after, 0.0 if allowed else reset_after
+    def _script(self, strategy: str) -> Any:
+        script = self._scripts.get(strategy)
+        if script is None:
+            source = _FIXED_WINDOW_LUA if strategy == "fixed-window" else _TOKEN_BUCKET_LUA
+            client = self._storage.bridge.get_connection()  # type: ignore[union-attr]
+            script = self._scripts[strategy] = client.register_script(source)
+        return script
+
+    async def _remote_policy(
+        self, namespace: str, policy: Policy, key: str, cost: int
+    ) -> list[HitResult]:
+        quotas = policy.quotas
+        strategy = policy.strategy
+        if self._scripted and strategy in ("fixed-window", "token-bucket"):
+            # One hash tag for all of a policy's keys: one slot in a Redis Cluster.
+            tag = f"asgi_guard:{{{namespace}|{key}}}"
+            keys = [f"{tag}:{q.name}:{strategy}" for q in quotas]
+            args: list[str] = [str(cost)]
+            if strategy == "fixed-window":
+                for q in quotas:
+                    args += [str(q.amount), str(q.period * 1000)]
+            else:
+                for q in quotas:
+                    interval = q.period * 1000 / q.amount
+                    args += [repr(interval), repr(interval * q.burst)]
+            reply = await self._script(strategy)(keys=keys, args=args)
+            ok = bool(int(reply[0]))
+            results: list[HitResult] = []
+            for i, q in enumerate(quotas):
+                first, second = float(reply[2 * i + 1]), float(reply[2 * i + 2])
+                if strategy == "fixed-window":
+                    count, reset = int(first), second / 1000
+                    fits = count + (0 if ok else cost) <= q.amount
+                    results.append((fits, max(0, q.amount - count), reset, 0.0 if fits else reset))
+                else:
+                    interval = q.period / q.amount
+                    reset, retry = first / 1000, max(0.0, second / 1000)
+                    fits = second <= 1e-6
+                    remaining = int((interval * q.burst - reset) / interval + 1e-9)
+                    results.append((fits, max(0, remaining), reset, 0.0 if fits else retry))
+            return results
+        results = []
+        for q in quotas:
+            limiter = self._strategy(strategy)
+            item = q.item
+            allowed = await limiter.hit(item, namespace, key, cost=cost)
+            stats = await limiter.get_window_stats(item, namespace, key)
+            reset_after = stats.reset_time - time.time()
+            if reset_after <= 0 and stats.remaining < q.amount:
+                # limits reports "now" when an expiry lands on a window boundary.
+                reset_after = float(q.period)
+            reset_after = max(0.0, reset_after)
+            results.append((allowed, stats.remaining, reset_after, 0.0 if allowed else reset_after))
+        return results
 
     def _storage_failed(self, exc: BaseException) -> None:
         if self._down:
             return
         self._down = True
+        self._next_probe = anyio.current_time() + PROBE_INTERVAL
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         emit(
             StorageEvent("unavailable", self.uri, error),
@@ -365,6 +462,31 @@ class RateLimiter:
                 f"on trio use storage='memory://'"
             ) from None
 
+    async def startup(self) -> None:
+        """Check a remote storage before the first request (called on lifespan startup).
+
+        An unreachable storage is an outage: it is logged and the policies follow their
+        ``on_storage_error``. Anything else (a wrong option, a database that does not exist,
+        trio) raises `ConfigurationError`, so that a broken configuration fails the server's
+        startup instead of silently never limiting.
+        """
+        if self.is_memory:
+            return
+        self._check_event_loop()
+        assert self._storage is not None
+        try:
+            with anyio.fail_after(max(self.timeout, 1.0)):
+                await self._storage.get("asgi_guard:startup-probe")
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise ConfigurationError(
+                    f"storage {self.uri!r} fails: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._storage_failed(exc)
+        else:
+            if self._down:
+                self._storage_ok()
+
     async def _decide(
         self, namespace: str, policy: Policy, key: str, cost: int
     ) -> RateLimitDecision:
@@ -382,17 +504,30 @@ class RateLimiter:
                 if all(r[0] for r in results):
                     results = [t.hit(key, cost, now) for t in tables]
             return _decision(quotas, results, dry)
+        self._check_event_loop()
+        failed = RateLimitDecision(
+            policy.on_storage_error == "allow" or dry, (), storage_error=True
+        )
+        probing = False
+        if self._down:
+            # During an outage one request every PROBE_INTERVAL tries the storage; the others
+            # follow on_storage_error at once instead of each waiting for the timeout.
+            now = anyio.current_time()
+            if now < self._next_probe:
+                return failed
+            self._next_probe = now + PROBE_INTERVAL
+            probing = True
         try:
-            self._check_event_loop()
-            with anyio.fail_after(self.timeout):
-                results = [
-                    await self._remote_hit(namespace, q, strategy, key, cost) for q in quotas
-                ]
+            # The timeout measures the storage, not the queue of calls waiting their turn
+            # on this event loop: a burst of requests must not look like an outage.
+            async with self._gate:
+                if self._down and not probing:
+                    return failed
+                with anyio.fail_after(self.timeout):
+                    results = await self._remote_policy(namespace, policy, key, cost)
         except Exception as exc:
             self._storage_failed(exc)
-            return RateLimitDecision(
-                policy.on_storage_error == "allow" or dry, (), storage_error=True
-            )
+            return failed
         if self._down:
             self._storage_ok()
         return _decision(quotas, results, dry)
@@ -413,6 +548,21 @@ class RateLimiter:
         """Forget every in-memory counter (tests; remote storages are left alone)."""
         for table in self._tables.values():
             table.clear()
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the storage is unreachable (rather than misconfigured)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        if isinstance(seen, (OSError, TimeoutError)):
+            return True
+        name = type(seen).__name__
+        if "Connection" in name or "Timeout" in name:
+            return True
+        seen = getattr(seen, "storage_error", None) or seen.__cause__ or seen.__context__
+    return False
 
 
 def _decision(quotas: tuple[Quota, ...], results: list[HitResult], dry: bool) -> RateLimitDecision:

@@ -377,7 +377,7 @@ class RateLimitMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 try:
-                    limiter._check_event_loop()
+                    await limiter.startup()
                 except ConfigurationError as exc:
                     message = {"type": "lifespan.startup.failed", "message": str(exc)}
             elif message["type"] == "lifespan.shutdown.complete":
@@ -457,19 +457,20 @@ class RateLimitMiddleware:
         limiter = self.limiter
         decisions: list[RateLimitDecision] = []
         keys: dict[int, str] = {}
+        resolved: list[tuple[_BoundPolicy, str, int]] = []
+        for bound in plan.bound:
+            key = keys.get(id(bound.key))
+            if key is None:
+                key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+            resolved.append((bound, key, await self._cost_for(bound, scope)))
+        allowed = True
         if limiter.is_memory:
-            # Check first, commit only if every enforced policy admits: a refused request
-            # consumes no quota anywhere.
+            # No await from here on: check every policy, then commit only if every enforced
+            # one admits, so a refused request consumes no quota anywhere and concurrent
+            # requests cannot slip in between the check and the commit.
             now = limiter.clock.now()
             pending = []
-            allowed = True
-            for bound in plan.bound:
-                key = keys.get(id(bound.key))
-                if key is None:
-                    key = keys[id(bound.key)] = await self._key_for(
-                        bound, scope, path, plan.per_path
-                    )
-                cost = await self._cost_for(bound, scope)
+            for bound, key, cost in resolved:
                 tables = bound.tables or []
                 results = [t.hit(key, cost, now, commit=False) for t in tables]
                 ok = all(r[0] for r in results)
@@ -481,14 +482,7 @@ class RateLimitMiddleware:
                     results = [t.hit(key, cost, now) for t in tables]
                 decisions.append(_decision(bound.policy.quotas, results, bound.policy.dry_run))
         else:
-            allowed = True
-            for bound in plan.bound:
-                key = keys.get(id(bound.key))
-                if key is None:
-                    key = keys[id(bound.key)] = await self._key_for(
-                        bound, scope, path, plan.per_path
-                    )
-                cost = await self._cost_for(bound, scope)
+            for bound, key, cost in resolved:
                 decision = await limiter._decide(bound.namespace, bound.policy, key, cost)
                 if decision.storage_error:
                     self.stats["storage_errors"] += 1

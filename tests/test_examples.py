@@ -367,6 +367,8 @@ async def test_redis_example_health_follows_storage_events() -> None:
     """The exempt /health reports the storage state that StorageEvents set (asyncio only)."""
     example = load("redis_storage")
     async with client_for(example.app) as http:
+        # Startup probes the storage (whether a Redis listens here or not); events then rule.
+        example.storage_health(StorageEvent("recovered", example.limiter.uri, ""))
         up = (await http.get("/health")).json()
         example.storage_health(StorageEvent("unavailable", example.limiter.uri, "refused"))
         down = (await http.get("/health")).json()

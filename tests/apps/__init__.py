@@ -1,0 +1,1 @@
+"""Small ASGI apps that the integration tests serve with a real uvicorn."""

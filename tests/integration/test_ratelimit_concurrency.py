@@ -1,0 +1,109 @@
+"""Concurrency: 1,000 simultaneous requests on one key with a limit of 100 admit exactly 100."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from asgi_guard import ManualClock, Policy, RateLimiter, RateLimitMiddleware
+from asgi_guard._policy import Strategy
+
+pytestmark = pytest.mark.anyio
+
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+REQUESTS = 1000
+LIMIT = 100
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def burst(app: RateLimitMiddleware, requests: int = REQUESTS) -> list[int]:
+    """Send ``requests`` requests at once from one client; return their status codes."""
+    transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 1234))
+    statuses: list[int] = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+
+        async def one() -> None:
+            statuses.append((await client.get("/")).status_code)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(requests):
+                    tg.start_soon(one)
+    return statuses
+
+
+def assert_exactly_the_limit(statuses: list[int], app: RateLimitMiddleware) -> None:
+    counts = {code: statuses.count(code) for code in sorted(set(statuses))}
+    assert counts == {200: LIMIT, 429: REQUESTS - LIMIT}, (counts, app.stats)
+    assert app.stats["storage_errors"] == 0, app.stats
+
+
+def frozen_time() -> RateLimiter:
+    """A memory limiter whose clock stands still: no window can end during the burst."""
+    return RateLimiter(clock=ManualClock(1000.0))
+
+
+async def delayed_key(scope: Scope) -> str:
+    await anyio.lowlevel.checkpoint()
+    return "client"
+
+
+async def other_delayed_key(scope: Scope) -> str:
+    await anyio.lowlevel.checkpoint()
+    return "client"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_memory_burst_admits_exactly_the_limit(strategy: Strategy) -> None:
+    """In memory, every strategy admits exactly 100 of 1,000 simultaneous requests."""
+    app = RateLimitMiddleware(
+        ok_app, limit=Policy(f"{LIMIT}/minute", strategy=strategy), limiter=frozen_time()
+    )
+    assert_exactly_the_limit(await burst(app), app)
+
+
+async def test_memory_burst_with_async_key_admits_exactly_the_limit() -> None:
+    """An async key function (the general path, which awaits) keeps the count exact."""
+    app = RateLimitMiddleware(
+        ok_app, limit=f"{LIMIT}/minute", key=delayed_key, limiter=frozen_time()
+    )
+    assert_exactly_the_limit(await burst(app), app)
+
+
+async def test_memory_burst_with_two_policies_admits_exactly_the_limit() -> None:
+    """Two policies with async keys: the tighter one still admits exactly 100."""
+    app = RateLimitMiddleware(
+        ok_app,
+        limit=[
+            Policy(f"{LIMIT}/minute", name="tight", key=delayed_key),
+            Policy(f"{REQUESTS * 10}/minute", name="loose", key=other_delayed_key),
+        ],
+        limiter=frozen_time(),
+    )
+    assert_exactly_the_limit(await burst(app), app)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # remote storages run on asyncio only
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_redis_burst_admits_exactly_the_limit(redis_url: str, strategy: Strategy) -> None:
+    """On a real Redis, every strategy admits exactly 100 of 1,000 simultaneous requests."""
+    # The default 50 ms timeout: the burst takes longer than that as a whole, but calls
+    # waiting their turn on the event loop are not timed, so none of them fails open.
+    limiter = RateLimiter(redis_url)
+    app = RateLimitMiddleware(
+        ok_app, limit=Policy(f"{LIMIT}/minute", strategy=strategy), limiter=limiter
+    )
+    try:
+        assert_exactly_the_limit(await burst(app), app)
+    finally:
+        await limiter.aclose()

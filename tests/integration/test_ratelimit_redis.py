@@ -204,3 +204,18 @@ async def test_redis_storage_on_trio_raises_configuration_error(
     assert app.stats["allowed"] == 0, app.stats
     assert ask(redis_server.port, b"DBSIZE\r\n") == b":0\r\n"
     assert not asgi_guard_warnings(caplog, "unavailable"), caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "token-bucket"])
+async def test_refused_request_consumes_no_other_quota(redis_url: str, strategy: Strategy) -> None:
+    """On Redis the scripted strategies decide a whole policy atomically: a request refused by
+    its short quota leaves the long quota untouched."""
+    policy = Policy("2/minute;10/hour", name="p", strategy=strategy)
+    app = RateLimitMiddleware(ok_app, limit=policy, storage=redis_url)
+    async with client_for(app) as client:
+        codes = [(await client.get("/")).status_code for _ in range(5)]
+        assert codes == [200, 200, 429, 429, 429], codes
+        r = await client.get("/")
+    assert r.json()["violated-policies"] == ["p-2-per-60s"], r.text
+    assert quota_state(r, "p-10-per-3600s")[0] == 8, r.headers
+    assert app.stats["storage_errors"] == 0, app.stats

@@ -17,6 +17,7 @@ from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, client_ip, peer_address
 from ._limiter import QuotaState, RateLimitDecision, RateLimiter, _decision
+from ._memory import MemoryTable
 from ._policy import LimitSpec, Policy, Quota, _is_async_callable, as_policies
 from ._problem import (
     QUOTA_EXCEEDED,
@@ -83,7 +84,7 @@ class _BoundPolicy:
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = ("bound", "fast", "per_path", "policy_header", "route")
+    __slots__ = ("bound", "fast", "fast_cost", "fast_table", "per_path", "policy_header", "route")
 
     def __init__(
         self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
@@ -97,18 +98,23 @@ class _Plan:
             if mode in ("ietf", "both") and enforced
             else None
         )
-        # The common case gets a straight path: one policy, one quota, in memory.
+        # The common case gets a straight path: one policy, one quota, in memory, a fixed
+        # cost and a sync key.
+        self.fast: _BoundPolicy | None = None
+        self.fast_table: MemoryTable[Any] | None = None
+        self.fast_cost = 1
         only = bound[0] if len(bound) == 1 else None
-        self.fast = (
-            only
-            if only is not None
+        if (
+            only is not None
             and only.tables is not None
             and len(only.tables) == 1
             and isinstance(only.cost, int)
             and not only.key_async
             and not per_path
-            else None
-        )
+        ):
+            self.fast = only
+            self.fast_table = only.tables[0]
+            self.fast_cost = only.cost
 
 
 def policy_header_value(quotas: Iterable[Quota]) -> str:
@@ -316,14 +322,14 @@ class RateLimitMiddleware:
             return
 
         fast = plan.fast
-        if fast is not None:
+        if fast is not None and plan.fast_table is not None:
             try:
                 key = fast.key(scope)
                 if key.__class__ is not str or not key:
                     key = self._bad_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
-            result = fast.tables[0].hit(key, fast.cost, self.limiter.clock.now())  # type: ignore[index,arg-type]
+            result = plan.fast_table.hit(key, plan.fast_cost, self.limiter.clock.now())
             quota = fast.policy.quotas[0]
             state = QuotaState(
                 quota.name,

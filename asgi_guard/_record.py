@@ -13,16 +13,17 @@ class GuardRecord:
     """What the guards know about one request, shared by middlewares and dependencies.
 
     Attributes:
-        rate_limit_headers: RateLimit header entries added by dependencies after routing,
-            written into the response by the rate-limit middleware when it starts.
-        rate_limit_middleware: Whether a ``RateLimitMiddleware`` handles this request.
+        rate_limit_fields: ``(RateLimit-Policy, RateLimit)`` entries that dependencies add
+            after routing, for the rate-limit middleware to merge into the response.
+        merges_rate_limit_fields: Whether a ``RateLimitMiddleware`` writes the IETF
+            ``RateLimit`` fields of this request (and so merges the dependencies' entries).
     """
 
-    __slots__ = ("rate_limit_headers", "rate_limit_middleware")
+    __slots__ = ("merges_rate_limit_fields", "rate_limit_fields")
 
     def __init__(self) -> None:
-        self.rate_limit_headers: list[tuple[str, str, str]] | None = None
-        self.rate_limit_middleware = False
+        self.rate_limit_fields: list[tuple[str, str]] | None = None
+        self.merges_rate_limit_fields = False
 
 
 def get_record(scope: Scope) -> GuardRecord:

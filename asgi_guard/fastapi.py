@@ -97,14 +97,14 @@ class RateLimitDependency:
         policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
         state_value = ratelimit_header_value(shown) if shown else ""
         record = get_record(scope)
-        behind_middleware = record.rate_limit_middleware
+        behind_middleware = record.merges_rate_limit_fields
         if ietf and behind_middleware:
             # The middleware writes every RateLimit entry into the response it sends,
             # a 429 raised here included: one field line for the app's and the route's quotas.
-            entries = record.rate_limit_headers
+            entries = record.rate_limit_fields
             if entries is None:
-                entries = record.rate_limit_headers = []
-            entries.append(("", policy_value, state_value))
+                entries = record.rate_limit_fields = []
+            entries.append((policy_value, state_value))
         headers: dict[str, str] = {}
         if ietf and not behind_middleware:
             headers["RateLimit-Policy"] = policy_value

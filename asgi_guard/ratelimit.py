@@ -8,6 +8,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from math import ceil as _ceil
 from typing import Any, Literal, cast
 
 from starlette.routing import compile_path
@@ -84,7 +85,16 @@ class _BoundPolicy:
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = ("bound", "fast", "fast_cost", "fast_table", "per_path", "policy_header", "route")
+    __slots__ = (
+        "bound",
+        "fast",
+        "fast_cost",
+        "fast_prefix",
+        "fast_table",
+        "per_path",
+        "policy_header",
+        "route",
+    )
 
     def __init__(
         self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
@@ -103,6 +113,8 @@ class _Plan:
         self.fast: _BoundPolicy | None = None
         self.fast_table: MemoryTable[Any] | None = None
         self.fast_cost = 1
+        # With IETF headers only, an admitted request's fields are this prefix + r and t.
+        self.fast_prefix: bytes | None = None
         only = bound[0] if len(bound) == 1 else None
         if (
             only is not None
@@ -115,6 +127,8 @@ class _Plan:
             self.fast = only
             self.fast_table = only.tables[0]
             self.fast_cost = only.cost
+            if mode == "ietf" and not only.policy.dry_run:
+                self.fast_prefix = f'"{only.policy.quotas[0].name}";r='.encode("latin-1")
 
 
 def policy_header_value(quotas: Iterable[Quota]) -> str:
@@ -222,6 +236,9 @@ class RateLimitMiddleware:
         )
         self._callback_guard = _CallbackGuard()
         self._key = key if key is not None else client_ip()
+        self._now = self.limiter.clock.now
+        # Whether responses get IETF fields, into which dependencies' entries are merged.
+        self._merges = headers in ("ietf", "both")
         self._key_failed = False
         self._cost_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
@@ -321,34 +338,33 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        fast = plan.fast
-        if fast is not None and plan.fast_table is not None:
+        table = plan.fast_table
+        headers: list[tuple[bytes, bytes]] | None = None
+        if table is not None:
+            fast = cast(_BoundPolicy, plan.fast)
             try:
                 key = fast.key(scope)
                 if key.__class__ is not str or not key:
                     key = self._bad_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
-            result = plan.fast_table.hit(key, plan.fast_cost, self.limiter.clock.now())
-            quota = fast.policy.quotas[0]
-            state = QuotaState(
-                quota.name,
-                quota.burst,
-                quota.window,
-                result[1],
-                result[2],
-                result[0],
-                result[3],
-                fast.policy.dry_run,
-            )
-            states: tuple[QuotaState, ...] = (state,)
-            if result[0]:
-                allowed = True
-            elif fast.policy.dry_run:
-                allowed = True
-                self._report_dry_run(scope, plan, states)
+            allowed, remaining, reset, retry = table.hit(key, plan.fast_cost, self._now())
+            if allowed and plan.fast_prefix is not None:
+                headers = [
+                    (b"ratelimit-policy", cast(bytes, plan.policy_header)),
+                    (b"ratelimit", plan.fast_prefix + b"%d;t=%d" % (remaining, _ceil(reset))),
+                ]
             else:
-                allowed = False
+                quota = fast.policy.quotas[0]
+                dry = fast.policy.dry_run
+                states: tuple[QuotaState, ...] = (
+                    QuotaState(
+                        quota.name, quota.burst, quota.window, remaining, reset, allowed, retry, dry
+                    ),
+                )
+                if not allowed and dry:
+                    allowed = True
+                    self._report_dry_run(scope, plan, states)
         else:
             allowed, states, error_deny = await self._evaluate(scope, plan, path)
             if error_deny:
@@ -359,18 +375,28 @@ class RateLimitMiddleware:
             await self._reject(scope, receive, send, plan, states)
             return
         self.stats["allowed"] += 1
-
-        record = scope.get(SCOPE_KEY)
-        if record is None:
-            record = scope[SCOPE_KEY] = GuardRecord()
-        record.rate_limit_middleware = True
-        if self.headers == "none" or kind != "http":
-            await self.app(scope, receive, send)
-            return
+        if headers is None:
+            headers = self._headers_for(plan, states)
+        record: GuardRecord | None = None
+        if not self._merges:
+            if not headers or kind != "http":
+                await self.app(scope, receive, send)
+                return
+        else:
+            record = scope.get(SCOPE_KEY)
+            if record is None:
+                record = scope[SCOPE_KEY] = GuardRecord()
+            record.merges_rate_limit_fields = True
+            if kind != "http":
+                await self.app(scope, receive, send)
+                return
+        fields = headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                extra = self._response_headers(plan, states, record)
+                extra = fields
+                if record is not None and record.rate_limit_fields:
+                    extra = _merge_fields(fields, record.rate_limit_fields)
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
@@ -502,26 +528,18 @@ class RateLimitMiddleware:
             self._report_dry_run(scope, plan, states)
         return allowed, states, False
 
-    def _response_headers(
-        self, plan: _Plan, states: tuple[QuotaState, ...], record: GuardRecord
+    def _headers_for(
+        self, plan: _Plan, states: tuple[QuotaState, ...]
     ) -> list[tuple[bytes, bytes]]:
+        """The rate-limit fields of a response, from the state of its quotas."""
         enforced = [s for s in states if not s.dry_run]
         out: list[tuple[bytes, bytes]] = []
         mode = self.headers
         if mode in ("ietf", "both"):
-            policy = plan.policy_header
-            current = ratelimit_header_value(enforced) if enforced else ""
-            extra = record.rate_limit_headers
-            if extra:
-                # Entries a rate_limit dependency added after routing.
-                extra_policy = ", ".join(e[1] for e in extra)
-                extra_state = ", ".join(e[2] for e in extra)
-                policy = (policy + b", " if policy else b"") + extra_policy.encode("latin-1")
-                current = f"{current}, {extra_state}" if current else extra_state
-            if policy:
-                out.append((b"ratelimit-policy", policy))
-            if current:
-                out.append((b"ratelimit", current.encode("latin-1")))
+            if plan.policy_header:
+                out.append((b"ratelimit-policy", plan.policy_header))
+            if enforced:
+                out.append((b"ratelimit", ratelimit_header_value(enforced).encode("latin-1")))
         if mode in ("legacy", "both") and enforced:
             out.extend(legacy_headers(enforced))
         return out
@@ -559,8 +577,7 @@ class RateLimitMiddleware:
         names = [s.name for s in violated]
         headers = [("retry-after", str(retry))]
         headers.extend(
-            (k.decode(), v.decode("latin-1"))
-            for k, v in self._response_headers(plan, states, GuardRecord())
+            (k.decode(), v.decode("latin-1")) for k, v in self._headers_for(plan, states)
         )
         if self._handlers or logger.isEnabledFor(logging.DEBUG):
             event = RateLimitEvent(
@@ -602,6 +619,18 @@ class RateLimitMiddleware:
         )
         emit(event, self._handlers, self._callback_guard)
         await send_rejection(storage_rejection(), scope, receive, send, self.response)
+
+
+def _merge_fields(
+    fields: list[tuple[bytes, bytes]], entries: list[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    """Append the entries dependencies recorded to the middleware's RateLimit fields."""
+    policy = ", ".join(e[0] for e in entries).encode("latin-1")
+    state = ", ".join(e[1] for e in entries).encode("latin-1")
+    merged = dict(fields)
+    for name, value in ((b"ratelimit-policy", policy), (b"ratelimit", state)):
+        merged[name] = merged[name] + b", " + value if name in merged else value
+    return list(merged.items())
 
 
 def storage_rejection() -> Rejection:

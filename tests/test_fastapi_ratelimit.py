@@ -234,3 +234,21 @@ async def test_storage_failure_with_deny_is_a_503_problem(anyio_backend: str) ->
     assert denied.json()["type"].endswith("#temporary-reduced-capacity")
     assert denied.headers["retry-after"] == "1"
     assert allowed.status_code == 200, allowed.text
+
+
+async def test_dependency_fields_survive_a_middleware_without_ietf_headers() -> None:
+    """Behind a middleware with headers='none', the dependency sets its own RateLimit fields."""
+    shared = limiter()
+    app = FastAPI()
+
+    @app.get(
+        "/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))]
+    )
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limit="10/minute", headers="none", limiter=shared)
+    async with client_for(app) as client:
+        r = await client.get("/x")
+    assert r.headers.get_list("ratelimit") == ['"route";r=1;t=20'], r.headers
+    assert r.headers.get_list("ratelimit-policy") == ['"route";q=2;w=60'], r.headers

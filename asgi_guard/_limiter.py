@@ -9,7 +9,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from limits.aio import strategies as aio_strategies
@@ -130,8 +130,7 @@ return out
 """
 
 
-@dataclass(frozen=True)
-class QuotaState:
+class QuotaState(NamedTuple):
     """The state of one quota after a request was counted (or refused).
 
     Attributes:

@@ -68,6 +68,9 @@ class MemoryTable(Generic[_V]):
         if value is None and self.prev:
             value = self.prev.pop(key, None)
             if value is not None:
+                if not self.prev:
+                    # An emptied dict keeps its table; let it go.
+                    self.prev = {}
                 self._put_new(key, value, now)
         return value
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, client_ip, peer_address
-from ._limiter import QuotaState, RateLimitDecision, RateLimiter, _decision
+from ._limiter import QuotaState, RateLimiter
 from ._memory import MemoryTable
 from ._policy import LimitSpec, Policy, Quota, _is_async_callable, as_policies
 from ._problem import (
@@ -91,6 +91,7 @@ class _Plan:
         "fast_cost",
         "fast_prefix",
         "fast_table",
+        "has_dry_run",
         "per_path",
         "policy_header",
         "route",
@@ -103,6 +104,7 @@ class _Plan:
         self.route = route
         self.per_path = per_path
         enforced = [q for b in bound if not b.policy.dry_run for q in b.policy.quotas]
+        self.has_dry_run = any(b.policy.dry_run for b in bound)
         self.policy_header = (
             policy_header_value(enforced).encode("latin-1")
             if mode in ("ietf", "both") and enforced
@@ -487,15 +489,18 @@ class RateLimitMiddleware:
     ) -> tuple[bool, tuple[QuotaState, ...], bool]:
         """Decide every policy of ``plan``: (allowed, states, denied because storage failed)."""
         limiter = self.limiter
-        decisions: list[RateLimitDecision] = []
         keys: dict[int, str] = {}
         resolved: list[tuple[_BoundPolicy, str, int]] = []
         for bound in plan.bound:
             key = keys.get(id(bound.key))
             if key is None:
                 key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
-            resolved.append((bound, key, await self._cost_for(bound, scope)))
+            cost = bound.cost
+            if not isinstance(cost, int):
+                cost = await self._cost_for(bound, scope)
+            resolved.append((bound, key, cost))
         allowed = True
+        states: list[QuotaState] = []
         if limiter.is_memory:
             # No await from here on: check every policy, then commit only if every enforced
             # one admits, so a refused request consumes no quota anywhere and concurrent
@@ -512,7 +517,11 @@ class RateLimitMiddleware:
             for bound, key, cost, tables, results, ok in pending:
                 if allowed and ok and cost:
                     results = [t.hit(key, cost, now) for t in tables]
-                decisions.append(_decision(bound.policy.quotas, results, bound.policy.dry_run))
+                dry = bound.policy.dry_run
+                states.extend(
+                    QuotaState(q.name, q.burst, q.window, r[1], r[2], r[0], r[3], dry)
+                    for q, r in zip(bound.policy.quotas, results, strict=True)
+                )
         else:
             for bound, key, cost in resolved:
                 decision = await limiter._decide(bound.namespace, bound.policy, key, cost)
@@ -522,11 +531,11 @@ class RateLimitMiddleware:
                         return False, (), True
                 elif not decision.allowed:
                     allowed = False
-                decisions.append(decision)
-        states = tuple(s for d in decisions for s in d.quotas)
-        if any(s.dry_run and not s.allowed for s in states):
-            self._report_dry_run(scope, plan, states)
-        return allowed, states, False
+                states.extend(decision.quotas)
+        result = tuple(states)
+        if plan.has_dry_run and any(s.dry_run and not s.allowed for s in result):
+            self._report_dry_run(scope, plan, result)
+        return allowed, result, False
 
     def _headers_for(
         self, plan: _Plan, states: tuple[QuotaState, ...]

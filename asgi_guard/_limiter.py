@@ -198,9 +198,9 @@ class RateLimiter:
             ``limits`` storage URI for many processes: ``"redis://127.0.0.1:6379"``,
             ``"redis+cluster://..."``, ``"redis+sentinel://..."``, ``"valkey://..."``,
             ``"memcached://127.0.0.1:11211"``. Remote storages run on asyncio only.
-        max_keys: In memory: the most keys one quota keeps; past half of it the least
-            recently used half is evicted (and counted in `evictions`). ``None`` for
-            no bound.
+        max_keys: In memory: the most keys one quota keeps. When it is full the least
+            recently used half is evicted (and counted in `evictions`), so size it at
+            about twice the clients active within one period. ``None`` for no bound.
         timeout: Seconds a remote storage call may take before it counts as failed.
         storage_options: Extra keyword arguments for the ``limits`` storage.
         clock: The clock of the memory store (tests pass a `ManualClock`).

@@ -43,6 +43,8 @@ logger = logging.getLogger("asgi_guard.ratelimit")
 MAX_IN_FLIGHT = 16
 #: Seconds between attempts to reach a storage that is down.
 PROBE_INTERVAL = 0.5
+#: Seconds the startup probe (which also opens the connection) may take.
+STARTUP_TIMEOUT = 1.0
 
 _MEMORY_SCHEMES = ("memory", "async+memory")
 _REMOTE_SCHEMES = {
@@ -247,6 +249,8 @@ class RateLimiter:
         self._scripted = False
         self._gate = anyio.Semaphore(MAX_IN_FLIGHT)
         self._next_probe = 0.0
+        self._started = False
+        self._start_lock = anyio.Lock()
         self._down = False
         if scheme in _MEMORY_SCHEMES:
             self.is_memory = True
@@ -467,14 +471,18 @@ class RateLimiter:
         An unreachable storage is an outage: it is logged and the policies follow their
         ``on_storage_error``. Anything else (a wrong option, a database that does not exist,
         trio) raises `ConfigurationError`, so that a broken configuration fails the server's
-        startup instead of silently never limiting.
+        startup instead of silently never limiting. The probe also opens the connection, so
+        that the first requests do not pay for it against the storage timeout.
+
+        Without lifespan, the first request that needs the storage runs the probe; a
+        misconfiguration is then logged and treated as an outage.
         """
         if self.is_memory:
             return
         self._check_event_loop()
         assert self._storage is not None
         try:
-            with anyio.fail_after(max(self.timeout, 1.0)):
+            with anyio.fail_after(max(self.timeout, STARTUP_TIMEOUT)):
                 await self._storage.get("asgi_guard:startup-probe")
         except Exception as exc:
             if not _is_outage(exc):
@@ -485,6 +493,17 @@ class RateLimiter:
         else:
             if self._down:
                 self._storage_ok()
+        finally:
+            self._started = True
+
+    async def _lazy_startup(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            try:
+                await self.startup()
+            except ConfigurationError as exc:
+                self._storage_failed(exc)
 
     async def _decide(
         self, namespace: str, policy: Policy, key: str, cost: int
@@ -504,6 +523,8 @@ class RateLimiter:
                     results = [t.hit(key, cost, now) for t in tables]
             return _decision(quotas, results, dry)
         self._check_event_loop()
+        if not self._started:
+            await self._lazy_startup()
         failed = RateLimitDecision(
             policy.on_storage_error == "allow" or dry, (), storage_error=True
         )

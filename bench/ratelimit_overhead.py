@@ -156,7 +156,7 @@ def slowapi_variant(strict: bool, *, asgi: bool, headers: bool = False) -> Built
 
 
 def asgi_ratelimit_variant(strict: bool) -> Built:
-    backend = MemoryBackend()  # type: ignore[no-untyped-call]
+    backend = MemoryBackend()  # type: ignore[no-untyped-call,unused-ignore]
     rule = AsgiRateLimitRule(hour=2 if strict else 10**9)
     mw = AsgiRateLimitMiddleware(
         raw_app, authenticate=_peer, backend=backend, config={r"^/": [rule]}

@@ -12,7 +12,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from ._errors import RateLimitExceeded, RequestRejected
+from ._errors import ConfigurationError, RateLimitExceeded, RequestRejected
 from ._events import EventHandler
 from ._keys import KeyFunc
 from ._limiter import RateLimiter
@@ -50,6 +50,8 @@ class RateLimitDependency:
         problem_type: str,
         on_event: EventHandler | Sequence[EventHandler],
     ) -> None:
+        if not limit:
+            raise ConfigurationError("rate_limit() needs a limit, e.g. rate_limit('5/minute')")
         # The middleware's engine does the deciding; the dependency only adapts it to a
         # route: one plan per route, built on first use.
         self._core = RateLimitMiddleware(
@@ -74,7 +76,9 @@ class RateLimitDependency:
 
     def _plan_for(self, scope: Scope) -> _Plan:
         route = scope.get("route")
-        template = getattr(route, "path_format", None) or scope.get("path", "")
+        # Routes by template (never by concrete path, which would grow without bound);
+        # the mount prefix keeps apart equal templates of different mounted apps.
+        template = scope.get("root_path", "") + (getattr(route, "path_format", None) or "*")
         methods = getattr(route, "methods", None)
         label = f"{','.join(sorted(methods))} {template}" if methods else template
         plan = self._plans.get(label)

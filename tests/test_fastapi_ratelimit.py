@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -9,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from asgi_guard import (
     QUOTA_EXCEEDED,
+    ConfigurationError,
     ManualClock,
     Policy,
     RateLimiter,
@@ -252,3 +255,10 @@ async def test_dependency_fields_survive_a_middleware_without_ietf_headers() -> 
         r = await client.get("/x")
     assert r.headers.get_list("ratelimit") == ['"route";r=1;t=20'], r.headers
     assert r.headers.get_list("ratelimit-policy") == ['"route";q=2;w=60'], r.headers
+
+
+@pytest.mark.parametrize("bad", [None, "", [], "often"])
+def test_rate_limit_without_a_valid_limit_fails_at_construction(bad: Any) -> None:
+    """rate_limit() with no limit or a malformed one raises ConfigurationError at once."""
+    with pytest.raises(ConfigurationError):
+        rate_limit(bad)

@@ -653,3 +653,33 @@ async def test_remote_storage_lifespan_startup_checks_the_event_loop(anyio_backe
     else:
         assert sent[0] == {"type": "lifespan.startup.complete"}
     assert sent[1] == {"type": "lifespan.shutdown.complete"}
+
+
+async def test_file_and_event_stream_responses_pass_whole(tmp_path: Any) -> None:
+    """A FileResponse and a server-sent event stream arrive whole, with the RateLimit fields."""
+    from starlette.responses import FileResponse
+
+    target = tmp_path / "report.txt"
+    target.write_bytes(b"line\n" * 10_000)
+
+    async def events() -> AsyncIterator[str]:
+        for i in range(5):
+            yield f"data: tick {i}\n\n"
+            await anyio.lowlevel.checkpoint()
+
+    async def file(request: Request) -> Response:
+        return FileResponse(target)
+
+    async def sse(request: Request) -> Response:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    inner = Starlette(routes=[Route("/file", file), Route("/sse", sse)])
+    app = RateLimitMiddleware(inner, limit="10/minute", limiter=manual())
+    async with client_for(app) as client:
+        r = await client.get("/file")
+        assert r.content == target.read_bytes()
+        assert "ratelimit" in r.headers
+        r = await client.get("/sse")
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.text == "".join(f"data: tick {i}\n\n" for i in range(5))
+    assert "ratelimit" in r.headers

@@ -243,6 +243,7 @@ class RateLimitMiddleware:
         self._merges = headers in ("ietf", "both")
         self._key_failed = False
         self._cost_failed = False
+        self._exempt_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
 
         self._exempt_paths: frozenset[str] = frozenset()
@@ -427,27 +428,30 @@ class RateLimitMiddleware:
             try:
                 if check(scope):
                     return True
-            except Exception:
-                logger.exception("an exempt predicate raised; the request is limited as usual")
+            except Exception as exc:
+                if not self._exempt_failed:
+                    self._exempt_failed = True
+                    logger.error(
+                        "an exempt predicate raised %s; such requests are limited as usual",
+                        type(exc).__name__,
+                        exc_info=exc,
+                    )
         return False
 
     def _bad_key(self, scope: Scope, key: object) -> str:
-        if not self._key_failed:
-            self._key_failed = True
-            logger.error(
-                "a rate-limit key function returned %s instead of a non-empty str; such "
-                "requests are counted under their socket peer address",
-                type(key).__name__,
-            )
-        return peer_address(scope)
+        return self._key_fallback(scope, f"returned {type(key).__name__} instead of a str", None)
 
     def _key_error(self, scope: Scope, exc: Exception) -> str:
+        return self._key_fallback(scope, f"raised {type(exc).__name__}", exc)
+
+    def _key_fallback(self, scope: Scope, what: str, exc: Exception | None) -> str:
+        """Count the request under its socket peer; say so once."""
         if not self._key_failed:
             self._key_failed = True
             logger.error(
-                "a rate-limit key function raised %s; such requests are counted under their "
+                "a rate-limit key function %s; such requests are counted under their "
                 "socket peer address",
-                type(exc).__name__,
+                what,
                 exc_info=exc,
             )
         return peer_address(scope)

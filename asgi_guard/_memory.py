@@ -38,7 +38,17 @@ HitResult = tuple[bool, int, float, float]
 class MemoryTable(Generic[_V]):
     """Keys of one quota (one limit in one namespace), kept in two generations."""
 
-    __slots__ = ("amount", "cur", "evictions", "gen_end", "half", "lifetime", "period", "prev")
+    __slots__ = (
+        "amount",
+        "cur",
+        "evictions",
+        "gen_end",
+        "half",
+        "lifetime",
+        "period",
+        "prev",
+        "prev_size",
+    )
 
     def __init__(self, amount: int, period: float, lifetime: float, max_keys: int | None) -> None:
         self.amount = amount
@@ -47,6 +57,7 @@ class MemoryTable(Generic[_V]):
         self.half = max(1, max_keys // 2) if max_keys else 0
         self.cur: dict[str, _V] = {}
         self.prev: dict[str, _V] = {}
+        self.prev_size = 0
         self.gen_end = -math.inf
         self.evictions = 0
 
@@ -58,27 +69,35 @@ class MemoryTable(Generic[_V]):
         if now >= self.gen_end:
             # Everything in ``prev`` was last touched before ``cur`` began, at least one
             # lifetime ago: it has expired and goes without a scan.
-            self.prev = self.cur
-            self.cur = {}
+            self._turn()
             self.gen_end = now + self.lifetime
         return self._lookup(key, now)
+
+    def _turn(self) -> None:
+        """The current generation becomes the previous one; the previous one is dropped."""
+        self.prev = self.cur
+        self.prev_size = len(self.prev)
+        self.cur = {}
 
     def _lookup(self, key: str, now: float) -> _V | None:
         value = self.cur.get(key)
         if value is None and self.prev:
             value = self.prev.pop(key, None)
             if value is not None:
-                if not self.prev:
-                    # An emptied dict keeps its table; let it go.
-                    self.prev = {}
+                left = len(self.prev)
+                if left < self.prev_size >> 2:
+                    # A dict keeps its table as keys leave; while they move back to the
+                    # current generation, copy what is left now and then (amortised O(1)),
+                    # so that the two generations never hold two full tables for long.
+                    self.prev = dict(self.prev) if left else {}
+                    self.prev_size = left
                 self._put_new(key, value, now)
         return value
 
     def _put_new(self, key: str, value: _V, now: float) -> None:
         if self.half and len(self.cur) >= self.half:
             self.evictions += len(self.prev)
-            self.prev = self.cur
-            self.cur = {}
+            self._turn()
             if self.gen_end != math.inf:
                 self.gen_end = now + self.lifetime
         self.cur[key] = value
@@ -91,6 +110,7 @@ class MemoryTable(Generic[_V]):
         """Forget every key."""
         self.cur = {}
         self.prev = {}
+        self.prev_size = 0
 
 
 class FixedWindowTable(MemoryTable[int]):

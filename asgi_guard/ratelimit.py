@@ -115,7 +115,8 @@ class _Plan:
         self.fast: _BoundPolicy | None = None
         self.fast_table: MemoryTable[Any] | None = None
         self.fast_cost = 1
-        # With IETF headers only, an admitted request's fields are this prefix + r and t.
+        # An admitted request's fields: with IETF headers this prefix + r and t; with
+        # headers="none", an empty prefix for no fields at all. None: the general path.
         self.fast_prefix: bytes | None = None
         only = bound[0] if len(bound) == 1 else None
         if (
@@ -131,6 +132,8 @@ class _Plan:
             self.fast_cost = only.cost
             if mode == "ietf" and not only.policy.dry_run:
                 self.fast_prefix = f'"{only.policy.quotas[0].name}";r='.encode("latin-1")
+            elif mode == "none":
+                self.fast_prefix = b""
 
 
 def policy_header_value(quotas: Iterable[Quota]) -> str:
@@ -352,11 +355,16 @@ class RateLimitMiddleware:
             except Exception as exc:
                 key = self._key_error(scope, exc)
             allowed, remaining, reset, retry = table.hit(key, plan.fast_cost, self._now())
-            if allowed and plan.fast_prefix is not None:
-                headers = [
-                    (b"ratelimit-policy", cast(bytes, plan.policy_header)),
-                    (b"ratelimit", plan.fast_prefix + b"%d;t=%d" % (remaining, _ceil(reset))),
-                ]
+            prefix = plan.fast_prefix
+            if allowed and prefix is not None:
+                headers = (
+                    [
+                        (b"ratelimit-policy", cast(bytes, plan.policy_header)),
+                        (b"ratelimit", prefix + b"%d;t=%d" % (remaining, _ceil(reset))),
+                    ]
+                    if prefix
+                    else []
+                )
             else:
                 quota = fast.policy.quotas[0]
                 dry = fast.policy.dry_run

@@ -193,3 +193,18 @@ def test_never_admits_more_than_the_limit(
             for t, c in hits:
                 windows[t // period] = windows.get(t // period, 0) + c
             assert max(windows.values(), default=0) <= amount, windows
+
+
+def test_previous_generation_is_compacted_as_keys_move_back() -> None:
+    """After a turn, the previous generation is copied small once most keys moved back."""
+    table = TokenBucketTable(5, 1.0, 5, None)
+    for i in range(1000):
+        table.hit(f"k{i}", 1, 0.0)
+    table.hit("k0", 1, 1.5)  # turn: the 1000 keys are now the previous generation
+    before = table.prev
+    for i in range(1, 800):
+        table.hit(f"k{i}", 1, 1.5)
+    assert table.prev is not before, "a mostly emptied generation keeps its full table"
+    assert len(table.prev) == 200, len(table.prev)
+    assert len(table) == 1000
+    assert all(table.hit(f"k{i}", 1, 1.5)[1] == 3 for i in range(1, 800))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def http_scope(
@@ -71,3 +71,9 @@ async def drive(app: ASGIApp, scope: dict[str, Any], messages: Sequence[Message]
 
     await app(scope, receive, send)
     return driven
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A raw ASGI app that answers 200 without reading the body."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
+    await send({"type": "http.response.body", "body": b"ok"})

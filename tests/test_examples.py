@@ -31,11 +31,6 @@ PROBLEM_JSON = "application/problem+json"
 _loads = itertools.count()
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def load(name: str) -> ModuleType:
     """Import ``examples/<name>.py`` afresh, so every test starts with empty counters."""
     path = EXAMPLES / f"{name}.py"

@@ -24,11 +24,6 @@ from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handle
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def limiter() -> RateLimiter:
     return RateLimiter(clock=ManualClock(1000.0))
 

@@ -34,20 +34,9 @@ from asgi_guard import (
 )
 from asgi_guard._policy import Strategy
 
-from .asgi_driver import drive, http_scope
+from .asgi_driver import drive, http_scope, ok_app
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """A raw ASGI app that answers 200 without reading the body."""
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def client_for(app: Any, ip: str = "10.0.0.1") -> httpx.AsyncClient:

@@ -8,21 +8,18 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope
 
 from asgi_guard import ManualClock, Policy, RateLimiter, RateLimitMiddleware
 from asgi_guard._policy import Strategy
+
+from ..asgi_driver import ok_app
 
 pytestmark = pytest.mark.anyio
 
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 REQUESTS = 1000
 LIMIT = 100
-
-
-async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 async def burst(app: RateLimitMiddleware, requests: int = REQUESTS) -> list[int]:

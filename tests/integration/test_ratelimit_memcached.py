@@ -10,10 +10,11 @@ import re
 import anyio
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
 
 from asgi_guard import ConfigurationError, Policy, RateLimiter, RateLimitMiddleware
 from asgi_guard._policy import Strategy
+
+from ..asgi_driver import ok_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.memcached]
 
@@ -22,11 +23,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.memcached]
 def anyio_backend() -> str:
     # The remote storages (limits' async memcached client) run on asyncio only.
     return "asyncio"
-
-
-async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def client_for(app: RateLimitMiddleware) -> httpx.AsyncClient:

@@ -14,7 +14,6 @@ from typing import get_args
 import anyio
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
 
 from asgi_guard import (
     ConfigurationError,
@@ -27,6 +26,7 @@ from asgi_guard import (
 )
 from asgi_guard._policy import Strategy
 
+from ..asgi_driver import ok_app
 from .servers import RedisServer, ask
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -39,11 +39,6 @@ RATELIMIT = re.compile(r'"(?P<name>[^"]+)";r=(?P<r>\d+);t=(?P<t>\d+)')
 def anyio_backend() -> str:
     # The remote storages (limits' async Redis clients) run on asyncio only.
     return "asyncio"
-
-
-async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def client_for(app: RateLimitMiddleware) -> httpx.AsyncClient:

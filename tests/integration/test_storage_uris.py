@@ -9,10 +9,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from asgi_guard import ConfigurationError, RateLimiter, RateLimitMiddleware
 
-
-async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
+from ..asgi_driver import ok_app
 
 
 @pytest.mark.parametrize(

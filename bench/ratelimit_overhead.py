@@ -179,6 +179,11 @@ def _plain(app: ASGIApp) -> Built:
 def variants() -> list[Variant]:
     st = "bare Starlette app"
     st_pt = "Starlette + pass-through"
+
+    def on_starlette(name: str, build: Callable[[bool], Built], *, limited: bool = True) -> Variant:
+        """A variant measured against the bare Starlette app and its pass-through (no trio)."""
+        return Variant(name, build, baseline=st, passthrough=st_pt, limited=limited, trio=False)
+
     return [
         Variant("bare app", lambda s: _plain(raw_app), limited=False),
         Variant("pass-through", lambda s: _plain(PassThrough(raw_app)), limited=False),
@@ -189,43 +194,14 @@ def variants() -> list[Variant]:
             "asgi_guard, exempt /health", lambda s: ours_one(s, exempt=True), "/health", exempt=True
         ),
         Variant("asgi-ratelimit (MemoryBackend)", asgi_ratelimit_variant, trio=False),
-        Variant(
-            st,
-            lambda s: _plain(starlette_app()),
-            baseline=st,
-            passthrough=st_pt,
-            limited=False,
-            trio=False,
-        ),
-        Variant(
-            st_pt,
-            lambda s: _plain(_starlette_pt()),
-            baseline=st,
-            passthrough=st_pt,
-            limited=False,
-            trio=False,
-        ),
-        Variant(
-            "slowapi SlowAPIASGIMiddleware",
-            lambda s: slowapi_variant(s, asgi=True),
-            baseline=st,
-            passthrough=st_pt,
-            trio=False,
-        ),
-        Variant(
+        on_starlette(st, lambda s: _plain(starlette_app()), limited=False),
+        on_starlette(st_pt, lambda s: _plain(_starlette_pt()), limited=False),
+        on_starlette("slowapi SlowAPIASGIMiddleware", lambda s: slowapi_variant(s, asgi=True)),
+        on_starlette(
             "slowapi SlowAPIASGIMiddleware, headers",
             lambda s: slowapi_variant(s, asgi=True, headers=True),
-            baseline=st,
-            passthrough=st_pt,
-            trio=False,
         ),
-        Variant(
-            "slowapi SlowAPIMiddleware",
-            lambda s: slowapi_variant(s, asgi=False),
-            baseline=st,
-            passthrough=st_pt,
-            trio=False,
-        ),
+        on_starlette("slowapi SlowAPIMiddleware", lambda s: slowapi_variant(s, asgi=False)),
     ]
 
 

@@ -38,23 +38,20 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from _machine import Watch
-from ratelimit_wrk import cpu_seconds, free_port, parse_latency
+from _wrk import Served, add_server_arguments, print_table
 
-ROOT = Path(__file__).resolve().parent.parent
 APPS = {
     "bare": "bench._scaling_apps:bare",
     "fixed-window": "bench._scaling_apps:fixed_window",
@@ -95,22 +92,12 @@ def fmt_size(n: int) -> str:
 
 
 @dataclass
-class Server:
+class Server(Served):
     variant: str
     size: int
     limit: str = HIGH
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    log: IO[bytes] | None = None
-    script: str = ""
     rss: int = 0  # bytes, after startup
     fill_seconds: float = 0.0
-    rps: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
-    user_us: list[float] = field(default_factory=list)
-    sys_us: list[float] = field(default_factory=list)
-    busy: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -123,29 +110,8 @@ class Server:
 
 
 def start(server: Server, loop: str, http: str) -> None:
-    server.port = free_port()
-    server.log = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; stop() closes it
-    cmd = [
-        sys.executable, "-m", "uvicorn", APPS[server.variant],
-        "--app-dir", str(ROOT),
-        "--host", "127.0.0.1",
-        "--port", str(server.port),
-        "--no-access-log",
-        "--log-level", "warning",
-        "--loop", loop,
-        "--http", http,
-    ]  # fmt: skip
     env = {**os.environ, "BENCH_KEYS": str(server.size), "BENCH_LIMIT": server.limit}
-    server.proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=server.log, stderr=subprocess.STDOUT
-    )
-
-
-def server_log(server: Server) -> str:
-    if server.log is None:
-        return ""
-    server.log.seek(0)
-    return server.log.read().decode(errors="replace")[-3000:]
+    server.start(APPS[server.variant], loop, http, env)
 
 
 def wait_ready(server: Server, deadline: float) -> None:
@@ -155,7 +121,7 @@ def wait_ready(server: Server, deadline: float) -> None:
         if server.proc.poll() is not None:
             raise RuntimeError(
                 f"{server.label}: uvicorn exited with {server.proc.returncode}\n"
-                f"{server_log(server)}"
+                f"{server.log_tail(3000)}"
             )
         with (
             contextlib.suppress(OSError),
@@ -164,20 +130,6 @@ def wait_ready(server: Server, deadline: float) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{server.label}: port {server.port} did not answer in time")
-
-
-def stop(server: Server) -> None:
-    proc = server.proc
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    if server.log is not None:
-        server.log.close()
-        server.log = None
 
 
 def rss_bytes(pid: int) -> int:
@@ -238,80 +190,17 @@ def check_serving(server: Server) -> None:
         raise RuntimeError(f"{server.label}: status {status}, headers {lower}")
 
 
-@dataclass
-class WrkRun:
-    rps: float
-    requests: int
-    p50: float
-    p99: float
-    errors: str
-
-
-def run_wrk(server: Server, threads: int, connections: int, duration: int) -> WrkRun:
-    """One wrk run against ``server`` with its Lua script; refuses non-2xx responses."""
-    cmd = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-        "-s", server.script, f"http://127.0.0.1:{server.port}/",
-    ]  # fmt: skip
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration + 30, check=False
-    ).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    if rps is None or total is None:
-        raise RuntimeError(f"wrk against {server.label} printed no Requests/sec:\n{out}")
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if bad:
-        raise RuntimeError(f"{server.label}: {bad.group(1)} non-2xx responses (rejected?)\n{out}")
-    errors = re.search(r"Socket errors:.*", out)
-    return WrkRun(
-        float(rps.group(1)),
-        int(total.group(1)),
-        parse_latency(out, "50"),
-        parse_latency(out, "99"),
-        errors.group(0) if errors else "",
-    )
-
-
 def measure(server: Server, threads: int, connections: int, duration: int, r: int) -> None:
     """One wrk run, with the server's CPU time from /proc and its store checked around it."""
-    assert server.proc is not None
     before = check_store(server, "before a run")
-    user0, sys0 = cpu_seconds(server.proc.pid)
-    run = run_wrk(server, threads, connections, duration)
-    user1, sys1 = cpu_seconds(server.proc.pid)
+    run = server.measure(threads, connections, duration)
     after = check_store(server, "after a run")
     if server.guarded and after["allowed"] - before["allowed"] < run.requests:
         raise RuntimeError(
             f"{server.label}: the middleware allowed {after['allowed'] - before['allowed']} "
             f"requests, wrk completed {run.requests}"
         )
-    server.rps.append(run.rps)
-    server.p50.append(run.p50)
-    server.p99.append(run.p99)
-    server.user_us.append((user1 - user0) / run.requests * 1e6)
-    server.sys_us.append((sys1 - sys0) / run.requests * 1e6)
-    server.busy.append((user1 - user0 + sys1 - sys0) / duration * 100)
-    print(
-        f"  round {r + 1}: {server.label:17} {run.rps:>8,.0f} req/s  "
-        f"p50 {run.p50:.2f} ms  p99 {run.p99:.2f} ms  server CPU "
-        f"{server.user_us[-1]:.1f} user + {server.sys_us[-1]:.1f} sys µs/req, "
-        f"{server.busy[-1]:.0f}% busy  {run.errors}".rstrip(),
-        flush=True,
-    )
-
-
-def print_table(rows: list[list[str]], left: int = 1) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for j, row in enumerate(rows):
-        print(
-            "  ".join(
-                c.ljust(w) if i < left else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    print(server.round_line(r, run, 17), flush=True)
 
 
 def med(values: list[float]) -> float:
@@ -399,13 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default="bare,fixed-window,token-bucket", help="servers per size"
     )
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    parser.add_argument("-d", "--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("-t", "--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("-c", "--connections", type=int, default=32, help="wrk connections")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before measuring")
+    add_server_arguments(parser)
     parser.add_argument("--seed", type=int, default=1, help="seed of wrk's math.random")
     parser.add_argument(
         "--startup-timeout", type=float, default=60.0, help="seconds for all servers to start"
@@ -455,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in probes:
                 wait_ready(server, deadline)
                 print(check_counting(server))
-                stop(server)
+                server.stop(timeout=10)
             for server in servers:
                 wait_ready(server, deadline)
             print(f"all servers up in {time.monotonic() - t0:.0f} s", flush=True)
@@ -465,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.fill_seconds = float(check_store(server, "after startup")["fill_seconds"])
                 check_serving(server)
                 if args.warmup:
-                    run_wrk(server, args.threads, args.connections, args.warmup)
+                    server.run_wrk(args.threads, args.connections, args.warmup)
             for r in range(args.rounds):
                 for server in servers if r % 2 == 0 else servers[::-1]:
                     measure(server, args.threads, args.connections, args.duration, r)
@@ -474,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             for server in [*probes, *servers]:
-                stop(server)
+                server.stop(timeout=10)
 
     print(f"\nmedians of {args.rounds} rounds; RSS after startup")
     ok = report(servers, variants, sizes)

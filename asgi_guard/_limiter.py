@@ -43,6 +43,10 @@ logger = logging.getLogger("asgi_guard.ratelimit")
 MAX_IN_FLIGHT = 16
 #: Seconds between attempts to reach a storage that is down.
 PROBE_INTERVAL = 0.5
+#: An outage is declared after this many failed calls in a row ...
+DOWN_AFTER_FAILURES = 3
+#: ... with no call answered for this long (or twice the timeout, if longer).
+DOWN_AFTER_SECONDS = 0.2
 #: Seconds the startup probe (which also opens the connection) may take.
 STARTUP_TIMEOUT = 1.0
 
@@ -252,6 +256,8 @@ class RateLimiter:
         self._started = False
         self._start_lock = anyio.Lock()
         self._down = False
+        self._failures = 0
+        self._last_ok = -math.inf
         if scheme in _MEMORY_SCHEMES:
             self.is_memory = True
             return
@@ -395,8 +401,21 @@ class RateLimiter:
             results.append((allowed, stats.remaining, reset_after, 0.0 if allowed else reset_after))
         return results
 
-    def _storage_failed(self, exc: BaseException) -> None:
+    def _storage_failed(self, exc: BaseException, *, certain: bool = False) -> None:
+        """Count a failed call; declare an outage once failures are sustained.
+
+        One stall of the event loop (a long GC pause) can time out every call in flight at
+        once; that fails those requests (they follow ``on_storage_error``) but is not an
+        outage. An outage is several failures in a row with no success for a while, or a
+        failed startup probe (``certain``).
+        """
+        self._failures += 1
         if self._down:
+            return
+        if not certain and (
+            self._failures < DOWN_AFTER_FAILURES
+            or anyio.current_time() - self._last_ok < max(2 * self.timeout, DOWN_AFTER_SECONDS)
+        ):
             return
         self._down = True
         self._next_probe = anyio.current_time() + PROBE_INTERVAL
@@ -410,8 +429,16 @@ class RateLimiter:
             f"policies now follow their on_storage_error setting",
         )
 
+    def _storage_answered(self) -> None:
+        self._failures = 0
+        self._last_ok = anyio.current_time()
+        if self._down:
+            self._storage_ok()
+
     def _storage_ok(self) -> None:
         self._down = False
+        self._failures = 0
+        self._last_ok = -math.inf
         emit(
             StorageEvent("recovered", self.uri, ""),
             self._handlers,
@@ -489,10 +516,9 @@ class RateLimiter:
                 raise ConfigurationError(
                     f"storage {self.uri!r} fails: {type(exc).__name__}: {exc}"
                 ) from exc
-            self._storage_failed(exc)
+            self._storage_failed(exc, certain=True)
         else:
-            if self._down:
-                self._storage_ok()
+            self._storage_answered()
         finally:
             self._started = True
 
@@ -503,7 +529,7 @@ class RateLimiter:
             try:
                 await self.startup()
             except ConfigurationError as exc:
-                self._storage_failed(exc)
+                self._storage_failed(exc, certain=True)
 
     async def _decide(
         self, namespace: str, policy: Policy, key: str, cost: int
@@ -548,8 +574,7 @@ class RateLimiter:
         except Exception as exc:
             self._storage_failed(exc)
             return failed
-        if self._down:
-            self._storage_ok()
+        self._storage_answered()
         return _decision(quotas, results, dry)
 
     async def aclose(self) -> None:

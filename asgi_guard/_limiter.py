@@ -551,16 +551,13 @@ class RateLimiter:
         self._check_event_loop()
         if not self._started:
             await self._lazy_startup()
-        failed = RateLimitDecision(
-            policy.on_storage_error == "allow" or dry, (), storage_error=True
-        )
         probing = False
         if self._down:
             # During an outage one request every PROBE_INTERVAL tries the storage; the others
             # follow on_storage_error at once instead of each waiting for the timeout.
             now = anyio.current_time()
             if now < self._next_probe:
-                return failed
+                return _failed(policy)
             self._next_probe = now + PROBE_INTERVAL
             probing = True
         try:
@@ -568,12 +565,12 @@ class RateLimiter:
             # on this event loop: a burst of requests must not look like an outage.
             async with self._gate:
                 if self._down and not probing:
-                    return failed
+                    return _failed(policy)
                 with anyio.fail_after(self.timeout):
                     results = await self._remote_policy(namespace, policy, key, cost)
         except Exception as exc:
             self._storage_failed(exc)
-            return failed
+            return _failed(policy)
         self._storage_answered()
         return _decision(quotas, results, dry)
 
@@ -608,6 +605,13 @@ def _is_outage(exc: BaseException) -> bool:
             return True
         seen = getattr(seen, "storage_error", None) or seen.__cause__ or seen.__context__
     return False
+
+
+def _failed(policy: Policy) -> RateLimitDecision:
+    """The decision for ``policy`` when its storage fails: its ``on_storage_error``."""
+    return RateLimitDecision(
+        policy.on_storage_error == "allow" or policy.dry_run, (), storage_error=True
+    )
 
 
 def _decision(quotas: tuple[Quota, ...], results: list[HitResult], dry: bool) -> RateLimitDecision:

@@ -247,6 +247,8 @@ class RateLimiter:
         )
         self._callback_guard = _CallbackGuard()
         self._tables: dict[tuple[str, str, str], MemoryTable[Any]] = {}
+        self._claims: dict[str, list[object]] = {}
+        self._named: dict[str, tuple[object, ...]] = {}
         self._storage: Storage | None = None
         self._strategies: dict[str, aio_strategies.RateLimiter] = {}
         self._scripts: dict[str, Any] = {}
@@ -316,8 +318,28 @@ class RateLimiter:
 
     # -- remote ---------------------------------------------------------------------------
 
+    def _claim(self, namespace: str, owner: object) -> str:
+        """A namespace of ``owner``'s own: ``namespace``, or ``namespace#2``... if taken.
+
+        Places claim in construction order, so every process numbers them alike.
+        """
+        owners = self._claims.setdefault(namespace, [])
+        if owner not in owners:
+            owners.append(owner)
+        index = owners.index(owner)
+        return namespace if index == 0 else f"{namespace}#{index + 1}"
+
     def _check_supported(self, policy: Policy) -> None:
-        """Raise `ConfigurationError` if the storage cannot run ``policy``."""
+        """Raise `ConfigurationError` if the storage cannot run ``policy``, or if another
+        policy of the same name counts differently in this limiter."""
+        if policy.name is not None:
+            shape = (policy.strategy, tuple((q.amount, q.period, q.burst) for q in policy.quotas))
+            known = self._named.setdefault(policy.name, shape)
+            if known != shape:
+                raise ConfigurationError(
+                    f"two different policies are named {policy.name!r} in one limiter; a "
+                    f"name is one quota wherever it is used: rename one of them"
+                )
         if self.is_memory:
             return
         if policy.strategy == "token-bucket":
@@ -388,10 +410,13 @@ class RateLimiter:
                     results.append((fits, max(0, remaining), reset, 0.0 if fits else retry))
             return results
         results = []
+        refused = False
         for q in quotas:
             limiter = self._strategy(strategy)
             item = q.item
-            allowed = await limiter.hit(item, namespace, key, cost=cost)
+            # After a refusal the later quotas are only read, not counted.
+            allowed = True if refused else await limiter.hit(item, namespace, key, cost=cost)
+            refused = refused or not allowed
             stats = await limiter.get_window_stats(item, namespace, key)
             reset_after = stats.reset_time - time.time()
             if reset_after <= 0 and stats.remaining < q.amount:
@@ -458,8 +483,9 @@ class RateLimiter:
             policy: The policy to apply.
             key: The client's identity (what ``policy`` counts per).
             cost: How many units the request consumes.
-            namespace: Separates counters of the same policy; defaults to the policy's name
-                (or its limit string for an unnamed policy).
+            namespace: Separates counters of the same policy; defaults to the one the
+                middleware and the dependency use for a named policy (so all of them share
+                its counters), or the limit string for an unnamed one.
 
         Returns:
             The decision, with the state of every quota. A storage failure never raises;
@@ -473,7 +499,8 @@ class RateLimiter:
             [True, True, False]
         """
         if namespace is None:
-            namespace = policy.name if policy.name is not None else policy.limit
+            # The namespace the middleware and the dependency give a named policy.
+            namespace = f"policy:{policy.name}" if policy.name is not None else policy.limit
         self._check_supported(policy)
         return await self._decide(namespace, policy, key, cost)
 
@@ -502,7 +529,8 @@ class RateLimiter:
         that the first requests do not pay for it against the storage timeout.
 
         Without lifespan, the first request that needs the storage runs the probe; a
-        misconfiguration is then logged and treated as an outage.
+        misconfiguration is then logged and treated as an outage (on trio every request
+        raises `ConfigurationError`, as remote storages need asyncio).
         """
         if self.is_memory:
             return

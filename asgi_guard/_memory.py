@@ -138,7 +138,7 @@ class FixedWindowTable(MemoryTable[int]):
         total = count + cost
         if total > self.amount:
             return False, max(0, self.amount - count), reset, reset
-        if commit:
+        if commit and cost:
             if fresh:
                 self._put_new(key, total, now)
             else:
@@ -170,7 +170,7 @@ class TokenBucketTable(MemoryTable[float]):
         if new_tat - now > self.tau + 1e-9:
             remaining = int((self.tau - (tat - now)) / self.interval + 1e-9)
             return False, max(0, remaining), tat - now, new_tat - self.tau - now
-        if commit:
+        if commit and cost:
             if stored:
                 self.cur[key] = new_tat
             else:
@@ -196,8 +196,9 @@ class SlidingWindowTable(MemoryTable[int]):
             end = (now // period + 1) * period
             # The finished window counts as "last" only if it is the one right before this.
             if end - self.window_end == period:
-                self.last = self.cur
-                self.last.update(self.prev)
+                # A key is in one generation only; if ever in both, the current one wins.
+                self.last = self.prev
+                self.last.update(self.cur)
             else:
                 self.last = {}
             self.cur = {}
@@ -216,7 +217,7 @@ class SlidingWindowTable(MemoryTable[int]):
             else:
                 retry = left + period - (self.amount - cost) * period / count
             return False, max(0, int(self.amount - used)), left + period, max(retry, 0.0)
-        if commit:
+        if commit and cost:
             if count:
                 self.cur[key] = count + cost
             else:
@@ -245,7 +246,7 @@ class MovingWindowTable(MemoryTable["deque[float]"]):
             # The request fits once enough of the oldest entries have aged out.
             retry = log[used + cost - self.amount - 1] + self.period - now
             return False, self.amount - used, log[-1] + self.period - now, retry
-        if commit:
+        if commit and cost:
             if log is None:
                 log = deque()
                 self._put_new(key, log, now)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from limits import RateLimitItem, parse_many
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
-from ._keys import KeyFunc
+from ._keys import KeyFunc, _is_async_callable
 
 __all__ = ["CostFunc", "LimitSpec", "Policy", "Quota", "Strategy", "as_policies"]
 
@@ -152,12 +151,6 @@ class Policy:
     @property
     def cost_is_async(self) -> bool:
         return callable(self.cost) and _is_async_callable(self.cost)
-
-
-def _is_async_callable(obj: object) -> bool:
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)  # noqa: B004
-    )
 
 
 LimitSpec = str | Policy | Sequence[str | Policy]

@@ -83,6 +83,11 @@ async def send_rejection(
     handshake gets an HTTP denial response when the server supports the
     ``websocket.http.response`` extension, and otherwise a close with code 1008.
     """
+    websocket = scope["type"] == "websocket"
+    if websocket and "websocket.http.response" not in scope.get("extensions", {}):
+        # Without the denial-response extension a handshake can only be closed.
+        await send({"type": "websocket.close", "code": 1008, "reason": rejection.title})
+        return
     if factory is not None:
         response = factory(scope, rejection)
         if not callable(response):
@@ -90,18 +95,15 @@ async def send_rejection(
         await response(scope, receive, send)
         return
     body = json.dumps(rejection.problem(), separators=(",", ":")).encode()
-    if scope["type"] == "websocket":
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": rejection.status,
-                    "headers": _http_headers(rejection, b"application/problem+json", len(body)),
-                }
-            )
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1008, "reason": rejection.title})
+    if websocket:
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": rejection.status,
+                "headers": _http_headers(rejection, b"application/problem+json", len(body)),
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
         return
     await send(
         {

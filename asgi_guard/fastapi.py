@@ -66,7 +66,7 @@ class RateLimitDependency:
         )
         assert self._core._default is not None
         self._policies = tuple(b.policy for b in self._core._default.bound)
-        self._plans: dict[str, _Plan] = {}
+        self._plans: dict[int, _Plan] = {}
         self.limiter = self._core.limiter
 
     @property
@@ -75,16 +75,18 @@ class RateLimitDependency:
         return self._core.stats
 
     def _plan_for(self, scope: Scope) -> _Plan:
+        # One plan per route object (routes are finite; a concrete path or a mount prefix
+        # with parameters would grow without bound), named by its template and methods.
         route = scope.get("route")
-        # Routes by template (never by concrete path, which would grow without bound);
-        # the mount prefix keeps apart equal templates of different mounted apps.
-        template = scope.get("root_path", "") + (getattr(route, "path_format", None) or "*")
-        methods = getattr(route, "methods", None)
-        label = f"{','.join(sorted(methods))} {template}" if methods else template
-        plan = self._plans.get(label)
+        plan = self._plans.get(id(route))
         if plan is None:
-            plan = self._core._plan(self._policies, f"route:{label}", template, False)
-            self._plans[label] = plan
+            template = getattr(route, "path_format", None) or "*"
+            methods = getattr(route, "methods", None)
+            label = f"{','.join(sorted(methods))} {template}" if methods else template
+            plan = self._core._plan(
+                self._policies, f"route:{label}", template, False, owner=(id(self), id(route))
+            )
+            self._plans[id(route)] = plan
         return plan
 
     async def __call__(self, request: Request, response: Response) -> None:
@@ -93,7 +95,7 @@ class RateLimitDependency:
         plan = self._plan_for(scope)
         allowed, states, storage_denied = await core._evaluate(request, plan, scope["path"])  # type: ignore[arg-type]
         if storage_denied:
-            core.stats["rejected"] += 1
+            core._report_storage_denied(request, plan)  # type: ignore[arg-type]
             raise RequestRejected(storage_rejection())
         mode = core.headers
         shown = [s for s in states if not s.dry_run]
@@ -121,6 +123,7 @@ class RateLimitDependency:
             retry = retry_after_seconds(
                 max(s.retry_after for s in enforced), core.retry_after_jitter
             )
+            core._report_rejection(request, plan, [s.name for s in enforced], retry)  # type: ignore[arg-type]
             raise RateLimitExceeded(
                 violated_policies=[s.name for s in enforced],
                 retry_after=retry,

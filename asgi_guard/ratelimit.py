@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
-from ._keys import KeyFunc, client_ip, peer_address
+from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
 from ._limiter import QuotaState, RateLimiter
 from ._memory import MemoryTable
-from ._policy import LimitSpec, Policy, Quota, _is_async_callable, as_policies
+from ._policy import LimitSpec, Policy, Quota, as_policies
 from ._problem import (
     QUOTA_EXCEEDED,
     TEMPORARY_REDUCED_CAPACITY,
@@ -191,7 +191,9 @@ class RateLimitMiddleware:
         response: Build your own rejection response: ``(scope, Rejection) -> ASGI app``.
         websocket: Limit WebSocket handshakes too (denied with HTTP 429 where the server
             supports it, else closed with code 1008).
-        on_event: Callbacks receiving every `RateLimitEvent` and `StorageEvent`.
+        on_event: Callbacks receiving every `RateLimitEvent`, and the `StorageEvent`s of
+            the limiter the middleware builds (with ``limiter=``, pass them to that
+            `RateLimiter` instead).
 
     Examples:
         >>> from starlette.applications import Starlette
@@ -285,12 +287,20 @@ class RateLimitMiddleware:
         self._exempt_paths = frozenset(paths)
 
     def _plan(
-        self, policies: Sequence[Policy], namespace: str, route: str | None, per_path: bool
+        self,
+        policies: Sequence[Policy],
+        namespace: str,
+        route: str | None,
+        per_path: bool,
+        owner: object = None,
     ) -> _Plan:
         bound = []
+        # Unnamed limits count per place: two places that would share a namespace in one
+        # limiter (two middlewares, two dependencies on one route) get one each.
+        place = self.limiter._claim(namespace, owner if owner is not None else id(self))
         for policy in policies:
             self.limiter._check_supported(policy)
-            ns = f"policy:{policy.name}" if policy.name is not None else namespace
+            ns = f"policy:{policy.name}" if policy.name is not None else place
             bound.append(_BoundPolicy(policy, ns, self._key, self.limiter))
         return _Plan(bound, route, per_path, self.headers)
 
@@ -350,7 +360,12 @@ class RateLimitMiddleware:
             fast = cast(_BoundPolicy, plan.fast)
             try:
                 key = fast.key(scope)
-                if key.__class__ is not str or not key:
+                if key.__class__ is not str:
+                    if hasattr(key, "__await__"):
+                        key = await key
+                    if key.__class__ is not str or not key:
+                        key = self._bad_key(scope, key)
+                elif not key:
                     key = self._bad_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
@@ -397,7 +412,11 @@ class RateLimitMiddleware:
             record = scope.get(SCOPE_KEY)
             if record is None:
                 record = scope[SCOPE_KEY] = GuardRecord()
-            record.merges_rate_limit_fields = True
+            if record.merges_rate_limit_fields:
+                # An outer RateLimitMiddleware already merges the dependencies' entries.
+                record = None
+            else:
+                record.merges_rate_limit_fields = True
             if kind != "http":
                 await self.app(scope, receive, send)
                 return
@@ -408,7 +427,8 @@ class RateLimitMiddleware:
                 extra = fields
                 if record is not None and record.rate_limit_fields:
                     extra = _merge_fields(fields, record.rate_limit_fields)
-                message["headers"] = [*message.get("headers", ()), *extra]
+                # A new dict: the app may reuse its message (and its headers list).
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -536,6 +556,8 @@ class RateLimitMiddleware:
                 )
         else:
             for bound, key, cost in resolved:
+                if not allowed and not bound.policy.dry_run:
+                    continue  # refused already: later policies are not counted
                 decision = await limiter._decide(bound.namespace, bound.policy, key, cost)
                 if decision.storage_error:
                     self.stats["storage_errors"] += 1
@@ -600,6 +622,20 @@ class RateLimitMiddleware:
         headers.extend(
             (k.decode(), v.decode("latin-1")) for k, v in self._headers_for(plan, states)
         )
+        self._report_rejection(scope, plan, names, retry)
+        rejection = Rejection(
+            status=429,
+            type=self.problem_type,
+            title="Too Many Requests",
+            detail=f"Request quota exceeded; retry after {retry} seconds.",
+            headers=headers,
+            extensions={"violated-policies": names},
+            guard="rate_limit",
+        )
+        await send_rejection(rejection, scope, receive, send, self.response)
+
+    def _report_rejection(self, scope: Scope, plan: _Plan, names: list[str], retry: int) -> None:
+        """Count a 429 and tell the callbacks (and the DEBUG log)."""
         if self._handlers or logger.isEnabledFor(logging.DEBUG):
             event = RateLimitEvent(
                 "rejected",
@@ -616,18 +652,9 @@ class RateLimitMiddleware:
                 logging.DEBUG,
                 f"rate limited: {event.method} {event.path} by {', '.join(names)}",
             )
-        rejection = Rejection(
-            status=429,
-            type=self.problem_type,
-            title="Too Many Requests",
-            detail=f"Request quota exceeded; retry after {retry} seconds.",
-            headers=headers,
-            extensions={"violated-policies": names},
-            guard="rate_limit",
-        )
-        await send_rejection(rejection, scope, receive, send, self.response)
 
-    async def _deny_storage(self, scope: Scope, receive: Receive, send: Send, plan: _Plan) -> None:
+    def _report_storage_denied(self, scope: Scope, plan: _Plan) -> None:
+        """Count a 503 of a failing storage and tell the callbacks."""
         self.stats["rejected"] += 1
         names = [q.name for b in plan.bound for q in b.policy.quotas]
         event = RateLimitEvent(
@@ -639,6 +666,9 @@ class RateLimitMiddleware:
             1.0,
         )
         emit(event, self._handlers, self._callback_guard)
+
+    async def _deny_storage(self, scope: Scope, receive: Receive, send: Send, plan: _Plan) -> None:
+        self._report_storage_denied(scope, plan)
         await send_rejection(storage_rejection(), scope, receive, send, self.response)
 
 

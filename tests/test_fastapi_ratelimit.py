@@ -257,3 +257,42 @@ def test_rate_limit_without_a_valid_limit_fails_at_construction(bad: Any) -> Non
     """rate_limit() with no limit or a malformed one raises ConfigurationError at once."""
     with pytest.raises(ConfigurationError):
         rate_limit(bad)
+
+
+async def test_dependency_rejections_are_events() -> None:
+    """The dependency reports its 429s to on_event, like the middleware."""
+    events: list[Any] = []
+    app = FastAPI()
+
+    @app.get(
+        "/e",
+        dependencies=[Depends(rate_limit("1/minute", limiter=limiter(), on_event=events.append))],
+    )
+    async def e() -> str:
+        return "e"
+
+    async with client_for(app) as client:
+        await codes(client, "/e", "/e")
+    assert [(ev.kind, ev.path, ev.route) for ev in events] == [("rejected", "/e", "/e")], events
+
+
+async def test_two_dependencies_on_one_route_count_apart_and_mounts_stay_bounded() -> None:
+    """Router- and route-level unnamed limits on one route are two quotas; a mount with a
+    parameter does not create a plan per concrete prefix."""
+    from starlette.routing import Mount
+
+    shared = limiter()
+    router = APIRouter(dependencies=[Depends(rate_limit("4/minute", limiter=shared))])
+    dep = rate_limit("4/minute", limiter=shared)
+
+    @router.get("/x", dependencies=[Depends(dep)])
+    async def x() -> str:
+        return "x"
+
+    app = FastAPI()
+    app.include_router(router)
+    outer = FastAPI(routes=[Mount("/t/{tenant}", app=app)])
+    async with client_for(outer) as client:
+        got = [(await client.get(f"/t/{i}/x")).status_code for i in range(5)]
+    assert got == [200, 200, 200, 200, 429], got
+    assert len(dep._plans) == 1, dep._plans

@@ -208,3 +208,14 @@ def test_previous_generation_is_compacted_as_keys_move_back() -> None:
     assert len(table.prev) == 200, len(table.prev)
     assert len(table) == 1000
     assert all(table.hit(f"k{i}", 1, 1.5)[1] == 3 for i in range(1, 800))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cost_zero_is_free_and_stores_nothing(strategy: str) -> None:
+    """A request of cost 0 passes, consumes nothing and adds no key."""
+    table = _table(strategy, 1, 10.0, max_keys=4)
+    assert table.hit("free", 0, 0.0)[0]
+    assert len(table) == 0
+    assert table.hit("k", 1, 0.0)[0]
+    assert table.hit("k", 0, 0.0)[0]
+    assert not table.hit("k", 1, 0.0)[0]

@@ -672,3 +672,86 @@ async def test_file_and_event_stream_responses_pass_whole(tmp_path: Any) -> None
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.text == "".join(f"data: tick {i}\n\n" for i in range(5))
     assert "ratelimit" in r.headers
+
+
+async def test_a_reused_response_start_message_gets_no_piled_up_headers() -> None:
+    """An app that sends one prebuilt start message gets exactly one RateLimit field each time."""
+    start: Message = {"type": "http.response.start", "status": 200, "headers": [(b"x", b"1")]}
+
+    async def reusing(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = RateLimitMiddleware(reusing, limit="10/minute", limiter=manual())
+    async with client_for(app) as client:
+        for _ in range(3):
+            r = await client.get("/")
+            assert len(r.headers.get_list("ratelimit")) == 1, r.headers
+    assert start["headers"] == [(b"x", b"1")]
+
+
+async def test_stacked_middlewares_each_write_their_own_fields_once() -> None:
+    """Two stacked middlewares write one RateLimit line each, never the same entry twice."""
+    inner = RateLimitMiddleware(ok_app, limit=Policy("5/minute", name="inner"), limiter=manual())
+    outer = RateLimitMiddleware(inner, limit=Policy("9/minute", name="outer"), limiter=manual())
+    async with client_for(outer) as client:
+        r = await client.get("/")
+    lines = r.headers.get_list("ratelimit")
+    assert sorted(lines) == ['"inner";r=4;t=20', '"outer";r=8;t=20'], lines
+
+
+async def test_async_key_behind_a_plain_callable_is_awaited_on_the_fast_path() -> None:
+    """A sync callable that returns an awaitable key (a lambda around an async lookup) works."""
+
+    async def lookup(scope: Scope) -> str:
+        return "user-1"
+
+    app = RateLimitMiddleware(ok_app, limit="1/minute", key=lambda s: lookup(s), limiter=manual())
+    async with client_for(app, "10.0.0.1") as a, client_for(app, "10.0.0.2") as b:
+        assert (await a.get("/")).status_code == 200
+        assert (await b.get("/")).status_code == 429  # same user, another address
+
+
+def test_one_name_for_two_different_policies_is_refused() -> None:
+    """Two policies of one name but different limits in one limiter: ConfigurationError."""
+    limiter = manual()
+    with pytest.raises(ConfigurationError, match="named 'api'"):
+        RateLimitMiddleware(
+            ok_app,
+            rules=[
+                Rule("/a", limit=Policy("2/minute", name="api")),
+                Rule("/b", limit=Policy("100/minute", name="api")),
+            ],
+            limiter=limiter,
+        )
+
+
+async def test_unnamed_limits_of_two_middlewares_sharing_a_limiter_count_apart() -> None:
+    """Two middlewares with the same unnamed limit on one limiter have a quota each."""
+    shared = manual()
+    inner = RateLimitMiddleware(ok_app, limit="4/minute", limiter=shared, headers="none")
+    outer = RateLimitMiddleware(inner, limit="4/minute", limiter=shared, headers="none")
+    async with client_for(outer) as client:
+        assert await statuses(client, "/", 5) == [200] * 4 + [429]
+
+
+async def test_engine_hit_shares_a_named_policy_with_the_middleware() -> None:
+    """RateLimiter.hit counts a named policy in the same quota the middleware uses."""
+    shared = manual()
+    policy = Policy("1/minute", name="shared")
+    app = RateLimitMiddleware(ok_app, limit=policy, limiter=shared)
+    async with client_for(app, "10.7.7.7") as client:
+        assert (await client.get("/")).status_code == 200
+    assert not (await shared.hit(policy, "10.7.7.7")).allowed
+
+
+async def test_custom_response_still_closes_a_websocket_without_the_extension() -> None:
+    """With response= and no denial extension, a refused handshake is closed with 1008."""
+
+    def respond(scope: Scope, rejection: Rejection) -> Response:
+        return PlainTextResponse("no", status_code=rejection.status)
+
+    app = RateLimitMiddleware(ws_app, limit="1/minute", response=respond, limiter=manual())
+    await drive(app, ws_scope(), [{"type": "websocket.connect"}])
+    denied = await drive(app, ws_scope(), [{"type": "websocket.connect"}])
+    assert denied.sent == [{"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"}]

@@ -249,3 +249,14 @@ async def test_a_short_stall_is_not_an_outage(
     assert app.stats["storage_errors"] == 16, app.stats
     assert "ratelimit" in r.headers, r.headers
     assert not asgi_guard_warnings(caplog, "unavailable"), caplog.text
+
+
+async def test_limits_strategies_count_no_quota_after_the_refusing_one(redis_url: str) -> None:
+    """Moving window via limits: quotas after the one that refuses are read, not counted."""
+    policy = Policy("2/minute;10/hour", name="m", strategy="moving-window")
+    app = RateLimitMiddleware(ok_app, limit=policy, storage=redis_url)
+    async with client_for(app) as client:
+        codes = [(await client.get("/")).status_code for _ in range(4)]
+        r = await client.get("/")
+    assert codes == [200, 200, 429, 429], codes
+    assert quota_state(r, "m-10-per-3600s")[0] == 8, r.headers

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from starlette.exceptions import HTTPException
 
-from ._problem import QUOTA_EXCEEDED, Rejection
+from ._problem import QUOTA_EXCEEDED, Rejection, rejection_detail
 
 __all__ = ["ConfigurationError", "GuardError", "RateLimitExceeded", "RequestRejected"]
 
@@ -47,7 +47,8 @@ class RateLimitExceeded(RequestRejected):
 
     Attributes:
         violated_policies: The names of the policies that rejected the request.
-        retry_after: Seconds after which a retry can succeed.
+        retry_after: Seconds after which a retry can succeed; 0 when the request costs more
+            than the whole quota and no retry can.
         problem_type: The problem ``type`` URI of the problem+json rendering.
     """
 
@@ -63,7 +64,7 @@ class RateLimitExceeded(RequestRejected):
             status=429,
             type=problem_type,
             title="Too Many Requests",
-            detail=f"Request quota exceeded; retry after {retry_after} seconds.",
+            detail=rejection_detail(retry_after),
             headers=list((headers or {}).items()),
             extensions={"violated-policies": list(violated_policies)},
             guard="rate_limit",

@@ -146,7 +146,8 @@ class QuotaState(NamedTuple):
         remaining: What is left in the current window after this request.
         reset_after: Seconds until the quota is whole again.
         allowed: Whether this quota admitted the request.
-        retry_after: Seconds until a request of the same cost would pass (0 if allowed).
+        retry_after: Seconds until a request of the same cost would pass (0 if allowed,
+            ``math.inf`` if its cost exceeds the whole quota, so that it can never pass).
         dry_run: The quota belongs to a dry-run policy: it never rejects.
     """
 
@@ -600,6 +601,12 @@ class RateLimiter:
             self._storage_failed(exc)
             return _failed(policy)
         self._storage_answered()
+        if any(cost > q.burst for q in quotas):
+            # Such a request can never pass: no finite time to retry after.
+            results = [
+                (r[0], r[1], r[2], math.inf if not r[0] and cost > q.burst else r[3])
+                for q, r in zip(quotas, results, strict=True)
+            ]
         return _decision(quotas, results, dry)
 
     async def aclose(self) -> None:

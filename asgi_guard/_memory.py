@@ -31,7 +31,7 @@ _V = TypeVar("_V")
 
 #: What one ``hit`` returns: (allowed, remaining, reset_after, retry_after).
 #: ``reset_after`` is the time until the quota is whole again; ``retry_after`` the time until a
-#: request of the same cost can pass (0 when allowed).
+#: request of the same cost can pass (0 when allowed; infinite when the cost exceeds the quota).
 HitResult = tuple[bool, int, float, float]
 
 
@@ -137,7 +137,8 @@ class FixedWindowTable(MemoryTable[int]):
         reset = self.window_end - now
         total = count + cost
         if total > self.amount:
-            return False, max(0, self.amount - count), reset, reset
+            retry = reset if cost <= self.amount else math.inf
+            return False, max(0, self.amount - count), reset, retry
         if commit and cost:
             if fresh:
                 self._put_new(key, total, now)
@@ -169,7 +170,8 @@ class TokenBucketTable(MemoryTable[float]):
         new_tat = tat + cost * self.interval
         if new_tat - now > self.tau + 1e-9:
             remaining = int((self.tau - (tat - now)) / self.interval + 1e-9)
-            return False, max(0, remaining), tat - now, new_tat - self.tau - now
+            retry = new_tat - self.tau - now if cost <= self.amount else math.inf
+            return False, max(0, remaining), tat - now, retry
         if commit and cost:
             if stored:
                 self.cur[key] = new_tat
@@ -213,7 +215,7 @@ class SlidingWindowTable(MemoryTable[int]):
             if budget >= 0:
                 retry = left - budget * period / previous
             elif cost > self.amount:
-                retry = left + period
+                retry = math.inf
             else:
                 retry = left + period - (self.amount - cost) * period / count
             return False, max(0, int(self.amount - used)), left + period, max(retry, 0.0)
@@ -242,7 +244,8 @@ class MovingWindowTable(MemoryTable["deque[float]"]):
         used = len(log) if log else 0
         if used + cost > self.amount:
             if log is None or cost > self.amount:
-                return False, self.amount - used, self.period, self.period
+                retry = self.period if cost <= self.amount else math.inf
+                return False, self.amount - used, self.period, retry
             # The request fits once enough of the oldest entries have aged out.
             retry = log[used + cost - self.amount - 1] + self.period - now
             return False, self.amount - used, log[-1] + self.period - now, retry

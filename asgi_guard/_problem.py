@@ -14,6 +14,7 @@ __all__ = [
     "TEMPORARY_REDUCED_CAPACITY",
     "Rejection",
     "ResponseFactory",
+    "rejection_detail",
     "send_rejection",
 ]
 
@@ -68,6 +69,13 @@ def _http_headers(
     headers = [(b"content-type", content_type), (b"content-length", str(length).encode())]
     headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in rejection.headers)
     return headers
+
+
+def rejection_detail(retry: int) -> str:
+    """The ``detail`` of a 429: when to retry, or (``retry`` 0) that retrying cannot help."""
+    if not retry:
+        return "The request costs more than the whole quota; it cannot be admitted."
+    return f"Request quota exceeded; retry after {retry} seconds."
 
 
 async def send_rejection(

@@ -127,7 +127,7 @@ class RateLimitDependency:
             raise RateLimitExceeded(
                 violated_policies=[s.name for s in enforced],
                 retry_after=retry,
-                headers={"Retry-After": str(retry), **headers},
+                headers={"Retry-After": str(retry), **headers} if retry else headers,
                 problem_type=core.problem_type,
             )
         core.stats["allowed"] += 1

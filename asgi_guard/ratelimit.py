@@ -25,6 +25,7 @@ from ._problem import (
     TEMPORARY_REDUCED_CAPACITY,
     Rejection,
     ResponseFactory,
+    rejection_detail,
     send_rejection,
 )
 from ._record import SCOPE_KEY, GuardRecord
@@ -159,7 +160,10 @@ def legacy_headers(states: Sequence[QuotaState]) -> list[tuple[bytes, bytes]]:
 
 
 def retry_after_seconds(retry_after: float, jitter: float) -> int:
-    """Whole seconds for ``Retry-After`` (at least 1), plus up to ``jitter`` random seconds."""
+    """Whole seconds for ``Retry-After`` (at least 1), plus up to ``jitter`` random seconds;
+    0 (no ``Retry-After`` at all) for a request that can never pass."""
+    if retry_after == math.inf:
+        return 0
     if jitter:
         retry_after += random.uniform(0.0, jitter)
     return max(1, math.ceil(retry_after))
@@ -618,7 +622,7 @@ class RateLimitMiddleware:
         violated = [s for s in states if not s.allowed and not s.dry_run]
         retry = retry_after_seconds(max(s.retry_after for s in violated), self.retry_after_jitter)
         names = [s.name for s in violated]
-        headers = [("retry-after", str(retry))]
+        headers = [("retry-after", str(retry))] if retry else []
         headers.extend(
             (k.decode(), v.decode("latin-1")) for k, v in self._headers_for(plan, states)
         )
@@ -627,7 +631,7 @@ class RateLimitMiddleware:
             status=429,
             type=self.problem_type,
             title="Too Many Requests",
-            detail=f"Request quota exceeded; retry after {retry} seconds.",
+            detail=rejection_detail(retry),
             headers=headers,
             extensions={"violated-policies": names},
             guard="rate_limit",

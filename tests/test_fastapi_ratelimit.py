@@ -296,3 +296,21 @@ async def test_two_dependencies_on_one_route_count_apart_and_mounts_stay_bounded
         got = [(await client.get(f"/t/{i}/x")).status_code for i in range(5)]
     assert got == [200, 200, 200, 200, 429], got
     assert len(dep._plans) == 1, dep._plans
+
+
+async def test_dependency_request_costing_more_than_the_quota_has_no_retry_after() -> None:
+    """The dependency's 429 for a request that can never pass carries no Retry-After."""
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get(
+        "/big", dependencies=[Depends(rate_limit(Policy("2/minute", cost=3), limiter=limiter()))]
+    )
+    async def big() -> str:
+        return "big"
+
+    async with client_for(app) as client:
+        r = await client.get("/big")
+    assert r.status_code == 429, r.text
+    assert "retry-after" not in r.headers, r.headers
+    assert "cannot be admitted" in r.json()["detail"], r.text

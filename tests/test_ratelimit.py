@@ -755,3 +755,13 @@ async def test_custom_response_still_closes_a_websocket_without_the_extension() 
     await drive(app, ws_scope(), [{"type": "websocket.connect"}])
     denied = await drive(app, ws_scope(), [{"type": "websocket.connect"}])
     assert denied.sent == [{"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"}]
+
+
+async def test_a_request_costing_more_than_the_quota_gets_no_retry_after() -> None:
+    """A request that can never pass is refused without a Retry-After that would invite retries."""
+    app = RateLimitMiddleware(ok_app, limit=Policy("2/minute", cost=5), limiter=manual())
+    async with client_for(app) as client:
+        r = await client.get("/")
+    assert r.status_code == 429, r.text
+    assert "retry-after" not in r.headers, r.headers
+    assert "cannot be admitted" in r.json()["detail"], r.text

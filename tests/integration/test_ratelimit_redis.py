@@ -260,3 +260,15 @@ async def test_limits_strategies_count_no_quota_after_the_refusing_one(redis_url
         r = await client.get("/")
     assert codes == [200, 200, 429, 429], codes
     assert quota_state(r, "m-10-per-3600s")[0] == 8, r.headers
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_cost_above_the_quota_has_no_retry_after(redis_url: str, strategy: Strategy) -> None:
+    """On Redis too, a request costing more than the whole quota gets a 429 without Retry-After."""
+    app = RateLimitMiddleware(
+        ok_app, limit=Policy("2/minute", cost=5, strategy=strategy), storage=redis_url
+    )
+    async with client_for(app) as client:
+        r = await client.get("/")
+    assert r.status_code == 429, r.text
+    assert "retry-after" not in r.headers, r.headers

@@ -11,7 +11,7 @@ from limits import RateLimitItem, parse_many
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
-from ._keys import KeyFunc, _is_async_callable
+from ._keys import KeyFunc
 
 __all__ = ["CostFunc", "LimitSpec", "Policy", "Quota", "Strategy", "as_policies"]
 
@@ -147,10 +147,6 @@ class Policy:
             burst = self.burst if self.burst is not None else item.amount
             quotas.append(Quota(name, item.amount, item.get_expiry(), item, burst))
         object.__setattr__(self, "quotas", tuple(quotas))
-
-    @property
-    def cost_is_async(self) -> bool:
-        return callable(self.cost) and _is_async_callable(self.cost)
 
 
 LimitSpec = str | Policy | Sequence[str | Policy]

@@ -67,7 +67,7 @@ class Rule:
 class _BoundPolicy:
     """A policy resolved for one place: its key, cost, namespace and memory tables."""
 
-    __slots__ = ("cost", "cost_async", "key", "key_async", "namespace", "policy", "tables")
+    __slots__ = ("cost", "key", "key_async", "namespace", "policy", "tables")
 
     def __init__(self, policy: Policy, namespace: str, key: KeyFunc, limiter: RateLimiter) -> None:
         self.policy = policy
@@ -75,7 +75,6 @@ class _BoundPolicy:
         self.key = policy.key or key
         self.key_async = _is_async_callable(self.key)
         self.cost = policy.cost
-        self.cost_async = policy.cost_is_async
         self.tables = (
             [limiter._table(namespace, q, policy.strategy) for q in policy.quotas]
             if limiter.is_memory

@@ -38,6 +38,22 @@ async def codes(client: httpx.AsyncClient, *paths: str) -> list[int]:
     return [(await client.get(p)).status_code for p in paths]
 
 
+def behind_middleware(route_limit: str, **middleware: Any) -> FastAPI:
+    """An app whose GET /x has a named ``route`` policy, behind a RateLimitMiddleware; both
+    share one limiter."""
+    shared = limiter()
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+    dep = rate_limit(Policy(route_limit, name="route"), limiter=shared)
+
+    @app.get("/x", dependencies=[Depends(dep)])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, **middleware)
+    return app
+
+
 async def test_per_route_limit_counts_the_template_not_the_path() -> None:
     """Unnamed limits count per route: /users/1 and /users/2 share the /users/{id} quota."""
     app = FastAPI()
@@ -102,16 +118,7 @@ async def test_headers_without_middleware_are_set_on_the_response() -> None:
 
 async def test_headers_merge_with_the_middleware_and_limiter_is_shared() -> None:
     """Behind the middleware, one RateLimit header lists the app's and the route's quotas."""
-    shared = limiter()
-    app = FastAPI()
-
-    @app.get(
-        "/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))]
-    )
-    async def x() -> str:
-        return "x"
-
-    app.add_middleware(RateLimitMiddleware, limit=Policy("10/minute", name="app"), limiter=shared)
+    app = behind_middleware("2/minute", limit=Policy("10/minute", name="app"))
     async with client_for(app) as client:
         r = await client.get("/x")
         assert r.headers["ratelimit-policy"] == '"app";q=10;w=60, "route";q=2;w=60', r.headers
@@ -183,17 +190,7 @@ async def test_dependency_exposes_stats() -> None:
 
 async def test_429_behind_the_middleware_has_one_merged_ratelimit_line() -> None:
     """A dependency's 429 behind the middleware carries one RateLimit line with both quotas."""
-    shared = limiter()
-    app = FastAPI()
-    app.add_exception_handler(RequestRejected, rejection_handler)
-
-    @app.get(
-        "/x", dependencies=[Depends(rate_limit(Policy("1/minute", name="route"), limiter=shared))]
-    )
-    async def x() -> str:
-        return "x"
-
-    app.add_middleware(RateLimitMiddleware, limit=Policy("10/minute", name="app"), limiter=shared)
+    app = behind_middleware("1/minute", limit=Policy("10/minute", name="app"))
     async with client_for(app) as client:
         await client.get("/x")
         r = await client.get("/x")
@@ -236,16 +233,7 @@ async def test_storage_failure_with_deny_is_a_503_problem(anyio_backend: str) ->
 
 async def test_dependency_fields_survive_a_middleware_without_ietf_headers() -> None:
     """Behind a middleware with headers='none', the dependency sets its own RateLimit fields."""
-    shared = limiter()
-    app = FastAPI()
-
-    @app.get(
-        "/x", dependencies=[Depends(rate_limit(Policy("2/minute", name="route"), limiter=shared))]
-    )
-    async def x() -> str:
-        return "x"
-
-    app.add_middleware(RateLimitMiddleware, limit="10/minute", headers="none", limiter=shared)
+    app = behind_middleware("2/minute", limit="10/minute", headers="none")
     async with client_for(app) as client:
         r = await client.get("/x")
     assert r.headers.get_list("ratelimit") == ['"route";r=1;t=20'], r.headers

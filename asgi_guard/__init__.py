@@ -7,13 +7,15 @@ factories live in `fastapi`.
 from __future__ import annotations
 
 from ._clock import Clock, ManualClock, MonotonicClock
+from ._deadline import deadline, httpx_timeout, outbound_timeout, remaining
 from ._errors import ConfigurationError, GuardError, RateLimitExceeded, RequestRejected
-from ._events import Event, EventHandler, RateLimitEvent, StorageEvent
+from ._events import Event, EventHandler, RateLimitEvent, StorageEvent, TimeoutEvent
 from ._keys import KeyFunc, client_ip, header_key
 from ._limiter import QuotaState, RateLimitDecision, RateLimiter
 from ._policy import Policy
 from ._problem import Rejection
 from .ratelimit import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, RateLimitMiddleware, Rule
+from .timeout import TimeoutMiddleware
 
 __all__ = [
     "Clock",
@@ -37,6 +39,12 @@ __all__ = [
     "Rule",
     "StorageEvent",
     "TEMPORARY_REDUCED_CAPACITY",
+    "TimeoutEvent",
+    "TimeoutMiddleware",
     "client_ip",
+    "deadline",
     "header_key",
+    "httpx_timeout",
+    "outbound_timeout",
+    "remaining",
 ]

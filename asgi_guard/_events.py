@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
-__all__ = ["Event", "EventHandler", "RateLimitEvent", "StorageEvent", "emit"]
+__all__ = ["Event", "EventHandler", "RateLimitEvent", "StorageEvent", "TimeoutEvent", "emit"]
 
 logger = logging.getLogger("asgi_guard")
 
@@ -49,7 +49,37 @@ class StorageEvent:
     error: str
 
 
-Event = RateLimitEvent | StorageEvent
+@dataclass(frozen=True)
+class TimeoutEvent:
+    """A request ran out of time, or its handler outlived its deadline.
+
+    Attributes:
+        kind: ``"deadline"`` (the request's deadline passed), ``"idle"`` (a streaming
+            response sent nothing for longer than its idle timeout), ``"body"`` (the client
+            sent the request body too slowly; answered 408), ``"disconnect"`` (the client
+            went away and the handler was cancelled), or ``"overrun"`` (a handler kept
+            running long after its deadline, typically a sync ``def`` endpoint in a thread
+            that cannot be cancelled; reported once per route).
+        method: The request method.
+        path: The request path.
+        route: The template of the route the app matched, when it had routed.
+        timeout: The request's budget in seconds (from arrival to its deadline).
+        elapsed: Seconds from the request's arrival to the event (for ``"overrun"``: until
+            the handler finally returned).
+        response_started: Whether the response had started: if so it was cut short (the
+            connection is closed mid-body) instead of answered with 504 or 408.
+    """
+
+    kind: Literal["deadline", "idle", "body", "disconnect", "overrun"]
+    method: str
+    path: str
+    route: str | None
+    timeout: float
+    elapsed: float
+    response_started: bool
+
+
+Event = RateLimitEvent | StorageEvent | TimeoutEvent
 #: A user callback: receives every event; its exceptions are logged once and never propagate.
 EventHandler = Callable[[Event], None]
 
@@ -61,9 +91,12 @@ class _CallbackGuard:
         self.failed = False
 
 
+_E = TypeVar("_E", RateLimitEvent, StorageEvent, TimeoutEvent)
+
+
 def emit(
-    event: Event,
-    handlers: Sequence[EventHandler],
+    event: _E,
+    handlers: Sequence[Callable[[_E], None]],
     guard: _CallbackGuard | None = None,
     level: int = logging.INFO,
     message: str = "",

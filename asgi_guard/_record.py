@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from ._deadline import Budget
 
 __all__ = ["SCOPE_KEY", "GuardRecord", "get_record"]
 
@@ -17,13 +22,18 @@ class GuardRecord:
             after routing, for the rate-limit middleware to merge into the response.
         merges_rate_limit_fields: Whether a ``RateLimitMiddleware`` writes the IETF
             ``RateLimit`` fields of this request (and so merges the dependencies' entries).
+        arrival: When the request reached the outermost guard that noted it
+            (`time.monotonic`), or ``None``; deadlines count from it.
+        budget: The request's deadline, set by a ``TimeoutMiddleware``.
     """
 
-    __slots__ = ("merges_rate_limit_fields", "rate_limit_fields")
+    __slots__ = ("arrival", "budget", "merges_rate_limit_fields", "rate_limit_fields")
 
     def __init__(self) -> None:
         self.rate_limit_fields: list[tuple[str, str]] | None = None
         self.merges_rate_limit_fields = False
+        self.arrival: float | None = None
+        self.budget: Budget | None = None
 
 
 def get_record(scope: Scope) -> GuardRecord:

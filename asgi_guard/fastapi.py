@@ -12,13 +12,15 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from ._deadline import _check_seconds
 from ._errors import ConfigurationError, RateLimitExceeded, RequestRejected
 from ._events import EventHandler
 from ._keys import KeyFunc
 from ._limiter import RateLimiter
+from ._paths import route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED
-from ._record import get_record
+from ._record import SCOPE_KEY, get_record
 from .ratelimit import (
     HeaderMode,
     RateLimitMiddleware,
@@ -29,7 +31,13 @@ from .ratelimit import (
     storage_rejection,
 )
 
-__all__ = ["RateLimitDependency", "rate_limit", "rejection_handler"]
+__all__ = [
+    "RateLimitDependency",
+    "TimeoutDependency",
+    "rate_limit",
+    "rejection_handler",
+    "timeout",
+]
 
 
 async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
@@ -192,6 +200,59 @@ def rate_limit(
         problem_type=problem_type,
         on_event=on_event,
     )
+
+
+class TimeoutDependency:
+    """A route's deadline for FastAPI's ``Depends``; build it with `timeout`."""
+
+    def __init__(self, seconds: float) -> None:
+        _check_seconds(seconds, "timeout")
+        self.seconds = float(seconds)
+
+    def __repr__(self) -> str:
+        return f"timeout({self.seconds:g})"
+
+    async def __call__(self, request: Request) -> None:
+        scope = request.scope
+        record = scope.get(SCOPE_KEY)
+        budget = record.budget if record is not None else None
+        where = f"{scope.get('method', '')} {route_template(scope) or scope.get('path', '')}"
+        if budget is None:
+            raise ConfigurationError(
+                f"{self!r} on {where} needs TimeoutMiddleware around the app: "
+                "app.add_middleware(TimeoutMiddleware, timeout=..., max_timeout=...)"
+            )
+        if self.seconds > budget.max_timeout:
+            raise ConfigurationError(
+                f"{self!r} on {where} is longer than the TimeoutMiddleware allows "
+                f"(max_timeout={budget.max_timeout:g}); raise its max_timeout to allow it"
+            )
+        budget.set_timeout(self.seconds)
+
+
+def timeout(seconds: float) -> TimeoutDependency:
+    """A FastAPI dependency that sets the deadline of the routes it is attached to.
+
+    The deadline still counts from the request's arrival. Tighter than the
+    `TimeoutMiddleware` default is always allowed; looser only up to the middleware's
+    ``max_timeout``. A caller's deadline header, when honoured, still applies.
+
+    Args:
+        seconds: The route's budget, from arrival to deadline.
+
+    Raises:
+        ConfigurationError: At construction for a zero, negative or non-finite value; at
+            the first request when no `TimeoutMiddleware` guards the app, or when
+            ``seconds`` exceeds its ``max_timeout``.
+
+    Examples:
+        >>> from fastapi import Depends, FastAPI
+        >>> app = FastAPI()
+        >>> @app.get("/search", dependencies=[Depends(timeout(0.5))])
+        ... async def search() -> list[str]:
+        ...     return []
+    """
+    return TimeoutDependency(seconds)
 
 
 async def rejection_handler(request: Request, exc: Exception) -> Response:

@@ -6,12 +6,12 @@ import logging
 import math
 import random
 import re
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from math import ceil as _ceil
+from time import monotonic
 from typing import Any, Literal, cast
 
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigurationError
@@ -19,6 +19,7 @@ from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
 from ._limiter import QuotaState, RateLimiter
 from ._memory import MemoryTable
+from ._paths import Exemptions, ExemptSpec, compile_template
 from ._policy import LimitSpec, Policy, Quota, as_policies
 from ._problem import (
     QUOTA_EXCEEDED,
@@ -35,7 +36,6 @@ __all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware"
 logger = logging.getLogger("asgi_guard.ratelimit")
 
 HeaderMode = Literal["ietf", "legacy", "both", "none"]
-ExemptSpec = str | Callable[[Scope], bool]
 
 
 @dataclass(frozen=True)
@@ -251,13 +251,11 @@ class RateLimitMiddleware:
         self._merges = headers in ("ietf", "both")
         self._key_failed = False
         self._cost_failed = False
-        self._exempt_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
 
-        self._exempt_paths: frozenset[str] = frozenset()
-        self._exempt_patterns: list[re.Pattern[str]] = []
-        self._exempt_checks: list[Callable[[Scope], bool]] = []
-        self._compile_exempt(exempt)
+        self._exempt = Exemptions(exempt, logger, "limited")
+        self._exempt_paths = self._exempt.paths
+        self._exempt_more = self._exempt.needs_check
 
         default = as_policies(limit)
         self._default = self._plan(default, "default", None, False) if default else None
@@ -270,24 +268,6 @@ class RateLimitMiddleware:
             raise ConfigurationError("RateLimitMiddleware needs limit= or rules=")
 
     # -- configuration --------------------------------------------------------------------
-
-    def _compile_exempt(self, exempt: Iterable[ExemptSpec]) -> None:
-        if isinstance(exempt, str) or callable(exempt):
-            exempt = [exempt]
-        paths = set()
-        for entry in exempt:
-            if isinstance(entry, str):
-                if not entry.startswith("/"):
-                    raise ConfigurationError(f"exempt paths start with '/': {entry!r}")
-                if "{" in entry:
-                    self._exempt_patterns.append(_compile(entry))
-                else:
-                    paths.add(entry)
-            elif callable(entry):
-                self._exempt_checks.append(entry)
-            else:
-                raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")
-        self._exempt_paths = frozenset(paths)
 
     def _plan(
         self,
@@ -321,7 +301,7 @@ class RateLimitMiddleware:
             methods = frozenset(m.upper() for m in rule.methods)
             if "GET" in methods:
                 methods |= {"HEAD"}
-        pattern = _compile(rule.path) if "{" in rule.path else None
+        pattern = compile_template(rule.path) if "{" in rule.path else None
         label = f"{','.join(sorted(methods))} {rule.path}" if methods else rule.path
         policies = as_policies(rule.limit, option="Rule.limit")
         plan = self._plan(policies, f"rule:{label}", rule.path, rule.per_path) if policies else None
@@ -347,9 +327,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path in self._exempt_paths or (
-            (self._exempt_patterns or self._exempt_checks) and self._is_exempt(scope, path)
-        ):
+        if path in self._exempt_paths or (self._exempt_more and self._exempt(scope, path)):
             await self.app(scope, receive, send)
             return
         plan = self._match(scope, path) if self._rules else self._default
@@ -395,6 +373,13 @@ class RateLimitMiddleware:
                     allowed = True
                     self._report_dry_run(scope, plan, states)
         else:
+            if not self.limiter.is_memory and kind == "http":
+                # A remote storage takes time: the request's deadline counts from now.
+                noted = scope.get(SCOPE_KEY)
+                if noted is None:
+                    noted = scope[SCOPE_KEY] = GuardRecord()
+                if noted.arrival is None:
+                    noted.arrival = monotonic()
             allowed, states, error_deny = await self._evaluate(scope, plan, path)
             if error_deny:
                 await self._deny_storage(scope, receive, send, plan)
@@ -451,23 +436,6 @@ class RateLimitMiddleware:
             await send(message)
 
         return lifespan_send
-
-    def _is_exempt(self, scope: Scope, path: str) -> bool:
-        if any(p.match(path) for p in self._exempt_patterns):
-            return True
-        for check in self._exempt_checks:
-            try:
-                if check(scope):
-                    return True
-            except Exception as exc:
-                if not self._exempt_failed:
-                    self._exempt_failed = True
-                    logger.error(
-                        "an exempt predicate raised %s; such requests are limited as usual",
-                        type(exc).__name__,
-                        exc_info=exc,
-                    )
-        return False
 
     def _bad_key(self, scope: Scope, key: object) -> str:
         return self._key_fallback(scope, f"returned {type(key).__name__} instead of a str", None)
@@ -697,11 +665,3 @@ def storage_rejection() -> Rejection:
         headers=[("retry-after", "1")],
         guard="rate_limit",
     )
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    try:
-        regex, _, _ = compile_path(template)
-    except (ValueError, AssertionError) as exc:
-        raise ConfigurationError(f"cannot compile the path template {template!r}: {exc}") from exc
-    return regex

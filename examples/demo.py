@@ -1,4 +1,4 @@
-"""The demo: a FastAPI app with the rate limiter on, served on http://127.0.0.1:8000.
+"""The demo: a FastAPI app with its guards on, served on http://127.0.0.1:8000.
 
 Run it with ``python examples/demo.py`` and follow the curl commands it prints.
 
@@ -7,14 +7,18 @@ Run it with ``python examples/demo.py`` and follow the curl commands it prints.
   rules; ``/health`` is exempt.
 * ``/items/{item_id}`` adds a ``rate_limit`` dependency after routing: 2 per minute for all
   items together, answered as problem+json by ``rejection_handler``.
+* ``TimeoutMiddleware`` gives every request 5 seconds: ``/slow`` takes 10 and is answered
+  ``504`` at the deadline; ``/slow?seconds=1`` is in time, and ``timeout(2.0)`` makes ``/search``
+  tighter.
 """
 
 from __future__ import annotations
 
+import anyio
 from fastapi import Depends, FastAPI
 
-from asgi_guard import RateLimitMiddleware, RequestRejected, Rule
-from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler
+from asgi_guard import RateLimitMiddleware, RequestRejected, Rule, TimeoutMiddleware, remaining
+from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler, timeout
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -36,6 +40,12 @@ Rate-limited demo on http://{HOST}:{PORT} (Ctrl+C to stop). In another terminal:
 
   # /health is exempt: never 429
   for i in $(seq 1 10); do curl -si http://{HOST}:{PORT}/health | head -1; done
+
+  # every request has 5 s: /slow takes 10 and gets 504 Gateway Timeout after 5
+  curl -si http://{HOST}:{PORT}/slow
+
+  # /search has its own 2 s deadline (a timeout dependency)
+  curl -si "http://{HOST}:{PORT}/search?seconds=3"
 """
 
 #: Tighter than the middleware's limits, checked after routing: per route, per client.
@@ -52,6 +62,8 @@ app.add_middleware(
     ],
     exempt=["/health"],
 )
+# Added last, so outermost: the deadline counts from the request's arrival.
+app.add_middleware(TimeoutMiddleware, timeout=5.0)
 
 
 @app.get("/hello")
@@ -67,6 +79,18 @@ async def login() -> dict[str, bool]:
 @app.get("/items/{item_id}", dependencies=[Depends(items_limit)])
 async def read_item(item_id: int) -> dict[str, int]:
     return {"item_id": item_id}
+
+
+@app.get("/slow")
+async def slow(seconds: float = 10.0) -> dict[str, float | None]:
+    await anyio.sleep(seconds)
+    return {"slept": seconds, "seconds_left": remaining()}
+
+
+@app.get("/search", dependencies=[Depends(timeout(2.0))])
+async def search(seconds: float = 0.1) -> dict[str, float]:
+    await anyio.sleep(seconds)
+    return {"searched_for": seconds}
 
 
 @app.get("/health")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -36,7 +38,9 @@ class Driven:
 
     def __init__(self) -> None:
         self.sent: list[Message] = []
+        self.times: list[float] = []
         self.receive_calls = 0
+        self.started_at = time.monotonic()
 
     @property
     def status(self) -> int:
@@ -49,25 +53,60 @@ class Driven:
         return {k.decode(): v.decode() for k, v in start["headers"]}
 
     @property
+    def starts(self) -> int:
+        """How many ``http.response.start`` messages were sent (never more than one)."""
+        return sum(m["type"] == "http.response.start" for m in self.sent)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the response ended with a final body message."""
+        return any(
+            m["type"] == "http.response.body" and not m.get("more_body", False) for m in self.sent
+        )
+
+    def at(self, kind: str) -> float:
+        """Seconds from the start of the drive to the first message of type ``kind``."""
+        index = next(i for i, m in enumerate(self.sent) if m["type"] == kind)
+        return self.times[index] - self.started_at
+
+    @property
     def body(self) -> bytes:
         return b"".join(
             m.get("body", b"") for m in self.sent if m["type"].endswith("response.body")
         )
 
 
-async def drive(app: ASGIApp, scope: dict[str, Any], messages: Sequence[Message] = ()) -> Driven:
-    """Run ``app`` on ``scope``, feeding ``messages`` to receive and recording what it sends."""
+async def drive(
+    app: ASGIApp,
+    scope: dict[str, Any],
+    messages: Sequence[Message | float] = (),
+    *,
+    then: str = "disconnect",
+) -> Driven:
+    """Run ``app`` on ``scope``, feeding ``messages`` to receive and recording what it sends.
+
+    A number among ``messages`` is a pause (seconds) before the next one. Once they run
+    out, ``receive`` reports a disconnect (``then="disconnect"``) or, like a real server
+    whose client waits, blocks until the app is cancelled (``then="wait"``).
+    """
     driven = Driven()
     queue = list(messages) or [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> Message:
         driven.receive_calls += 1
-        if queue:
-            return queue.pop(0)
+        while queue:
+            item = queue.pop(0)
+            if isinstance(item, (int, float)):
+                await anyio.sleep(item)  # a pause the test scripted
+                continue
+            return item
+        if then == "wait":
+            await anyio.sleep_forever()
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         driven.sent.append(message)
+        driven.times.append(time.monotonic())
 
     await app(scope, receive, send)
     return driven

@@ -7,12 +7,14 @@ import itertools
 import logging
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -145,6 +147,21 @@ def test_demo_main_prints_the_curl_commands_and_serves_on_8000(
     ), printed
     assert "curl -si -X POST http://127.0.0.1:8000/login" in printed, printed
     assert "http://127.0.0.1:8000/items/$i" in printed, printed
+    assert "curl -si http://127.0.0.1:8000/slow" in printed, printed
+
+
+async def test_demo_slow_route_gets_its_504_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The demo's /slow is answered 504 problem+json at its deadline; a short one is in time."""
+    demo = load("demo")
+    async with client_for(demo.app) as http:
+        r = await http.get("/slow", params={"seconds": "0.01"})
+        assert r.status_code == 200, r.text
+        assert 4.9 < r.json()["seconds_left"] <= 5.0
+        r = await http.get("/search", params={"seconds": "30"}, headers={})
+    assert_problem(r, 504)
+    assert "2 s deadline" in r.json()["detail"]
 
 
 # -- FastAPI dependencies ---------------------------------------------------------------------
@@ -469,3 +486,71 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     test_command = _readme_commands()[1]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert any(line.startswith(test_command) for line in ci.splitlines()), test_command
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def _upstream(delay: float) -> httpx.AsyncClient:
+    """A client for a local upstream that answers ``/price`` after ``delay`` seconds."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def price(request: Any) -> JSONResponse:
+        await anyio.sleep(delay)
+        return JSONResponse({"price": 42})
+
+    upstream = Starlette(routes=[Route("/price", price)])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream), base_url="http://up")
+
+
+async def test_timeouts_search_route_is_tighter_than_the_app() -> None:
+    """/search answers a quick query and gives a slow one its 504 at 0.5 s."""
+    timeouts = load("timeouts")
+    async with client_for(timeouts.app) as http:
+        assert (await http.get("/search", params={"q": "x"})).status_code == 200
+        started = time.monotonic()
+        r = await http.get("/search")
+    assert_problem(r, 504)
+    assert 0.5 <= time.monotonic() - started < 0.8
+    assert [e.kind for e in timeouts.timeouts] == ["deadline"]
+    assert timeouts.timeouts[0].route == "/search"
+
+
+async def test_timeouts_report_route_may_take_longer() -> None:
+    """/report outlasts the 1 s app default within its own 3 s deadline."""
+    timeouts = load("timeouts")
+    async with client_for(timeouts.app) as http:
+        r = await http.get("/report")
+    assert r.status_code == 200, r.text
+    assert 1.5 < r.json()["seconds_left"] < 1.8
+
+
+async def test_timeouts_quote_bounds_the_upstream_call_by_the_budget() -> None:
+    """/quote passes a quick upstream answer through; a stuck upstream ends in a 504 on time."""
+    timeouts = load("timeouts")
+    timeouts.__dict__["upstream"] = _upstream(0.0)
+    async with client_for(timeouts.app) as http:
+        r = await http.get("/quote")
+        assert r.status_code == 200, r.text
+        assert r.json()["price"] == 42
+        assert 0.5 < r.json()["budget_left"] <= 1.0
+        timeouts.__dict__["upstream"] = _upstream(30.0)
+        started = time.monotonic()
+        r = await http.get("/quote")
+    assert r.status_code == 504, r.text
+    assert time.monotonic() - started < 1.3
+
+
+async def test_timeouts_caller_header_and_background_task(caplog: pytest.LogCaptureFixture) -> None:
+    """A caller's X-Request-Timeout tightens the deadline; background tasks have none."""
+    timeouts = load("timeouts")
+    async with client_for(timeouts.app) as http:
+        r = await http.get("/search", params={"q": "x"}, headers={"x-request-timeout": "50m"})
+        assert_problem(r, 504)
+        with caplog.at_level(logging.INFO, logger="examples.timeouts"):
+            r = await http.post("/orders/book")
+    assert r.status_code == 200, r.text
+    assert 0.9 < r.json()["db_timeout"] <= 1.0
+    assert "audited book with no deadline (remaining=None)" in caplog.text

@@ -14,6 +14,7 @@ from typing import get_args
 import anyio
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from asgi_guard import (
     ConfigurationError,
@@ -272,3 +273,28 @@ async def test_cost_above_the_quota_has_no_retry_after(redis_url: str, strategy:
         r = await client.get("/")
     assert r.status_code == 429, r.text
     assert "retry-after" not in r.headers, r.headers
+
+
+async def test_a_deadline_counts_the_time_spent_asking_redis(redis_url: str) -> None:
+    """Behind a Redis rate limit, a TimeoutMiddleware deadline counts from the limiter's arrival."""
+    from asgi_guard import TimeoutMiddleware
+    from asgi_guard._record import GuardRecord
+
+    seen: list[tuple[float | None, float]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        record = scope["asgi_guard"]
+        assert isinstance(record, GuardRecord)
+        seen.append((record.arrival, time.monotonic()))
+        await ok_app(scope, receive, send)
+
+    guarded = RateLimitMiddleware(
+        TimeoutMiddleware(app, timeout=5.0), limit="100/minute", storage=redis_url
+    )
+    before = time.monotonic()
+    async with client_for(guarded) as client:
+        r = await client.get("/")
+    assert r.status_code == 200, r.text
+    arrival, reached = seen[0]
+    assert arrival is not None
+    assert before <= arrival < reached

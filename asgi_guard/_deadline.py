@@ -1,0 +1,412 @@
+"""Deadlines: a request's budget, the task that enforces budgets, and what handlers read.
+
+Every guarded request gets a `Budget`. Instead of a timer per request, one `Keeper` task
+per event loop holds the budgets in a heap and wakes only when the earliest live one is due:
+registering a request is a heap push, and a request that completes in time costs nothing
+more. At a budget's deadline the keeper cancels the request's cancel scope and, when
+nothing was sent yet, answers the client itself, so the answer is on time even when the
+handler cannot be cancelled (a sync endpoint in a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from heapq import heapify, heappop, heappush
+from itertools import count
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from starlette.types import Receive, Scope, Send
+
+from ._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "Budget",
+    "Keeper",
+    "current_loop",
+    "deadline",
+    "httpx_timeout",
+    "outbound_timeout",
+    "remaining",
+]
+
+logger = logging.getLogger("asgi_guard.timeout")
+
+_current: ContextVar[Budget | None] = ContextVar("asgi_guard_budget", default=None)
+
+#: The smallest timeout `outbound_timeout` returns: a call with no time left fails fast
+#: instead of being given "no timeout" (which 0 means to some clients).
+MIN_OUTBOUND = 0.001
+
+
+class Budget:
+    """One request's time: its deadline and the state the keeper and the middleware share.
+
+    Times are `time.monotonic` seconds. ``deadline_at`` is the request's deadline;
+    ``idle_at`` and ``body_at`` are the streaming idle and body-read limits, ``inf``
+    when unused. The keeper acts at the earliest of the three.
+    """
+
+    __slots__ = (
+        "active",
+        "answer_done",
+        "answered",
+        "arrival",
+        "body_at",
+        "caller_at",
+        "cancel_scope",
+        "complete",
+        "deadline_at",
+        "fired",
+        "fired_at",
+        "idle_at",
+        "keeper",
+        "max_timeout",
+        "receive",
+        "scheduled",
+        "scope",
+        "send",
+        "started",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        arrival: float,
+        timeout: float,
+        max_timeout: float,
+        scope: Scope | None = None,
+        receive: Receive | None = None,
+        send: Send | None = None,
+    ) -> None:
+        self.arrival = arrival
+        self.timeout = timeout
+        self.max_timeout = max_timeout
+        self.deadline_at = arrival + timeout
+        self.caller_at = math.inf
+        self.idle_at = math.inf
+        self.body_at = math.inf
+        self.scheduled = math.inf
+        #: Whether the keeper must still watch it (not finished, not yet fired).
+        self.active = True
+        self.complete = False
+        self.started = False
+        self.answered = False
+        self.fired: str | None = None
+        self.fired_at = 0.0
+        self.answer_done: anyio.Event | None = None
+        self.cancel_scope: anyio.CancelScope | None = None
+        self.keeper: Keeper | None = None
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+
+    @property
+    def due(self) -> float:
+        """When the keeper must act: the earliest of the deadline and the idle and body limits."""
+        due = self.deadline_at
+        if self.idle_at < due:
+            due = self.idle_at
+        if self.body_at < due:
+            due = self.body_at
+        return due
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        left = self.deadline_at - monotonic()
+        return left if left > 0.0 else 0.0
+
+    def set_timeout(self, seconds: float) -> None:
+        """Make the request's budget ``seconds`` from its arrival (a caller's tighter
+        deadline still applies)."""
+        self.timeout = seconds
+        at = self.arrival + seconds
+        self.deadline_at = at if at < self.caller_at else self.caller_at
+        self.reschedule()
+
+    def set_caller_timeout(self, seconds: float) -> None:
+        """Apply a deadline the caller asked for; it can only tighten the request's own."""
+        self.caller_at = self.arrival + seconds
+        if self.caller_at < self.deadline_at:
+            self.deadline_at = self.caller_at
+
+    def reschedule(self) -> None:
+        """Tell the keeper when the budget is next due, if that moved earlier."""
+        due = self.due
+        if self.active and due < self.scheduled and self.keeper is not None:
+            self.keeper.schedule(self, due)
+
+    def stop(self) -> None:
+        """The keeper no longer watches it: it fired, or the response is complete."""
+        if self.active:
+            self.active = False
+            if self.keeper is not None:
+                self.keeper.live -= 1
+
+    def completed(self) -> None:
+        """The response is complete: the deadline no longer applies."""
+        self.complete = True
+        if self.active:
+            self.active = False
+            if self.keeper is not None:
+                self.keeper.live -= 1
+
+    def finish(self) -> None:
+        """The app returned: stop, and drop the references to the request (a finished
+        budget may wait in the keeper's heap until its due time)."""
+        self.stop()
+        self.scope = self.receive = self.send = None
+
+
+#: What the keeper calls at a budget's due time: ``fire(budget, now)``.
+FireFunc = Callable[[Budget, float], None]
+#: What the keeper runs in its own task group when it must answer a request.
+AnswerFunc = Callable[[Budget], Coroutine[Any, Any, None]]
+
+
+def current_loop() -> object:
+    """An identity for the running event loop: the asyncio loop or the trio run's token."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+
+
+class Keeper:
+    """The task that fires due budgets, one per event loop per middleware.
+
+    ``horizon`` is the usual budget: budgets due later than the keeper's next wake-up
+    (all the usual ones) are pushed without waking it.
+    """
+
+    __slots__ = (
+        "_answer",
+        "_fire",
+        "_heap",
+        "_seq",
+        "_target",
+        "_task_group",
+        "_wake",
+        "alive",
+        "cancel_scope",
+        "horizon",
+        "live",
+        "loop",
+        "task",
+    )
+
+    #: Rebuild the heap once stale entries outnumber live ones by this much.
+    SLACK = 1024
+
+    def __init__(self, loop: object, fire: FireFunc, answer: AnswerFunc, horizon: float) -> None:
+        self.loop = loop
+        self.horizon = horizon
+        self._fire = fire
+        self._answer = answer
+        self._heap: list[tuple[float, int, Budget]] = []
+        self._seq = count()
+        self._target = math.inf
+        self._wake = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.live = 0
+        self.alive = True
+        self.task: object = None
+        #: The running backend's cancel scope class: instantiating it directly skips
+        #: anyio's per-call backend lookup, a third of a cancel scope's cost.
+        self.cancel_scope: type[anyio.CancelScope] = type(anyio.CancelScope())
+
+    def add(self, budget: Budget) -> None:
+        """Watch a new budget."""
+        budget.keeper = self
+        self.live += 1
+        heap = self._heap
+        if len(heap) > 2 * self.live + self.SLACK:
+            # Finished budgets stay in the heap until their due time; drop them in bulk so
+            # memory follows the number of requests in flight, not the request rate.
+            heap[:] = [entry for entry in heap if entry[2].active]
+            heapify(heap)
+        at = budget.scheduled = budget.due
+        heappush(heap, (at, next(self._seq), budget))
+        if at < self._target:
+            self._target = at
+            self._wake.set()
+
+    def schedule(self, budget: Budget, at: float) -> None:
+        budget.scheduled = at
+        heappush(self._heap, (at, next(self._seq), budget))
+        if at < self._target:
+            self._target = at
+            self._wake.set()
+
+    def spawn(self, budget: Budget) -> None:
+        """Run the answer to ``budget`` in the keeper's task group."""
+        assert self._task_group is not None
+        budget.answer_done = anyio.Event()
+        self._task_group.start_soon(self._answer, budget)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Fire budgets as they fall due, until cancelled."""
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                task_status.started()
+                while True:
+                    now = monotonic()
+                    self._fire_due(now)
+                    heap = self._heap
+                    # With nothing to watch, sleep one horizon (the shortest usual budget):
+                    # a request arriving meanwhile is due later and need not wake us.
+                    self._target = heap[0][0] if heap else now + self.horizon
+                    if self._wake.is_set():
+                        self._wake = anyio.Event()
+                    with anyio.move_on_after(self._target - now):
+                        await self._wake.wait()
+        finally:
+            self.alive = False
+
+    async def run_detached(self) -> None:
+        """`run` as a free-standing task (no lifespan): it ends with the event loop."""
+        try:
+            await self.run()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:  # pragma: no cover - run() itself never fails
+            logger.exception("asgi_guard: the timeout keeper stopped")
+
+    def _fire_due(self, now: float) -> None:
+        heap = self._heap
+        while heap:
+            at, _, budget = heap[0]
+            if not budget.active:
+                heappop(heap)
+                continue
+            if at > now:
+                return
+            heappop(heap)
+            if at != budget.scheduled:
+                continue  # superseded by an earlier entry for the same budget
+            due = budget.due
+            if due > now:
+                # The deadline moved later (a looser route timeout, a fresh chunk).
+                budget.scheduled = due
+                heappush(heap, (due, next(self._seq), budget))
+                continue
+            try:
+                self._fire(budget, now)
+            except Exception:  # pragma: no cover - a bug in fire must not stop the keeper
+                logger.exception("asgi_guard: firing a request deadline failed")
+
+
+def spawn_detached(keeper: Keeper) -> None:
+    """Start ``keeper.run`` outside any task group: a task of the running loop."""
+    loop = keeper.loop
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        # The keeper holds its task: the loop keeps only weak references to tasks.
+        keeper.task = loop.create_task(keeper.run_detached())
+    else:
+        import trio
+
+        trio.lowlevel.spawn_system_task(keeper.run_detached)
+
+
+def remaining() -> float | None:
+    """Seconds left before the current request's deadline, or ``None``.
+
+    ``None`` outside a request guarded by ``TimeoutMiddleware``, and once its response is
+    complete (background tasks run with no deadline). Works in code the handler calls,
+    including sync ``def`` endpoints and dependencies run in worker threads.
+
+    Examples:
+        >>> remaining() is None  # outside a request
+        True
+    """
+    budget = _current.get()
+    if budget is None or budget.complete:
+        return None
+    return budget.remaining()
+
+
+def deadline() -> float | None:
+    """The current request's deadline on the anyio clock (`anyio.current_time`), or ``None``.
+
+    Use it for your own cancel scopes: ``with anyio.CancelScope(deadline=deadline()):``.
+    ``None`` where `remaining` is ``None``. Call it from async code (it reads the event
+    loop's clock).
+    """
+    budget = _current.get()
+    if budget is None or budget.complete:
+        return None
+    return anyio.current_time() + (budget.deadline_at - monotonic())
+
+
+def outbound_timeout(default: float | None = None, *, reserve: float = 0.0) -> float | None:
+    """A timeout for an outbound call that fits in what is left of the request's budget.
+
+    Args:
+        default: The call's own timeout, used as is outside a guarded request and as an
+            upper bound inside one. ``None``: no bound of its own.
+        reserve: Seconds kept back for the handler to build its answer after the call.
+
+    Returns:
+        ``min(default, remaining() - reserve)``, at least one millisecond so that a call
+        with no time left fails fast; ``default`` outside a guarded request.
+
+    Examples:
+        >>> outbound_timeout(5.0)  # outside a request: the default
+        5.0
+    """
+    _check_seconds(reserve, "reserve", allow_zero=True)
+    if default is not None:
+        _check_seconds(default, "default")
+    left = remaining()
+    if left is None:
+        return default
+    left = max(MIN_OUTBOUND, left - reserve)
+    return left if default is None or left < default else default
+
+
+def httpx_timeout(
+    default: float | None = 5.0, *, connect: float | None = None, reserve: float = 0.0
+) -> httpx.Timeout:
+    """An ``httpx.Timeout`` bounded by the request's remaining budget.
+
+    Every phase (connect, read, write, pool) gets `outbound_timeout`; ``connect`` bounds
+    the connect phase further. Needs httpx (``pip install httpx``).
+
+    Examples:
+        >>> httpx_timeout(2.0, connect=0.5)  # outside a request
+        Timeout(connect=0.5, read=2.0, write=2.0, pool=2.0)
+    """
+    import httpx
+
+    total = outbound_timeout(default, reserve=reserve)
+    connect_timeout = total
+    if connect is not None:
+        _check_seconds(connect, "connect")
+        connect_timeout = connect if total is None or connect < total else total
+    return httpx.Timeout(total, connect=connect_timeout)
+
+
+def _check_seconds(value: Any, name: str, *, allow_zero: bool = False) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        qualifier = "non-negative" if allow_zero else "positive"
+        raise ConfigurationError(f"{name} must be a {qualifier}, finite number of seconds")

@@ -1,0 +1,89 @@
+"""Path matching shared by the guards: exempt paths and predicates, route templates."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+
+from starlette.routing import compile_path
+from starlette.types import Scope
+
+from ._errors import ConfigurationError
+
+__all__ = ["ExemptSpec", "Exemptions", "compile_template", "route_template"]
+
+#: A path (exact, or a Starlette route template) or a predicate on the scope.
+ExemptSpec = str | Callable[[Scope], bool]
+
+
+def compile_template(template: str) -> re.Pattern[str]:
+    """The regex of a Starlette route template, or `ConfigurationError`."""
+    try:
+        regex, _, _ = compile_path(template)
+    except (ValueError, AssertionError) as exc:
+        raise ConfigurationError(f"cannot compile the path template {template!r}: {exc}") from exc
+    return regex
+
+
+def route_template(scope: Scope) -> str | None:
+    """The template of the route the app matched (``"/users/{id}"``), once it has routed."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return template if isinstance(template, str) else None
+
+
+class Exemptions:
+    """Which requests a guard leaves alone: exact paths, templates, predicates.
+
+    A predicate that raises counts as "not exempt"; the first such error is logged.
+    """
+
+    __slots__ = ("_checks", "_failed", "_logger", "_patterns", "_what", "paths")
+
+    def __init__(self, exempt: Iterable[ExemptSpec], logger: logging.Logger, what: str) -> None:
+        if isinstance(exempt, str) or callable(exempt):
+            exempt = [exempt]
+        paths = set()
+        self._patterns: list[re.Pattern[str]] = []
+        self._checks: list[Callable[[Scope], bool]] = []
+        for entry in exempt:
+            if isinstance(entry, str):
+                if not entry.startswith("/"):
+                    raise ConfigurationError(f"exempt paths start with '/': {entry!r}")
+                if "{" in entry:
+                    self._patterns.append(compile_template(entry))
+                else:
+                    paths.add(entry)
+            elif callable(entry):
+                self._checks.append(entry)
+            else:
+                raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")
+        #: The exact paths, for a set lookup on the hot path.
+        self.paths = frozenset(paths)
+        self._failed = False
+        self._logger = logger
+        self._what = what
+
+    @property
+    def needs_check(self) -> bool:
+        """Whether anything beyond the exact paths must be checked."""
+        return bool(self._patterns or self._checks)
+
+    def __call__(self, scope: Scope, path: str) -> bool:
+        if path in self.paths or any(p.match(path) for p in self._patterns):
+            return True
+        for check in self._checks:
+            try:
+                if check(scope):
+                    return True
+            except Exception as exc:
+                if not self._failed:
+                    self._failed = True
+                    self._logger.error(
+                        "an exempt predicate raised %s; such requests are %s as usual",
+                        type(exc).__name__,
+                        self._what,
+                        exc_info=exc,
+                    )
+        return False

@@ -1,0 +1,736 @@
+"""TimeoutMiddleware: deadlines, 504/408 answers, cut-short streams, background tasks, threads."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from asgi_guard import (
+    ConfigurationError,
+    Event,
+    Rejection,
+    TimeoutEvent,
+    TimeoutMiddleware,
+    deadline,
+    httpx_timeout,
+    outbound_timeout,
+    remaining,
+)
+from asgi_guard._record import GuardRecord
+from asgi_guard.timeout import parse_timeout_header
+
+from .asgi_driver import drive, http_scope
+
+pytestmark = pytest.mark.anyio
+
+T = 0.1  # the deadline most tests use
+SLACK = 0.15  # how late a timer may fire on a loaded CI machine
+
+
+def request(body: bytes = b"", more: bool = False) -> Message:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+class Probe:
+    """What the handlers of `make_app` saw."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.finished: list[str] = []
+        self.remaining: list[float | None] = []
+
+
+def make_app(probe: Probe) -> Starlette:
+    async def slow(request: Request) -> PlainTextResponse:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            probe.cancelled.append("slow")
+            raise
+        return PlainTextResponse("late")
+
+    async def fast(request: Request) -> PlainTextResponse:
+        probe.remaining.append(remaining())
+        return PlainTextResponse("ok", headers={"x-app": "1"})
+
+    def sync_slow(request: Request) -> PlainTextResponse:
+        probe.remaining.append(remaining())
+        time.sleep(3 * T)
+        probe.finished.append("sync")
+        return PlainTextResponse("late from a thread")
+
+    async def stalls(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                yield b"first"
+                await anyio.sleep(10)
+                yield b"never"
+            finally:
+                probe.cancelled.append("stream")
+
+        return StreamingResponse(chunks())
+
+    async def steady(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(8):
+                await anyio.sleep(T / 5)
+                yield str(i).encode()
+
+        return StreamingResponse(chunks())
+
+    async def background(request: Request) -> PlainTextResponse:
+        async def later() -> None:
+            await anyio.sleep(2 * T)
+            probe.remaining.append(remaining())
+            probe.finished.append("background")
+
+        return PlainTextResponse("done", background=BackgroundTask(later))
+
+    async def echo(request: Request) -> PlainTextResponse:
+        body = await request.body()
+        return PlainTextResponse(body)
+
+    return Starlette(
+        routes=[
+            Route("/slow", slow),
+            Route("/fast", fast),
+            Route("/sync", sync_slow),
+            Route("/stalls", stalls),
+            Route("/steady", steady),
+            Route("/background", background),
+            Route("/echo", echo, methods=["POST"]),
+            Route("/items/{item_id}", slow),
+        ]
+    )
+
+
+def guarded(probe: Probe, **options: Any) -> tuple[TimeoutMiddleware, list[Event]]:
+    events: list[Event] = []
+    options.setdefault("timeout", T)
+    middleware = TimeoutMiddleware(make_app(probe), on_event=events.append, **options)
+    return middleware, events
+
+
+def problem(driven: Any) -> dict[str, Any]:
+    assert driven.headers["content-type"] == "application/problem+json", driven.headers
+    return json.loads(driven.body)  # type: ignore[no-any-return]
+
+
+# -- the deadline ---------------------------------------------------------------------------
+
+
+async def test_a_fast_request_passes_unchanged() -> None:
+    """A request well within its deadline gets the app's own response, untouched."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0)
+    driven = await drive(app, http_scope("/fast"))
+    assert (driven.status, driven.body, driven.headers["x-app"]) == (200, b"ok", "1")
+    assert driven.starts == 1
+    assert driven.complete
+    assert probe.remaining[0] is not None
+    assert 4.5 < probe.remaining[0] <= 5.0
+    assert events == []
+    assert app.stats["timeouts"] == 0
+
+
+async def test_a_slow_handler_is_cancelled_and_answered_504_at_the_deadline() -> None:
+    """An async handler past its deadline is cancelled where it awaits; the client gets 504."""
+    probe = Probe()
+    app, events = guarded(probe)
+    driven = await drive(app, http_scope("/items/7"), then="wait")
+    assert driven.status == 504, driven.sent
+    assert T <= driven.at("http.response.start") < T + SLACK
+    body = problem(driven)
+    assert body["status"] == 504
+    assert body["title"] == "Gateway Timeout"
+    assert body["type"] == "about:blank"
+    assert "0.1 s" in body["detail"]
+    assert driven.starts == 1
+    assert driven.complete
+    assert probe.cancelled == ["slow"]
+    assert app.stats["timeouts"] == 1
+    (event,) = events
+    assert isinstance(event, TimeoutEvent)
+    assert (event.kind, event.method, event.path, event.route) == (
+        "deadline",
+        "GET",
+        "/items/7",
+        "/items/{item_id}",
+    )
+    assert event.timeout == T
+    assert not event.response_started
+    assert event.elapsed >= T
+
+
+async def test_a_raw_asgi_app_gets_its_504_too() -> None:
+    """Around a bare ASGI callable (no router) the deadline works the same; no route is known."""
+    events: list[Event] = []
+
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(10)
+
+    app = TimeoutMiddleware(raw, timeout=T, on_event=events.append)
+    driven = await drive(app, http_scope("/anything"), then="wait")
+    assert driven.status == 504
+    assert isinstance(events[0], TimeoutEvent)
+    assert events[0].route is None
+
+
+async def test_a_started_response_is_cut_short_never_restarted() -> None:
+    """A stream past its deadline ends without its final chunk and with one start only."""
+    probe = Probe()
+    app, events = guarded(probe)
+    driven = await drive(app, http_scope("/stalls"), then="wait")
+    assert driven.status == 200
+    assert driven.starts == 1
+    assert driven.body == b"first"
+    assert not driven.complete, "a cut-short response must not look complete"
+    assert probe.cancelled == ["stream"]
+    assert app.stats == {**app.stats, "cut_short": 1, "timeouts": 0}
+    (event,) = events
+    assert isinstance(event, TimeoutEvent)
+    assert event.kind == "deadline"
+    assert event.response_started
+
+
+async def test_a_stream_that_ends_in_time_is_untouched() -> None:
+    """A stream that finishes before its deadline arrives whole."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0)
+    driven = await drive(app, http_scope("/steady"), then="wait")
+    assert driven.body == b"01234567"
+    assert driven.complete
+    assert events == []
+
+
+async def test_background_tasks_outlive_the_deadline() -> None:
+    """Once the response is complete, background tasks run past the deadline, uncancelled."""
+    probe = Probe()
+    app, events = guarded(probe)
+    started = time.monotonic()
+    driven = await drive(app, http_scope("/background"), then="wait")
+    assert time.monotonic() - started >= 2 * T
+    assert (driven.status, driven.body) == (200, b"done")
+    assert driven.complete
+    assert probe.finished == ["background"]
+    assert probe.remaining == [None], "no deadline applies once the response is complete"
+    assert events == []
+    assert app.stats["timeouts"] == 0
+
+
+async def test_the_usual_cancel_scope_recipe_kills_background_tasks() -> None:
+    """The contrast: a cancel scope around the whole app cancels the background task."""
+    probe = Probe()
+
+    async def recipe(scope: Scope, receive: Receive, send: Send) -> None:
+        with anyio.move_on_after(T):
+            await make_app(probe)(scope, receive, send)
+
+    driven = await drive(recipe, http_scope("/background"), then="wait")
+    assert driven.status == 200
+    assert probe.finished == [], "the recipe lets the background task finish after all"
+
+
+async def test_a_sync_endpoint_is_answered_at_the_deadline_while_its_thread_runs_on() -> None:
+    """A sync handler cannot be cancelled: 504 at the deadline, its late 200 dropped, and the
+    request counts as in flight until the thread really ends."""
+    probe = Probe()
+    app, events = guarded(probe)
+    started = time.monotonic()
+    driven = await drive(app, http_scope("/sync"), then="wait")
+    returned = time.monotonic() - started
+    assert driven.status == 504, driven.sent
+    assert driven.starts == 1, driven.sent
+    assert driven.at("http.response.start") < T + SLACK
+    assert returned >= 3 * T, "the middleware returned before the thread ended"
+    assert probe.finished == ["sync"]
+    assert probe.remaining[0] is not None
+    assert 0 < probe.remaining[0] <= T
+    assert b"late" not in driven.body
+    assert app.stats["overruns"] == 1
+    assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["deadline", "overrun"]
+    # The warning comes once per route; the counter counts every overrun.
+    await drive(app, http_scope("/sync"), then="wait")
+    assert app.stats["overruns"] == 2
+    assert [e.kind for e in events if isinstance(e, TimeoutEvent)].count("overrun") == 1
+
+
+async def test_an_overrun_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The first overrun of a route is a warning naming the route and the cause."""
+    probe = Probe()
+    app, _ = guarded(probe)
+    with caplog.at_level(logging.INFO, logger="asgi_guard"):
+        await drive(app, http_scope("/sync"), then="wait")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GET /sync" in warnings[0].getMessage()
+    assert "sync endpoint" in warnings[0].getMessage()
+
+
+async def test_an_outer_guard_arrival_counts() -> None:
+    """The deadline counts from the arrival an outer guard noted, not from this middleware."""
+    probe = Probe()
+    app, _ = guarded(probe)
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        record = scope["asgi_guard"] = GuardRecord()
+        record.arrival = time.monotonic()
+        await anyio.sleep(T / 2)  # time spent queued by an outer guard
+        await app(scope, receive, send)
+
+    driven = await drive(outer, http_scope("/slow"), then="wait")
+    assert driven.status == 504
+    assert driven.at("http.response.start") < T + SLACK / 2 + T / 2
+    assert driven.at("http.response.start") >= T
+
+
+async def test_an_error_raised_while_cancelled_is_not_raised_again() -> None:
+    """A handler that raises on its way out of a cancellation does not turn a 504 into a crash."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await anyio.sleep(10)
+        finally:
+            raise RuntimeError("cleanup failed")
+
+    driven = await drive(TimeoutMiddleware(app, timeout=T), http_scope(), then="wait")
+    assert driven.status == 504
+
+
+async def test_an_error_before_the_deadline_propagates() -> None:
+    """The middleware does not hide a handler's own error."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await drive(TimeoutMiddleware(app, timeout=5.0), http_scope())
+
+
+# -- streaming and bodies ---------------------------------------------------------------------
+
+
+async def test_an_idle_stream_is_cut_at_its_idle_timeout() -> None:
+    """A stream that stalls longer than idle_timeout is ended long before its deadline."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0, idle_timeout=T)
+    driven = await drive(app, http_scope("/stalls"), then="wait")
+    assert driven.body == b"first"
+    assert not driven.complete
+    assert driven.times[-1] - driven.started_at < T + SLACK
+    assert probe.cancelled == ["stream"]
+    assert isinstance(events[0], TimeoutEvent)
+    assert events[0].kind == "idle"
+    assert app.stats["cut_short"] == 1
+
+
+async def test_a_steady_stream_is_not_cut_by_its_idle_timeout() -> None:
+    """Chunks arriving more often than idle_timeout keep the stream alive."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0, idle_timeout=T)
+    driven = await drive(app, http_scope("/steady"), then="wait")
+    assert driven.body == b"01234567"
+    assert driven.complete
+    assert events == []
+
+
+async def test_a_slow_body_is_answered_408() -> None:
+    """A body whose next chunk takes longer than body_timeout gets 408 and Connection: close."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0, body_timeout=T)
+    messages: list[Message | float] = [request(b"a" * 10, more=True), 10.0, request(b"b")]
+    driven = await drive(app, http_scope("/echo", method="POST"), messages, then="wait")
+    assert driven.status == 408, driven.sent
+    assert driven.at("http.response.start") < T + SLACK
+    assert driven.headers["connection"] == "close"
+    assert problem(driven)["title"] == "Request Timeout"
+    assert app.stats["body_timeouts"] == 1
+    assert isinstance(events[0], TimeoutEvent)
+    assert events[0].kind == "body"
+
+
+async def test_a_trickling_body_below_the_minimum_rate_is_answered_408() -> None:
+    """Chunks that each arrive in time but add up to too slow a rate still get 408."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, body_timeout=1.0, min_body_rate=100, body_rate_grace=T)
+    messages: list[Message | float] = []
+    for _ in range(20):
+        messages += [request(b"x", more=True), T / 4]  # 4 bytes per T: 40 B/s
+    messages.append(request(b"end"))
+    driven = await drive(app, http_scope("/echo", method="POST"), messages, then="wait")
+    assert driven.status == 408, driven.sent
+
+
+async def test_a_body_at_a_good_rate_is_read_whole() -> None:
+    """A body in several chunks, each in time and at a good rate, reaches the app intact."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, body_timeout=T, min_body_rate=100, body_rate_grace=T)
+    chunks = [request(b"%d" % i * 50, more=True) for i in range(5)] + [request(b"!")]
+    driven = await drive(app, http_scope("/echo", method="POST"), chunks, then="wait")
+    assert driven.status == 200
+    assert driven.body == b"".join(m["body"] for m in chunks)
+
+
+# -- disconnects ------------------------------------------------------------------------------
+
+
+async def test_a_disconnect_cancels_the_handler_when_asked() -> None:
+    """With cancel_on_disconnect, the client going away cancels a handler that never reads."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0, cancel_on_disconnect=True)
+    started = time.monotonic()
+    driven = await drive(app, http_scope("/slow"), [request(), T])
+    assert time.monotonic() - started < T + SLACK
+    assert driven.sent == []
+    assert probe.cancelled == ["slow"]
+    assert app.stats["disconnects"] == 1
+    assert isinstance(events[0], TimeoutEvent)
+    assert events[0].kind == "disconnect"
+
+
+async def test_without_the_option_a_disconnect_waits_for_the_deadline() -> None:
+    """By default a disconnect the handler does not read about changes nothing."""
+    probe = Probe()
+    app, _ = guarded(probe)
+    driven = await drive(app, http_scope("/slow"), [request(), T / 4])
+    assert driven.status == 504
+    assert app.stats["disconnects"] == 0
+
+
+async def test_the_disconnect_watch_keeps_the_body_intact() -> None:
+    """Watching for a disconnect reads nothing ahead that the app would miss."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, cancel_on_disconnect=True)
+    chunks: list[Message | float] = [
+        request(b"one,", more=True),
+        T / 10,
+        request(b"two,", more=True),
+        request(b"3"),
+    ]
+    driven = await drive(app, http_scope("/echo", method="POST"), chunks, then="wait")
+    assert (driven.status, driven.body) == (200, b"one,two,3")
+
+
+async def test_a_disconnect_after_the_response_spares_background_tasks() -> None:
+    """The client leaving after a complete response does not cancel the background task."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, cancel_on_disconnect=True)
+    driven = await drive(app, http_scope("/background"), [request(), T / 10])
+    assert driven.status == 200
+    assert probe.finished == ["background"]
+    assert app.stats["disconnects"] == 0
+
+
+# -- the caller's deadline --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("x-request-timeout", "0.05"), ("grpc-timeout", "50m"), ("grpc-timeout", "50000u")],
+)
+async def test_a_caller_deadline_tightens_the_request(header: str, value: str) -> None:
+    """A trusted relative timeout header brings the deadline forward."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, deadline_header=header)
+    scope = http_scope("/slow", headers=[(header.encode(), value.encode())])
+    driven = await drive(app, scope, then="wait")
+    assert driven.status == 504
+    assert 0.05 <= driven.at("http.response.start") < 0.05 + SLACK
+
+
+async def test_a_caller_cannot_loosen_the_deadline() -> None:
+    """A caller asking for more time than the app gives still gets the app's deadline."""
+    probe = Probe()
+    app, _ = guarded(probe, deadline_header="x-request-timeout")
+    scope = http_scope("/slow", headers=[(b"x-request-timeout", b"60")])
+    driven = await drive(app, scope, then="wait")
+    assert driven.status == 504
+    assert driven.at("http.response.start") < T + SLACK
+
+
+async def test_the_header_is_ignored_unless_configured() -> None:
+    """Without deadline_header, a client's timeout header is not trusted."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0)
+    scope = http_scope("/fast", headers=[(b"x-request-timeout", b"0.000001")])
+    driven = await drive(app, scope)
+    assert driven.status == 200
+
+
+@pytest.mark.parametrize(
+    "value", [b"abc", b"-1", b"0", b"nan", b"inf", b"1e999", b"", b"123456789S", b"5 m", b"\xff"]
+)
+async def test_a_malformed_caller_deadline_is_ignored(
+    value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage in the timeout header is logged at debug level and otherwise ignored."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0, deadline_header="X-Request-Timeout")
+    with caplog.at_level(logging.DEBUG, logger="asgi_guard"):
+        driven = await drive(app, http_scope("/fast", headers=[(b"x-request-timeout", value)]))
+    assert driven.status == 200
+    assert probe.remaining[0] is not None
+    assert probe.remaining[0] > 4
+    assert any("malformed" in r.getMessage() for r in caplog.records)
+
+
+@given(st.text(max_size=40))
+def test_parsing_a_timeout_header_never_raises(value: str) -> None:
+    """Any header text parses to a positive finite number of seconds or to None."""
+    seconds = parse_timeout_header(value)
+    assert seconds is None or (math.isfinite(seconds) and seconds > 0)
+
+
+def test_timeout_header_syntaxes() -> None:
+    """Plain seconds and every grpc-timeout unit parse to seconds."""
+    assert parse_timeout_header("2.5") == 2.5
+    assert parse_timeout_header("1H") == 3600
+    assert parse_timeout_header("2M") == 120
+    assert parse_timeout_header("3S") == 3
+    assert parse_timeout_header("250m") == pytest.approx(0.25)
+    assert parse_timeout_header("7u") == pytest.approx(7e-6)
+    assert parse_timeout_header("9n") == pytest.approx(9e-9)
+
+
+# -- the remaining budget ---------------------------------------------------------------------
+
+
+async def test_remaining_and_deadline_inside_a_handler() -> None:
+    """Inside a request remaining() counts down and deadline() is on the anyio clock."""
+    seen: dict[str, float | None] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["remaining"] = remaining()
+        seen["deadline"] = deadline()
+        seen["now"] = anyio.current_time()
+        seen["outbound"] = outbound_timeout(10.0, reserve=0.5)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    await drive(TimeoutMiddleware(app, timeout=2.0), http_scope())
+    left, at, now = seen["remaining"], seen["deadline"], seen["now"]
+    assert left is not None
+    assert at is not None
+    assert now is not None
+    assert 1.9 < left <= 2.0
+    assert at - now == pytest.approx(left, abs=0.01)
+    assert seen["outbound"] == pytest.approx(left - 0.5, abs=0.01)
+
+
+def test_outside_a_request_there_is_no_deadline() -> None:
+    """Outside a guarded request remaining() and deadline() are None; outbound keeps its default."""
+    assert remaining() is None
+    assert deadline() is None
+    assert outbound_timeout() is None
+    assert outbound_timeout(3.0) == 3.0
+    assert httpx_timeout(2.0, connect=0.5) == httpx.Timeout(2.0, connect=0.5)
+
+
+async def test_outbound_timeouts_shrink_with_the_budget() -> None:
+    """outbound_timeout and httpx_timeout never exceed what is left, and never reach zero."""
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(0.05)
+        seen.append(outbound_timeout(60.0))
+        seen.append(outbound_timeout(0.01))
+        seen.append(outbound_timeout(60.0, reserve=10.0))
+        seen.append(httpx_timeout(60.0, connect=0.02))
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    await drive(TimeoutMiddleware(app, timeout=0.2), http_scope())
+    left, tight, reserved, timeout = seen
+    assert 0.1 < left <= 0.15
+    assert tight == 0.01
+    assert reserved == 0.001  # no time left after the reserve: fail fast, never "no timeout"
+    assert timeout.connect == 0.02
+    assert 0.1 < timeout.read <= 0.15
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "1", True])
+def test_outbound_timeout_rejects_nonsense(bad: Any) -> None:
+    """outbound_timeout takes a positive finite default and a non-negative reserve."""
+    with pytest.raises(ConfigurationError):
+        outbound_timeout(bad)
+    if bad != 0:
+        with pytest.raises(ConfigurationError):
+            outbound_timeout(1.0, reserve=bad)
+
+
+# -- configuration and pass-through -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": 0},
+        {"timeout": -1},
+        {"timeout": math.nan},
+        {"timeout": math.inf},
+        {"timeout": "5"},
+        {"timeout": True},
+        {"timeout": 5, "max_timeout": 1},
+        {"idle_timeout": 0},
+        {"idle_timeout": math.nan},
+        {"body_timeout": -2},
+        {"min_body_rate": math.inf},
+        {"body_rate_grace": -1},
+        {"deadline_header": ""},
+        {"exempt": ["health"]},
+        {"response": "not callable"},
+    ],
+)
+def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -> None:
+    """Zero, negative, NaN or infinite durations and bad options raise ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        TimeoutMiddleware(PlainTextResponse("ok"), **options)
+
+
+async def test_exempt_paths_get_no_deadline() -> None:
+    """An exempt route runs past the deadline and sees no budget."""
+    seen: list[float | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(2 * T)
+        seen.append(remaining())
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    guard = TimeoutMiddleware(app, timeout=T, exempt=["/events", "/feeds/{name}"])
+    for path in ("/events", "/feeds/news"):
+        driven = await drive(guard, http_scope(path), then="wait")
+        assert driven.status == 200
+    assert seen == [None, None]
+
+
+async def test_a_custom_response_replaces_the_504() -> None:
+    """response= builds the answer from the Rejection."""
+    seen: list[Rejection] = []
+
+    def respond(scope: Scope, rejection: Rejection) -> ASGIApp:
+        seen.append(rejection)
+        return JSONResponse({"late": True}, status_code=rejection.status)
+
+    probe = Probe()
+    app = TimeoutMiddleware(make_app(probe), timeout=T, response=respond)
+    driven = await drive(app, http_scope("/slow"), then="wait")
+    assert driven.status == 504
+    assert json.loads(driven.body) == {"late": True}
+    assert seen[0].guard == "timeout"
+
+
+async def test_lifespan_passes_through_and_runs_the_keeper() -> None:
+    """Lifespan messages reach the app; the deadline keeper runs for the app's lifetime."""
+    calls: list[str] = []
+    probe = Probe()
+    inner = make_app(probe)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            calls.append("lifespan")
+        await inner(scope, receive, send)
+
+    guard = TimeoutMiddleware(app, timeout=T)
+    async with LifespanManager(guard) as manager:
+        keeper = guard._keeper
+        assert keeper is not None
+        assert keeper.alive
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/slow")
+        assert response.status_code == 504, response.text
+        assert guard._keeper is keeper
+    assert calls == ["lifespan"]
+    assert not keeper.alive
+
+
+async def test_a_failing_lifespan_still_fails() -> None:
+    """An app that rejects lifespan raises through the middleware as it would without it."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("no lifespan here")
+
+    with pytest.raises(RuntimeError, match="no lifespan"):
+        await TimeoutMiddleware(app)({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+
+
+async def test_websockets_pass_through_without_a_deadline() -> None:
+    """A WebSocket session is not timed: it outlives the HTTP deadline."""
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await anyio.sleep(2 * T)
+        await websocket.send_text(str(remaining()))
+        await websocket.close()
+
+    guard = TimeoutMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws)]), timeout=T)
+    scope = {**http_scope("/ws"), "type": "websocket", "subprotocols": []}
+    del scope["method"]
+    driven = await drive(guard, scope, [{"type": "websocket.connect"}], then="wait")
+    assert [m["type"] for m in driven.sent] == [
+        "websocket.accept",
+        "websocket.send",
+        "websocket.close",
+    ]
+    assert driven.sent[1]["text"] == "None"
+
+
+async def test_a_raising_event_callback_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """An on_event callback that raises never breaks the answer; its error is logged once."""
+
+    def broken(event: Event) -> None:
+        raise ValueError("callback bug")
+
+    probe = Probe()
+    app = TimeoutMiddleware(make_app(probe), timeout=T, on_event=broken)
+    with caplog.at_level(logging.ERROR, logger="asgi_guard"):
+        for _ in range(2):
+            driven = await drive(app, http_scope("/slow"), then="wait")
+            assert driven.status == 504
+    assert sum("on_event callback raised" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- no leaks ---------------------------------------------------------------------------------
+
+
+async def test_many_timeouts_leave_nothing_behind() -> None:
+    """Hundreds of concurrent timeouts leave no live budget, stale heap or extra thread."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=0.02)
+    threads = threading.active_count()
+    statuses: list[int] = []
+
+    async def one(path: str) -> None:
+        driven = await drive(app, http_scope(path), then="wait")
+        statuses.append(driven.status)
+
+    async with anyio.create_task_group() as group:
+        for i in range(300):
+            group.start_soon(one, "/slow" if i % 2 else "/fast")
+    assert sorted(set(statuses)) == [200, 504]
+    assert statuses.count(504) == 150
+    keeper = app._keeper
+    assert keeper is not None
+    assert keeper.live == 0
+    await anyio.sleep(0.05)  # the keeper wakes and drops what finished
+    assert len(keeper._heap) <= 1
+    gc.collect()
+    assert threading.active_count() <= threads + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from asyncio import get_running_loop
+from asyncio import CancelledError, current_task, get_running_loop
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic
@@ -52,6 +52,14 @@ def parse_timeout_header(value: str) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         return None
     return seconds
+
+
+def _uncancel(task: Any, budget: Budget) -> int:
+    """Take back the cancellations the deadline asked for; return what others asked."""
+    while budget.cancels:
+        budget.cancels -= 1
+        task.uncancel()
+    return int(task.cancelling())
 
 
 class TimeoutMiddleware:
@@ -271,6 +279,20 @@ class TimeoutMiddleware:
         try:
             if self.cancel_on_disconnect:
                 await self._call_watching(scope, app_receive, guarded_send, budget)
+            elif keeper.native:
+                # Any: Task.cancelling() and uncancel() are Python 3.11+ (native is too).
+                task: Any = current_task()
+                budget.task = task
+                cancelling = task.cancelling()
+                try:
+                    await self.app(scope, app_receive, guarded_send)
+                except CancelledError:
+                    # Ours (the deadline) is swallowed, anyone else's goes on.
+                    if not budget.cancels or _uncancel(task, budget) > cancelling:
+                        raise
+                finally:
+                    if budget.cancels:
+                        _uncancel(task, budget)
             else:
                 with keeper.cancel_scope() as cancel_scope:
                     budget.cancel_scope = cancel_scope
@@ -426,8 +448,8 @@ class TimeoutMiddleware:
         budget.stop()
         budget.fired = kind
         budget.fired_at = now
-        if budget.cancel_scope is not None:
-            budget.cancel_scope.cancel()
+        assert budget.keeper is not None
+        budget.keeper.cancel(budget)
         if not budget.started:
             budget.answered = True
             self.stats["body_timeouts" if kind == "body" else "timeouts"] += 1

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -31,6 +32,7 @@ from asgi_guard import (
     Rejection,
     TimeoutEvent,
     TimeoutMiddleware,
+    _deadline,
     deadline,
     httpx_timeout,
     outbound_timeout,
@@ -42,6 +44,17 @@ from asgi_guard.timeout import parse_timeout_header
 from .asgi_driver import drive, http_scope
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "asyncio+scopes", "trio"])
+def anyio_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """asyncio cancels requests natively; "asyncio+scopes" forces the anyio cancel scopes
+    trio (and Python 3.10) use, so both ways are tested on asyncio."""
+    if request.param == "asyncio+scopes":
+        monkeypatch.setattr(_deadline, "_TASK_STATES", None)
+        return "asyncio"
+    return str(request.param)
+
 
 T = 0.1  # the deadline most tests use
 SLACK = 0.15  # how late a timer may fire on a loaded CI machine
@@ -734,3 +747,53 @@ async def test_many_timeouts_leave_nothing_behind() -> None:
     assert len(keeper._heap) <= 1
     gc.collect()
     assert threading.active_count() <= threads + 1
+
+
+# -- cancellation that is not ours ------------------------------------------------------------
+
+
+async def test_a_cancellation_from_outside_goes_through() -> None:
+    """The server cancelling a request (shutdown, its own timeout) is never swallowed."""
+    probe = Probe()
+    app, _ = guarded(probe, timeout=5.0)
+    started = time.monotonic()
+    with anyio.move_on_after(T) as outer:
+        await drive(app, http_scope("/slow"), then="wait")
+    assert outer.cancelled_caught
+    assert time.monotonic() - started < T + SLACK
+    assert probe.cancelled == ["slow"]
+    assert app.stats["timeouts"] == 0
+
+
+async def test_an_outside_cancellation_at_the_deadline_still_goes_through() -> None:
+    """When the server cancels a request just as its deadline fires, the cancel still wins."""
+    probe = Probe()
+    app, _ = guarded(probe)
+    with anyio.move_on_after(T) as outer:
+        await drive(app, http_scope("/slow"), then="wait")
+    await anyio.lowlevel.checkpoint()
+    assert outer.cancelled_caught
+    assert probe.cancelled == ["slow"]
+
+
+async def test_a_handler_that_swallows_its_cancellation_is_still_answered_on_time() -> None:
+    """A handler that catches the cancellation and carries on: the 504 is on time, once."""
+    carried_on: list[bool] = []
+
+    async def stubborn(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(T)  # cleanup the deadline cannot interrupt
+            carried_on.append(True)
+        await PlainTextResponse("late")(scope, receive, send)
+
+    events: list[Event] = []
+    guard = TimeoutMiddleware(stubborn, timeout=T, on_event=events.append)
+    driven = await drive(guard, http_scope(), then="wait")
+    assert driven.status == 504
+    assert driven.starts == 1
+    assert driven.at("http.response.start") < T + SLACK
+    assert carried_on == [True]
+    assert b"late" not in driven.body

@@ -1,4 +1,5 @@
-"""Real servers for the integration tests: redis-server, memcached and uvicorn subprocesses.
+"""Real servers for the integration tests: redis-server, memcached, uvicorn and Hypercorn
+subprocesses.
 
 Every server listens on 127.0.0.1 on a free port, is ready before a test sees it (it answers
 a probe) and keeps its output in a log file that failure messages quote.
@@ -181,11 +182,17 @@ class UvicornServer(ServerProcess):
     """``uvicorn <app>`` run from the project root (so ``tests.apps`` imports)."""
 
     def __init__(
-        self, app: str, port: int, log_dir: Path, env: Mapping[str, str] | None = None
+        self,
+        app: str,
+        port: int,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         super().__init__("uvicorn", port, log_dir)
         self.app = app
         self.extra_env = dict(env or {})
+        self.extra_args = list(args)
 
     @property
     def url(self) -> str:
@@ -199,7 +206,34 @@ class UvicornServer(ServerProcess):
             "--log-level", "warning",
             "--no-access-log",
             "--lifespan", "on",
+            *self.extra_args,
         ]  # fmt: skip
 
     def env(self) -> Mapping[str, str]:
         return {**os.environ, **self.extra_env}
+
+
+class HypercornServer(ServerProcess):
+    """``hypercorn <app>`` run from the project root, with an asyncio, uvloop or trio worker."""
+
+    def __init__(self, app: str, port: int, log_dir: Path, worker_class: str = "asyncio") -> None:
+        super().__init__(f"hypercorn-{worker_class}", port, log_dir)
+        self.app = app
+        self.worker_class = worker_class
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def argv(self) -> Sequence[str]:
+        return [
+            sys.executable, "-m", "hypercorn", self.app,
+            "--bind", f"127.0.0.1:{self.port}",
+            "--worker-class", self.worker_class,
+            "--log-level", "warning",
+        ]  # fmt: skip
+
+    def is_ready(self) -> bool:
+        # An HTTP request, not a bare connection: Hypercorn's first request in a fresh
+        # process is slow (0.2 s with the trio worker), which a timing test must not see.
+        return ask(self.port, b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n").startswith(b"HTTP/1.1 ")

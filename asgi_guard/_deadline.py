@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from heapq import heapify, heappop, heappush
 from itertools import count
 from time import monotonic
@@ -68,14 +68,21 @@ def _anyio_task_states() -> Any:
 _TASK_STATES = _anyio_task_states()
 
 
-def _shielded(task: asyncio.Task[Any]) -> bool:
-    """Whether ``task`` is inside a shielded anyio cancel scope (a worker thread, a cleanup)."""
+def innermost_scope(task: asyncio.Task[Any]) -> object:
+    """The anyio cancel scope ``task`` is in right now (``None`` outside any)."""
     state = _TASK_STATES.get(task)
-    scope = state.cancel_scope if state is not None else None
-    while scope is not None:
-        if scope.shield:
+    return state.cancel_scope if state is not None else None
+
+
+def _shielded(task: asyncio.Task[Any], outer: object) -> bool:
+    """Whether ``task`` is inside a shielded anyio cancel scope (a worker thread, a cleanup)
+    entered within ``outer`` (the scope around the middleware: shields out there are not
+    the request's to honour)."""
+    scope = innermost_scope(task)
+    while scope is not None and scope is not outer:
+        if scope.shield:  # type: ignore[attr-defined]
             return True
-        scope = scope._parent_scope
+        scope = scope._parent_scope  # type: ignore[attr-defined]
     return False
 
 
@@ -98,16 +105,19 @@ class Budget:
         "answered",
         "arrival",
         "body_at",
+        "caller",
         "caller_at",
         "cancel_scope",
         "cancels",
         "complete",
+        "context",
         "deadline_at",
         "fired",
         "fired_at",
         "idle_at",
         "keeper",
         "max_timeout",
+        "outer_scope",
         "receive",
         "scheduled",
         "scope",
@@ -130,6 +140,7 @@ class Budget:
         self.timeout = timeout
         self.max_timeout = max_timeout
         self.deadline_at = arrival + timeout
+        self.caller = math.inf
         self.caller_at = math.inf
         self.idle_at = math.inf
         self.body_at = math.inf
@@ -146,6 +157,9 @@ class Budget:
         #: On asyncio: the request's task, cancelled natively, and how many times.
         self.task: asyncio.Task[Any] | None = None
         self.cancels = 0
+        self.outer_scope: object = None
+        #: The request's context, for the answer the keeper sends on its behalf.
+        self.context: Context | None = None
         self.keeper: Keeper | None = None
         self.scope = scope
         self.receive = receive
@@ -176,6 +190,7 @@ class Budget:
 
     def set_caller_timeout(self, seconds: float) -> None:
         """Apply a deadline the caller asked for; it can only tighten the request's own."""
+        self.caller = seconds
         self.caller_at = self.arrival + seconds
         if self.caller_at < self.deadline_at:
             self.deadline_at = self.caller_at
@@ -206,11 +221,17 @@ class Budget:
         budget may wait in the keeper's heap until its due time)."""
         self.stop()
         self.scope = self.receive = self.send = None
+        self.task = self.cancel_scope = self.context = self.outer_scope = None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from arrival to the deadline (after a caller's or a route's say)."""
+        return self.timeout if self.timeout < self.caller else self.caller
 
 
 #: What the keeper calls at a budget's due time: ``fire(budget, now)``.
 FireFunc = Callable[[Budget, float], None]
-#: What the keeper runs in its own task group when it must answer a request.
+#: What the keeper runs, in a task of its own, when it must answer a request.
 AnswerFunc = Callable[[Budget], Coroutine[Any, Any, None]]
 
 
@@ -233,12 +254,12 @@ class Keeper:
 
     __slots__ = (
         "_answer",
+        "_answers",
         "_fire",
         "_heap",
         "_retries",
         "_seq",
         "_target",
-        "_task_group",
         "_wake",
         "alive",
         "cancel_scope",
@@ -261,7 +282,7 @@ class Keeper:
         self._seq = count()
         self._target = math.inf
         self._wake = anyio.Event()
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._answers: set[asyncio.Task[None]] = set()
         self.live = 0
         self.alive = True
         self.task: object = None
@@ -273,7 +294,9 @@ class Keeper:
         #: waits while the request is in a shielded anyio section (a worker thread), so
         #: threads are never abandoned. asyncio on Python 3.11+ only.
         self.native = _TASK_STATES is not None and isinstance(loop, asyncio.AbstractEventLoop)
-        self._retries: list[Budget] = []
+        #: ``(when, budget)``: cancellations to deliver again (a request still shielded,
+        #: or a handler still running after it was cancelled once).
+        self._retries: list[tuple[float, Budget]] = []
 
     def add(self, budget: Budget) -> None:
         """Watch a new budget."""
@@ -283,7 +306,9 @@ class Keeper:
         if len(heap) > 2 * self.live + self.SLACK:
             # Finished budgets stay in the heap until their due time; drop them in bulk so
             # memory follows the number of requests in flight, not the request rate.
-            heap[:] = [entry for entry in heap if entry[2].active]
+            # Entries superseded by an earlier one for the same budget go too: a live budget
+            # keeps exactly one.
+            heap[:] = [e for e in heap if e[2].active and e[0] == e[2].scheduled]
             heapify(heap)
         at = budget.scheduled = budget.due
         heappush(heap, (at, next(self._seq), budget))
@@ -298,54 +323,73 @@ class Keeper:
             self._target = at
             self._wake.set()
 
-    def cancel(self, budget: Budget) -> None:
-        """Cancel the request of ``budget`` where it awaits (later, if it is shielded)."""
+    def cancel(self, budget: Budget, now: float) -> None:
+        """Cancel the request of ``budget`` where it awaits.
+
+        On asyncio the request's task is cancelled natively, and again every `RETRY`
+        seconds while the app has not returned (anyio cancel scopes are level-triggered
+        too); while the task is in a shielded section, it is left alone until it leaves.
+        """
         task = budget.task
         if task is None:
             if budget.cancel_scope is not None:
                 budget.cancel_scope.cancel()
-        elif budget.scope is None or task.done():
-            return  # the app has returned
-        elif _shielded(task):
-            self._retries.append(budget)
-            self._wake.set()
-        else:
+            return  # a cancel scope, or an app that has returned
+        if task.done():
+            return
+        if not _shielded(task, budget.outer_scope):
             budget.cancels += 1
             task.cancel("asgi_guard: request deadline")
+        self._retries.append((now + RETRY, budget))
+        if now + RETRY < self._target:
+            self._target = now + RETRY
+            self._wake.set()
 
     def spawn(self, budget: Budget) -> None:
-        """Run the answer to ``budget`` in the keeper's task group."""
-        assert self._task_group is not None
+        """Answer ``budget``'s client in a task of its own, in the request's context."""
         budget.answer_done = anyio.Event()
-        self._task_group.start_soon(self._answer, budget)
+        context = budget.context or Context()
+        loop = self.loop
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            task = context.run(loop.create_task, self._answer(budget))
+            self._answers.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._answers.discard)
+        else:
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._answer, budget, context=context)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Fire budgets as they fall due, until cancelled."""
         try:
-            async with anyio.create_task_group() as task_group:
-                self._task_group = task_group
-                task_status.started()
-                while True:
-                    now = monotonic()
-                    self._fire_due(now)
-                    if self._retries:
-                        retries, self._retries = self._retries, []
-                        for budget in retries:
-                            self.cancel(budget)
-                    heap = self._heap
-                    # With nothing to watch, sleep one horizon (the shortest usual budget):
-                    # a request arriving meanwhile is due later and need not wake us.
-                    self._target = heap[0][0] if heap else now + self.horizon
-                    if self._retries and self._target > now + RETRY:
-                        self._target = now + RETRY
-                    if self._wake.is_set():
-                        self._wake = anyio.Event()
-                    with anyio.move_on_after(self._target - now):
-                        await self._wake.wait()
+            task_status.started()
+            while True:
+                now = monotonic()
+                self._fire_due(now)
+                if self._retries:
+                    self._retry_due(now)
+                heap = self._heap
+                # With nothing to watch, sleep one horizon (the shortest usual budget): a
+                # request arriving meanwhile is due later and need not wake us.
+                self._target = heap[0][0] if heap else now + self.horizon
+                for when, _ in self._retries:
+                    if when < self._target:
+                        self._target = when
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                with anyio.move_on_after(self._target - now):
+                    await self._wake.wait()
         finally:
             self.alive = False
+
+    def _retry_due(self, now: float) -> None:
+        retries = self._retries
+        self._retries = [item for item in retries if item[0] > now]
+        for when, budget in retries:
+            if when <= now:
+                self.cancel(budget, now)
 
     async def run_detached(self) -> None:
         """`run` as a free-standing task (no lifespan): it ends with the event loop."""
@@ -383,13 +427,15 @@ class Keeper:
 def spawn_detached(keeper: Keeper) -> None:
     """Start ``keeper.run`` outside any task group: a task of the running loop."""
     loop = keeper.loop
+    # An empty context: not the first request's, which the keeper would keep alive.
+    context = Context()
     if isinstance(loop, asyncio.AbstractEventLoop):
         # The keeper holds its task: the loop keeps only weak references to tasks.
-        keeper.task = loop.create_task(keeper.run_detached())
+        keeper.task = context.run(loop.create_task, keeper.run_detached())
     else:
         import trio
 
-        trio.lowlevel.spawn_system_task(keeper.run_detached)
+        trio.lowlevel.spawn_system_task(keeper.run_detached, context=context)
 
 
 def remaining() -> float | None:

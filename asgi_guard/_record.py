@@ -25,15 +25,23 @@ class GuardRecord:
         arrival: When the request reached the outermost guard that noted it
             (`time.monotonic`), or ``None``; deadlines count from it.
         budget: The request's deadline, set by a ``TimeoutMiddleware``.
+        timeout_exempt: A ``TimeoutMiddleware`` exempted the request (no deadline).
     """
 
-    __slots__ = ("arrival", "budget", "merges_rate_limit_fields", "rate_limit_fields")
+    __slots__ = (
+        "arrival",
+        "budget",
+        "merges_rate_limit_fields",
+        "rate_limit_fields",
+        "timeout_exempt",
+    )
 
     def __init__(self) -> None:
         self.rate_limit_fields: list[tuple[str, str]] | None = None
         self.merges_rate_limit_fields = False
         self.arrival: float | None = None
         self.budget: Budget | None = None
+        self.timeout_exempt = False
 
 
 def get_record(scope: Scope) -> GuardRecord:

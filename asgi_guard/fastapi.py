@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi import Request, Response
+from fastapi.requests import HTTPConnection
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
@@ -212,9 +213,13 @@ class TimeoutDependency:
     def __repr__(self) -> str:
         return f"timeout({self.seconds:g})"
 
-    async def __call__(self, request: Request) -> None:
-        scope = request.scope
+    async def __call__(self, connection: HTTPConnection) -> None:
+        scope = connection.scope
+        if scope["type"] != "http":
+            return  # a WebSocket route of a timed router: sessions have no deadline
         record = scope.get(SCOPE_KEY)
+        if record is not None and record.timeout_exempt:
+            return  # the middleware exempts this path; exempt wins
         budget = record.budget if record is not None else None
         where = f"{scope.get('method', '')} {route_template(scope) or scope.get('path', '')}"
         if budget is None:

@@ -8,13 +8,22 @@ import re
 from asyncio import CancelledError, current_task, get_running_loop
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import copy_context
 from time import monotonic
 from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._deadline import Budget, Keeper, _check_seconds, _current, current_loop, spawn_detached
+from ._deadline import (
+    Budget,
+    Keeper,
+    _check_seconds,
+    _current,
+    current_loop,
+    innermost_scope,
+    spawn_detached,
+)
 from ._errors import ConfigurationError
 from ._events import TimeoutEvent, _CallbackGuard, emit
 from ._paths import Exemptions, ExemptSpec, route_template
@@ -173,7 +182,7 @@ class TimeoutMiddleware:
         self._callback_guard = _CallbackGuard()
         self._keeper: Keeper | None = None
         self._keepers: dict[int, Keeper] = {}
-        self._overrun_routes: set[str] = set()
+        self._overrun_routes: set[str | None] = set()
         #: Counters: ``timeouts`` (answered 504), ``cut_short`` (started responses ended at
         #: their deadline or idle limit), ``body_timeouts`` (answered 408), ``disconnects``
         #: (handlers cancelled because the client left), ``overruns`` (handlers that ran on
@@ -225,6 +234,10 @@ class TimeoutMiddleware:
             return
         path = scope["path"]
         if path in self._exempt_paths or (self._exempt_more and self._exempt(scope, path)):
+            exempt = scope.get(SCOPE_KEY)
+            if exempt is None:
+                exempt = scope[SCOPE_KEY] = GuardRecord()
+            exempt.timeout_exempt = True  # a route's timeout() dependency leaves it alone
             await self.app(scope, receive, send)
             return
         record = scope.get(SCOPE_KEY)
@@ -254,7 +267,7 @@ class TimeoutMiddleware:
             if budget.fired is not None:
                 return  # answered (504/408) or cut short: the app's late messages are dropped
             kind = message["type"]
-            if kind == "http.response.body":
+            if kind == "http.response.body" or kind == "http.response.zerocopysend":
                 if not message.get("more_body", False) and not trailers:
                     budget.complete = True
                     if budget.active:
@@ -274,44 +287,65 @@ class TimeoutMiddleware:
                 budget.completed()
             await send(message)
 
-        app_receive = self._timed_receive(budget, receive) if self._watch_body else receive
+        budget.context = copy_context()
         token = _current.set(budget)
+        returned = False
         try:
             if self.cancel_on_disconnect:
-                await self._call_watching(scope, app_receive, guarded_send, budget)
-            elif keeper.native:
-                # Any: Task.cancelling() and uncancel() are Python 3.11+ (native is too).
-                task: Any = current_task()
-                budget.task = task
-                cancelling = task.cancelling()
-                try:
-                    await self.app(scope, app_receive, guarded_send)
-                except CancelledError:
-                    # Ours (the deadline) is swallowed, anyone else's goes on.
-                    if not budget.cancels or _uncancel(task, budget) > cancelling:
-                        raise
-                finally:
-                    if budget.cancels:
-                        _uncancel(task, budget)
+                await self._call_watching(scope, receive, guarded_send, budget)
             else:
-                with keeper.cancel_scope() as cancel_scope:
-                    budget.cancel_scope = cancel_scope
-                    await self.app(scope, app_receive, guarded_send)
+                if self._watch_body:
+                    receive = self._timed_receive(budget, receive)
+                if keeper.native:
+                    await self._call_native(scope, receive, guarded_send, budget)
+                else:
+                    with keeper.cancel_scope() as cancel_scope:
+                        budget.cancel_scope = cancel_scope
+                        await self.app(scope, receive, guarded_send)
+            returned = True
         except Exception as exc:
             if budget.fired is None:
                 raise
-            # The client has its answer (or its connection is being closed); an error the
-            # cancelled handler raised on its way out can reach nobody.
-            logger.debug("a handler raised after its deadline: %r", exc)
+            returned = True
+            # The client has its answer (or its connection is being closed): the error
+            # reaches nobody else, and may be a bug the cancellation revealed.
+            logger.warning(
+                "%s %s: the handler raised after its deadline",
+                scope["method"],
+                path,
+                exc_info=exc,
+            )
         finally:
             _current.reset(token)
-            if budget.fired is None:
+            budget.task = budget.cancel_scope = None  # nothing may cancel it any more
+            if budget.fired is None or not returned:
                 budget.finish()
         if budget.fired is not None:
             try:
-                await self._after_fired(scope, budget)
+                await self._after_fired(scope, budget, monotonic())
             finally:
                 budget.finish()
+
+    async def _call_native(
+        self, scope: Scope, receive: Receive, send: Send, budget: Budget
+    ) -> None:
+        """Run the app in this task; the keeper cancels the task itself at the deadline."""
+        # Any: Task.cancelling() and uncancel() are Python 3.11+ (and so is this way).
+        task: Any = current_task()
+        budget.outer_scope = innermost_scope(task)
+        cancelling = task.cancelling()
+        budget.task = task
+        try:
+            await self.app(scope, receive, send)
+        except CancelledError:
+            budget.task = None
+            # The deadline's cancellation is swallowed; anyone else's goes on.
+            if not budget.cancels or _uncancel(task, budget) > cancelling:
+                raise
+        finally:
+            budget.task = None
+            if budget.cancels:
+                _uncancel(task, budget)
 
     def _apply_caller_deadline(self, scope: Scope, budget: Budget) -> None:
         name = self._header
@@ -364,7 +398,8 @@ class TimeoutMiddleware:
         """Run the app while a second task listens for the client's disconnect.
 
         Only one of them calls the server's ``receive`` at a time; what the listener reads
-        waits for the app (at most one message: a body is never read ahead further).
+        waits for the app (at most one message: a body is never read ahead further). The
+        body timer, when set, times the app's reads, not the listener's.
         """
         stash: deque[Message] = deque()
         lock = anyio.Lock()
@@ -415,6 +450,10 @@ class TimeoutMiddleware:
                 self._report("disconnect", budget, budget.fired_at)
             cancel_scope.cancel()
 
+        app_side: Receive = app_receive
+        if self._watch_body:
+            app_side = self._timed_receive(budget, app_receive)
+        error: Exception | None = None
         async with anyio.create_task_group() as task_group:
             with anyio.CancelScope() as cancel_scope:
                 budget.cancel_scope = cancel_scope
@@ -428,13 +467,17 @@ class TimeoutMiddleware:
 
                 async def completing_send(message: Message) -> None:
                     await send(message)
-                    if budget.complete is True:
+                    if budget.complete:
                         listener.cancel()  # background tasks run whatever the client does
 
                 try:
-                    await self.app(scope, app_receive, completing_send)
+                    await self.app(scope, app_side, completing_send)
+                except Exception as exc:
+                    error = exc  # raised as is below, not wrapped in an exception group
                 finally:
                     listener.cancel()
+        if error is not None:
+            raise error
 
     # -- at the deadline ---------------------------------------------------------------------
 
@@ -449,7 +492,7 @@ class TimeoutMiddleware:
         budget.fired = kind
         budget.fired_at = now
         assert budget.keeper is not None
-        budget.keeper.cancel(budget)
+        budget.keeper.cancel(budget, now)
         if not budget.started:
             budget.answered = True
             self.stats["body_timeouts" if kind == "body" else "timeouts"] += 1
@@ -473,7 +516,7 @@ class TimeoutMiddleware:
             status=504,
             type="about:blank",
             title="Gateway Timeout",
-            detail=f"The request did not complete within its {budget.timeout:g} s deadline.",
+            detail=f"The request did not complete within its {budget.seconds:.3g} s deadline.",
             guard="timeout",
         )
 
@@ -482,25 +525,28 @@ class TimeoutMiddleware:
             scope, receive, send = budget.scope, budget.receive, budget.send
             if scope is not None and receive is not None and send is not None:
                 await send_rejection(self._rejection(budget), scope, receive, send, self.response)
-        except Exception as exc:
+        except OSError as exc:  # the client has gone
             logger.debug("could not answer a timed-out request: %r", exc)
+        except Exception:
+            logger.exception("asgi_guard: answering a timed-out request failed")
         finally:
             assert budget.answer_done is not None
             budget.answer_done.set()
 
-    async def _after_fired(self, scope: Scope, budget: Budget) -> None:
+    async def _after_fired(self, scope: Scope, budget: Budget, returned: float) -> None:
         if budget.answer_done is not None:
             # The keeper is answering the client; the app may return only once it has.
             await budget.answer_done.wait()
         if budget.fired == "disconnect":
             return
-        late = monotonic() - budget.fired_at
+        late = returned - budget.fired_at
         if late > self.OVERRUN:
             self.stats["overruns"] += 1
-            route = route_template(scope) or scope["path"]
+            # Once per route template (bounded); requests no router matched share one.
+            route = route_template(scope)
             if route not in self._overrun_routes:
                 self._overrun_routes.add(route)
-                self._report("overrun", budget, monotonic(), level=logging.WARNING, late=late)
+                self._report("overrun", budget, returned, level=logging.WARNING, late=late)
 
     def _report(
         self,
@@ -517,7 +563,7 @@ class TimeoutMiddleware:
             method=scope.get("method", ""),
             path=scope.get("path", ""),
             route=route_template(scope),
-            timeout=budget.timeout,
+            timeout=budget.seconds,
             elapsed=now - budget.arrival,
             response_started=budget.started,
         )

@@ -9,10 +9,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, WebSocket
 
 from asgi_guard import ConfigurationError, TimeoutMiddleware, _deadline, remaining
 from asgi_guard.fastapi import TimeoutDependency, timeout
+
+from .asgi_driver import drive, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +184,43 @@ def test_the_dependency_describes_itself() -> None:
     assert isinstance(dependency, TimeoutDependency)
     assert repr(dependency) == "timeout(2)"
     assert dependency.seconds == 2.0
+
+
+async def test_a_timed_router_keeps_its_websockets_working() -> None:
+    """On a router with WebSocket routes, the dependency leaves the handshakes alone."""
+    router = APIRouter(dependencies=[Depends(timeout(0.5))])
+
+    @router.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(TimeoutMiddleware, timeout=5.0)
+    scope = {**http_scope("/ws"), "type": "websocket", "subprotocols": []}
+    driven = await drive(app, scope, [{"type": "websocket.connect"}], then="wait")
+    assert [m["type"] for m in driven.sent] == [
+        "websocket.accept",
+        "websocket.send",
+        "websocket.close",
+    ], driven.sent
+    assert driven.sent[1]["text"] == "hi"
+
+
+async def test_an_exempt_path_wins_over_a_route_timeout() -> None:
+    """A path the middleware exempts stays untimed even under a timed router."""
+    router = APIRouter(dependencies=[Depends(timeout(0.1))])
+
+    @router.get("/events")
+    async def events() -> str:
+        await anyio.sleep(0.3)
+        return "stream"
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(TimeoutMiddleware, timeout=5.0, exempt=["/events"])
+    async with client_for(app) as client:
+        response = await client.get("/events")
+    assert response.status_code == 200, response.text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
+import itertools
 import json
 import logging
 import math
@@ -15,6 +18,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+import sniffio
 from asgi_lifespan import LifespanManager
 from hypothesis import given
 from hypothesis import strategies as st
@@ -797,3 +801,158 @@ async def test_a_handler_that_swallows_its_cancellation_is_still_answered_on_tim
     assert driven.at("http.response.start") < T + SLACK
     assert carried_on == [True]
     assert b"late" not in driven.body
+
+
+async def test_a_cleanup_that_awaits_after_the_deadline_is_cancelled_too() -> None:
+    """Cancellation is level-triggered everywhere: an unshielded cleanup is cut as well."""
+    ended: list[float] = []
+
+    async def lingering(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        try:
+            await anyio.sleep(10)
+        finally:
+            try:
+                await anyio.sleep(0.5)  # cleanup that awaits, unshielded
+            finally:
+                ended.append(time.monotonic() - started)
+
+    driven = await drive(TimeoutMiddleware(lingering, timeout=T), http_scope(), then="wait")
+    assert driven.status == 504
+    assert ended[0] < T + SLACK
+
+
+async def test_a_shield_outside_the_middleware_is_not_the_requests() -> None:
+    """A shielded scope around the middleware does not stop the deadline's cancellation."""
+    probe = Probe()
+    app, _ = guarded(probe)
+    started = time.monotonic()
+    with anyio.CancelScope(shield=True):
+        driven = await drive(app, http_scope("/slow"), then="wait")
+    assert driven.status == 504
+    assert probe.cancelled == ["slow"]
+    assert time.monotonic() - started < T + SLACK
+
+
+async def test_a_slow_answer_neither_leaks_a_cancellation_nor_counts_as_an_overrun() -> None:
+    """While a slow custom answer is sent, the app's task is not cancelled again, and an
+    async handler that unwound at once is no overrun."""
+
+    async def slow_answer(scope: Scope, rejection: Rejection) -> ASGIApp:
+        await anyio.sleep(3 * T)
+        return PlainTextResponse("late", status_code=rejection.status)
+
+    probe = Probe()
+    app = TimeoutMiddleware(make_app(probe), timeout=T, response=slow_answer)
+    for path in ("/slow", "/sync"):
+        driven = await drive(app, http_scope(path), then="wait")
+        assert driven.status == 504, driven.sent
+    assert app.stats["overruns"] == 1  # /sync only
+    if sniffio.current_async_library() == "asyncio":
+        task: Any = asyncio.current_task()
+        assert task.cancelling() == 0, "a deadline cancellation was left on the task"
+
+
+async def test_the_answer_runs_in_the_requests_context() -> None:
+    """Outer middlewares' context variables (request ids, spans) apply to the 504 too."""
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    seen: list[tuple[str, str]] = []
+    probe = Probe()
+    guard = TimeoutMiddleware(make_app(probe), timeout=T)
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        request_id.set(scope["path"])
+
+        async def tagging_send(message: Message) -> None:
+            seen.append((message["type"], request_id.get("?")))
+            await send(message)
+
+        await guard(scope, receive, tagging_send)
+
+    async with anyio.create_task_group() as group:
+        for path in ("/slow", "/items/1", "/items/2"):
+            group.start_soon(functools.partial(drive, outer, http_scope(path), then="wait"))
+    starts = sorted(tag for kind, tag in seen if kind == "http.response.start")
+    assert starts == ["/items/1", "/items/2", "/slow"]
+
+
+async def test_the_caller_deadline_is_what_the_answer_and_event_report() -> None:
+    """After a caller's tighter deadline, the 504 and the event state that budget."""
+    probe = Probe()
+    app, events = guarded(probe, timeout=5.0, deadline_header="x-request-timeout")
+    scope = http_scope("/slow", headers=[(b"x-request-timeout", b"0.05")])
+    driven = await drive(app, scope, then="wait")
+    assert "within its 0.05 s deadline" in problem(driven)["detail"]
+    assert isinstance(events[0], TimeoutEvent)
+    assert events[0].timeout == 0.05
+
+
+@pytest.mark.parametrize("ending", ["trailers", "pathsend", "zerocopysend"])
+async def test_every_way_of_ending_a_response_completes_it(ending: str) -> None:
+    """Trailers, pathsend and zerocopysend complete a response: what follows is not timed."""
+    after: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+        if ending == "trailers":
+            await send({**start, "trailers": True})
+            await send({"type": "http.response.body", "body": b"x"})
+            await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+        elif ending == "pathsend":
+            await send(start)
+            await send({"type": "http.response.pathsend", "path": "/dev/null"})
+        else:
+            await send(start)
+            await send({"type": "http.response.zerocopysend", "file": 0, "more_body": False})
+        await anyio.sleep(2 * T)  # background work, past the deadline
+        after.append(True)
+
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=T, on_event=events.append)
+    await drive(guard, http_scope(), then="wait")
+    assert after == [True]
+    assert events == []
+
+
+async def test_with_the_disconnect_watch_errors_keep_their_type() -> None:
+    """cancel_on_disconnect does not wrap an app's error in an exception group."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("boom")
+
+    guard = TimeoutMiddleware(app, timeout=5.0, cancel_on_disconnect=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        await drive(guard, http_scope(), then="wait")
+
+
+async def test_with_the_disconnect_watch_the_body_timer_times_the_handler() -> None:
+    """A body the listener already holds is not late because the handler read it late."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(3 * T)  # work before reading the body
+        body = await Request(scope, receive).body()
+        await PlainTextResponse(body)(scope, receive, send)
+
+    guard = TimeoutMiddleware(app, timeout=5.0, body_timeout=T, cancel_on_disconnect=True)
+    messages: list[Message | float] = [T, request(b"hello")]
+    driven = await drive(guard, http_scope(method="POST"), messages, then="wait")
+    assert (driven.status, driven.body) == (200, b"hello")
+
+
+def test_the_heap_keeps_one_entry_per_live_budget_after_compaction() -> None:
+    """Budgets rescheduled earlier leave superseded entries; compaction drops them too, so the
+    heap stays proportional to the requests in flight (long streams included)."""
+    keeper = _deadline.Keeper.__new__(_deadline.Keeper)
+    keeper._heap, keeper._seq, keeper._target, keeper.live = [], itertools.count(), -1.0, 0
+    for _ in range(3000):
+        budget = _deadline.Budget(time.monotonic(), 30.0, 30.0)
+        keeper.add(budget)
+        budget.set_timeout(20.0)  # a route's tighter deadline: a second entry
+        budget.idle_at = budget.arrival + 1.0  # a stream's idle limit: a third
+        budget.reschedule()
+    for _ in range(100):
+        keeper.add(_deadline.Budget(time.monotonic(), 30.0, 30.0))
+    assert keeper.live == 3100
+    assert len(keeper._heap) <= 2 * keeper.live + keeper.SLACK, len(keeper._heap)

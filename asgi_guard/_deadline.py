@@ -44,6 +44,8 @@ logger = logging.getLogger("asgi_guard.timeout")
 
 _current: ContextVar[Budget | None] = ContextVar("asgi_guard_budget", default=None)
 
+#: The keeper's shortest sleep when idle: budgets shorter than this wake it.
+MIN_HORIZON = 0.01
 #: How often the keeper retries cancelling a request that sits in a shielded section.
 RETRY = 0.01
 
@@ -237,19 +239,20 @@ AnswerFunc = Callable[[Budget], Coroutine[Any, Any, None]]
 
 def current_loop() -> object:
     """An identity for the running event loop: the asyncio loop or the trio run's token."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
+    loop = asyncio._get_running_loop()  # None, not an exception, outside asyncio
+    if loop is not None:
+        return loop
+    import trio
 
-        return trio.lowlevel.current_trio_token()
+    return trio.lowlevel.current_trio_token()
 
 
 class Keeper:
     """The task that fires due budgets, one per event loop per middleware.
 
-    ``horizon`` is the usual budget: budgets due later than the keeper's next wake-up
-    (all the usual ones) are pushed without waking it.
+    ``horizon`` is the shortest usual budget: the keeper never sleeps longer than that, so
+    a new budget (due at least that far ahead) is pushed without waking it. A shorter
+    budget (a route's tighter deadline) wakes it once and shortens the horizon to match.
     """
 
     __slots__ = (
@@ -322,6 +325,11 @@ class Keeper:
         if at < self._target:
             self._target = at
             self._wake.set()
+            # Budgets this short are usual here (a route's deadline): sleep no longer than
+            # them from now on, so the next ones need no wake-up.
+            ahead = at - monotonic()
+            if ahead < self.horizon:
+                self.horizon = max(ahead, MIN_HORIZON)
 
     def cancel(self, budget: Budget, now: float) -> None:
         """Cancel the request of ``budget`` where it awaits.
@@ -371,9 +379,11 @@ class Keeper:
                 if self._retries:
                     self._retry_due(now)
                 heap = self._heap
-                # With nothing to watch, sleep one horizon (the shortest usual budget): a
-                # request arriving meanwhile is due later and need not wake us.
-                self._target = heap[0][0] if heap else now + self.horizon
+                # Sleep at most one horizon (the shortest usual budget): a request arriving
+                # meanwhile is due later than that and need not wake us.
+                self._target = now + self.horizon
+                if heap and heap[0][0] < self._target:
+                    self._target = heap[0][0]
                 for when, _ in self._retries:
                     if when < self._target:
                         self._target = when

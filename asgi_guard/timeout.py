@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from asyncio import CancelledError, current_task, get_running_loop
+from asyncio import CancelledError, _get_running_loop, current_task
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
@@ -16,6 +16,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._deadline import (
+    MIN_HORIZON,
     Budget,
     Keeper,
     _check_seconds,
@@ -172,6 +173,16 @@ class TimeoutMiddleware:
             deadline_header.strip().lower().encode("latin-1") if deadline_header else None
         )
         self._watch_body = body_timeout is not None or min_body_rate is not None
+        # The shortest time from a request's start to something the keeper must do.
+        self._horizon = max(
+            MIN_HORIZON,
+            min(
+                self.timeout,
+                idle_timeout if idle_timeout is not None else math.inf,
+                body_timeout if body_timeout is not None else math.inf,
+                self.body_rate_grace if min_body_rate is not None else math.inf,
+            ),
+        )
         self.response = response
         self._exempt = Exemptions(exempt, logger, "given a deadline")
         self._exempt_paths = self._exempt.paths
@@ -202,7 +213,7 @@ class TimeoutMiddleware:
         if keeper is None or keeper.loop is not loop or not keeper.alive:
             # A new event loop (tests run one per test): forget the keepers of ended ones.
             self._keepers = {k: v for k, v in self._keepers.items() if v.alive}
-            keeper = Keeper(loop, self._fire, self._answer, self.timeout)
+            keeper = Keeper(loop, self._fire, self._answer, self._horizon)
             self._keepers[id(loop)] = keeper
             spawn_detached(keeper)
         self._keeper = keeper
@@ -210,7 +221,7 @@ class TimeoutMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = current_loop()
-        keeper = Keeper(loop, self._fire, self._answer, self.timeout)
+        keeper = Keeper(loop, self._fire, self._answer, self._horizon)
         self._keepers[id(loop)] = self._keeper = keeper
         error: Exception | None = None
         async with anyio.create_task_group() as task_group:
@@ -251,10 +262,9 @@ class TimeoutMiddleware:
         )
         if self._header is not None:
             self._apply_caller_deadline(scope, budget)
-        try:
-            loop: object = get_running_loop()
-        except RuntimeError:
-            loop = current_loop()
+        loop: object = _get_running_loop()
+        if loop is None:
+            loop = current_loop()  # trio
         keeper = self._keeper
         if keeper is None or keeper.loop is not loop or not keeper.alive:
             keeper = self._keeper_for(loop)

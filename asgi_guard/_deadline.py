@@ -221,7 +221,10 @@ class Budget:
     def finish(self) -> None:
         """The app returned: stop, and drop the references to the request (a finished
         budget may wait in the keeper's heap until its due time)."""
-        self.stop()
+        if self.active:
+            self.active = False
+            if self.keeper is not None:
+                self.keeper.live -= 1
         self.scope = self.receive = self.send = None
         self.task = self.cancel_scope = self.context = self.outer_scope = None
 

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from _asgi import http_scope
 from _machine import Watch
 from limits.storage import MemoryStorage as LimitsSyncMemoryStorage
 from ratelimit import RateLimitMiddleware as AsgiRateLimitMiddleware
@@ -214,23 +215,6 @@ def _starlette_pt() -> Starlette:
 # -- driving ------------------------------------------------------------------------------
 
 
-def make_scope(path: str, host: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
-        "client": (host, 1234),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
 def client_ips(n: int) -> list[str]:
     return ["127.0.0.1"] + [f"127.0.{i >> 8 & 255}.{i & 255}" for i in range(2, n + 1)]
 
@@ -258,11 +242,11 @@ async def sanity(vs: list[Variant]) -> None:
     """Each variant answers 200 and, with a tiny limit, counts (or, if exempt, does not)."""
     for v in vs:
         real = v.build(False)
-        status, _ = await _call(real.app, make_scope(v.path, "127.0.0.1"))
+        status, _ = await _call(real.app, http_scope(v.path, "127.0.0.1"))
         if status != 200:
             raise SystemExit(f"{v.name}: expected 200, got {status}")
         strict = v.build(True)
-        scope = make_scope(v.path, "127.0.0.9")
+        scope = http_scope(v.path, "127.0.0.9")
         statuses = [(await _call(strict.app, scope))[0] for _ in range(3)]
         want = [200, 200, 429] if v.limited and not v.exempt else [200, 200, 200]
         if statuses != want:
@@ -283,7 +267,7 @@ async def measure(vs: list[Variant], rounds: int, n: int, seed: int) -> dict[str
     """Run every variant once per round, in a shuffled order; return requests sent each."""
     rng = random.Random(seed)
     ips = client_ips(CLIENTS)
-    scopes = {p: [make_scope(p, ip) for ip in ips] for p in {v.path for v in vs}}
+    scopes = {p: [http_scope(p, ip) for ip in ips] for p in {v.path for v in vs}}
     built = {v.name: v.build(False) for v in vs}
     sent = dict.fromkeys(built, 0)
     for v in vs:  # warm up: every key is created before the clock runs
@@ -446,7 +430,7 @@ def profile(name: str, n: int) -> int:
         return 2
     v = found[0]
     app = v.build(False).app
-    scopes = [make_scope(v.path, ip) for ip in client_ips(CLIENTS)]
+    scopes = [http_scope(v.path, ip) for ip in client_ips(CLIENTS)]
     asyncio.run(run_block(app, scopes, 0, CLIENTS))
     profiler = cProfile.Profile()
     profiler.enable()

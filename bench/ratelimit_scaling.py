@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from _asgi import http_scope
 from _machine import Watch
 from limits import parse
 from limits.aio.storage import MemoryStorage
@@ -82,22 +83,6 @@ def ip(i: int) -> str:
     return f"{i >> 24}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
 
 
-TEMPLATE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/",
-    "raw_path": b"/",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench")],
-    "client": ("127.0.0.1", 1234),
-    "server": ("127.0.0.1", 8000),
-}
-
-
 @dataclass
 class Store:
     size: int
@@ -111,7 +96,7 @@ class Store:
 
 async def through(app: Any, keys: list[str], yield_: bool) -> float:
     """Send one request per key through ``app``; return requests per second."""
-    template, receive, send, sleep = TEMPLATE, _receive, _sink, asyncio.sleep
+    template, receive, send, sleep = http_scope(), _receive, _sink, asyncio.sleep
     t0 = time.perf_counter()
     for key in keys:
         scope = template.copy()

@@ -51,6 +51,7 @@ from typing import Any
 
 import anyio
 import httpx
+from _asgi import http_scope
 from _machine import Watch
 from _wrk import Served, print_table
 from starlette.applications import Starlette
@@ -116,23 +117,6 @@ def sync_app(finished: list[int]) -> Starlette:
 # -- the driver -----------------------------------------------------------------------------
 
 
-def make_scope() -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000")],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
 class Outcome:
     """What the requests of a run saw; lateness in a preallocated array, so that keeping
     it allocates nothing per request (tracemalloc would count it)."""
@@ -191,7 +175,7 @@ async def one(app: ASGIApp, out: Outcome) -> None:
 
     t0 = time.monotonic()
     try:
-        await app(make_scope(), receive, send)
+        await app(http_scope(), receive, send)
     except anyio.get_cancelled_exc_class() as exc:
         # Nothing here cancels the request task: this came out of the middleware (a server
         # would log "Exception in ASGI application" and close the connection).

@@ -41,6 +41,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+from _asgi import http_scope
 from _machine import Watch
 from _wrk import print_table
 from starlette.applications import Starlette
@@ -166,20 +167,7 @@ def keeper_of(app: ASGIApp) -> TimeoutMiddleware | None:
 
 # -- driving ------------------------------------------------------------------------------
 
-SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/",
-    "raw_path": b"/",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
-    "client": ("127.0.0.1", 1234),
-    "server": ("127.0.0.1", 8000),
-}
+SCOPE = http_scope()
 REQUEST: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 

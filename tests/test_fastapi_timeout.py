@@ -11,22 +11,13 @@ import httpx
 import pytest
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, WebSocket
 
-from asgi_guard import ConfigurationError, TimeoutMiddleware, _deadline, remaining
+from asgi_guard import ConfigurationError, TimeoutMiddleware, remaining
 from asgi_guard.fastapi import TimeoutDependency, timeout
 
+from ._timeout_backends import anyio_backend  # noqa: F401 (the backends fixture)
 from .asgi_driver import drive, http_scope
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "asyncio+scopes", "trio"])
-def anyio_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """asyncio cancels requests natively; "asyncio+scopes" forces the anyio cancel scopes
-    trio (and Python 3.10) use, so both ways are tested on asyncio."""
-    if request.param == "asyncio+scopes":
-        monkeypatch.setattr(_deadline, "_TASK_STATES", None)
-        return "asyncio"
-    return str(request.param)
 
 
 SLACK = 0.15

@@ -6,6 +6,7 @@ factories live in `fastapi`.
 
 from __future__ import annotations
 
+from ._blocking import BlockingEvent
 from ._clock import Clock, ManualClock, MonotonicClock
 from ._deadline import deadline, httpx_timeout, outbound_timeout, remaining
 from ._errors import ConfigurationError, GuardError, RateLimitExceeded, RequestRejected
@@ -14,10 +15,13 @@ from ._keys import KeyFunc, client_ip, header_key
 from ._limiter import QuotaState, RateLimitDecision, RateLimiter
 from ._policy import Policy
 from ._problem import Rejection
+from .blocking import BlockingDetectorMiddleware
 from .ratelimit import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, RateLimitMiddleware, Rule
 from .timeout import TimeoutMiddleware
 
 __all__ = [
+    "BlockingDetectorMiddleware",
+    "BlockingEvent",
     "Clock",
     "ConfigurationError",
     "Event",

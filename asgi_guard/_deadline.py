@@ -437,18 +437,25 @@ class Keeper:
                 logger.exception("asgi_guard: firing a request deadline failed")
 
 
-def spawn_detached(keeper: Keeper) -> None:
-    """Start ``keeper.run`` outside any task group: a task of the running loop."""
-    loop = keeper.loop
-    # An empty context: not the first request's, which the keeper would keep alive.
+def spawn_task(loop: object, run: Callable[[], Coroutine[Any, Any, None]]) -> object:
+    """Start ``run()`` outside any task group, as a task of ``loop`` that ends with it.
+
+    It runs in an empty context (not the current request's, which it would keep alive).
+    Returns the asyncio task, which the caller must keep (the loop keeps only weak
+    references to tasks); ``None`` on trio (a system task).
+    """
     context = Context()
     if isinstance(loop, asyncio.AbstractEventLoop):
-        # The keeper holds its task: the loop keeps only weak references to tasks.
-        keeper.task = context.run(loop.create_task, keeper.run_detached())
-    else:
-        import trio
+        return context.run(loop.create_task, run())
+    import trio
 
-        trio.lowlevel.spawn_system_task(keeper.run_detached, context=context)
+    trio.lowlevel.spawn_system_task(run, context=context)
+    return None
+
+
+def spawn_detached(keeper: Keeper) -> None:
+    """Start ``keeper.run`` outside any task group: a task of the running loop."""
+    keeper.task = spawn_task(keeper.loop, keeper.run_detached)
 
 
 def remaining() -> float | None:

@@ -1,0 +1,397 @@
+"""The blocking-call watchdog: a thread that notices when one step holds the event loop.
+
+The loop publishes a heartbeat (a tick counter bumped by a task every poll interval). A
+watchdog thread wakes every poll interval, looks at the loop thread's stack and finds the
+*step* running on it: the outermost frame above the event loop's own machinery (the task's
+coroutine). When the same step has been on the thread, with the tick unchanged, for longer
+than the threshold, the loop is blocked: the watchdog samples the stack (twice, to tell a
+blocking call from a CPU loop), checks the tick again (a stall that has just ended is never
+blamed on the frame that follows it), and reports. Requests are found by walking from the
+sampled frame to the middleware's own frame, registered when the request began.
+
+When a C call holds the GIL, the watchdog cannot run at all: it notices on waking that it
+overslept, and reports the stall then, labelled ``holds_gil``, with the stack it finds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import queue
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Literal
+
+from starlette.types import Scope
+
+from ._paths import route_template
+
+__all__ = ["BlockingEvent", "Watchdog"]
+
+logger = logging.getLogger("asgi_guard.blocking")
+
+#: The asyncio package: its frames are the event loop's own machinery.
+_MACHINERY = (os.path.join(os.path.dirname(asyncio.__file__), ""),)
+_LIBRARY_PATHS = tuple(
+    os.path.join(path, "")
+    for path in {sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")}
+)
+#: Names of the loop machinery of other backends and servers, by path fragment.
+_MACHINERY_FRAGMENTS = (
+    f"{os.sep}trio{os.sep}_core{os.sep}",
+    f"{os.sep}anyio{os.sep}_backends{os.sep}",
+    f"{os.sep}uvicorn{os.sep}",
+    f"{os.sep}hypercorn{os.sep}",
+    f"{os.sep}selectors.py",
+    f"{os.sep}threading.py",
+)
+
+Kind = Literal["blocking_call", "cpu_bound"]
+
+
+@dataclass(frozen=True)
+class BlockingEvent:
+    """The event loop was blocked by one step for longer than the threshold.
+
+    Attributes:
+        duration: Seconds the loop had been blocked when the stall was detected (for
+            ``holds_gil`` stalls: how long it lasted).
+        stack: Where it was blocked, in Python's usual order (innermost frame last): the
+            step running on the loop, down to the line that blocked.
+        method: The method of the request being served, or ``None`` outside any request.
+        path: Its path, or ``None``.
+        route: Its route template, or ``None`` (outside a request, or before routing).
+        holds_gil: A C call held the GIL: nothing could run, not even the watchdog, and the
+            stall was seen only once the call returned (the stack is where the code went on).
+        fingerprint: A short hash of the stack's code locations, the same for the same stack
+            in every process: for de-duplication.
+        kind: ``"blocking_call"`` (a call that waits or computes in C: the stack stood still)
+            or ``"cpu_bound"`` (Python code computing without ever awaiting: make the handler
+            a ``def`` endpoint, or move the work to a thread or process).
+    """
+
+    duration: float
+    stack: traceback.StackSummary
+    method: str | None
+    path: str | None
+    route: str | None
+    holds_gil: bool
+    fingerprint: str
+    kind: Kind = "blocking_call"
+
+    @property
+    def location(self) -> traceback.FrameSummary | None:
+        """The innermost frame of application code (not the standard library or an
+        installed package), or the innermost frame when there is none."""
+        for frame in reversed(self.stack):
+            if not _is_library(frame.filename):
+                return frame
+        return self.stack[-1] if len(self.stack) else None
+
+    def describe(self) -> str:
+        """One line: which request, where, how long."""
+        where = self.location
+        at = f"{where.filename}:{where.lineno} in {where.name}" if where else "an unknown place"
+        code = f" ({where.line.strip()})" if where is not None and where.line else ""
+        request = f"{self.method} {self.route or self.path}" if self.method else "outside requests"
+        gil = " holding the GIL" if self.holds_gil else ""
+        advice = (
+            "; an async handler that never awaits: make it a def endpoint, or move the work "
+            "to a thread or a process"
+            if self.kind == "cpu_bound"
+            else ""
+        )
+        return (
+            f"{request}: the event loop was blocked{gil} for {self.duration:.3f} s at "
+            f"{at}{code}{advice}"
+        )
+
+
+def _is_library(filename: str) -> bool:
+    return filename.startswith(_LIBRARY_PATHS) or filename.startswith("<")
+
+
+def _is_machinery(frame: FrameType) -> bool:
+    filename = frame.f_code.co_filename
+    return filename.startswith(_MACHINERY) or any(f in filename for f in _MACHINERY_FRAGMENTS)
+
+
+def fingerprint(stack: traceback.StackSummary) -> str:
+    """A stable short hash of the stack's code locations."""
+    text = "\n".join(f"{f.filename}:{f.lineno}:{f.name}" for f in stack)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+class _Sample:
+    """The loop thread's stack at one moment, cut to the running step.
+
+    Everything that changes as the loop thread goes on (line numbers, the request) is read
+    here at once, while this thread holds the GIL: reading source lines afterwards lets the
+    loop thread run.
+    """
+
+    __slots__ = ("lines", "request", "root", "top")
+
+    def __init__(self, top: FrameType | None, requests: dict[FrameType, Scope]) -> None:
+        self.top = top
+        # The step: the frames inward of the innermost frame of loop machinery (the event
+        # loop, a task wrapper, the server), innermost first.
+        lines: list[tuple[FrameType, int]] = []
+        request: tuple[str | None, str | None, str | None] = (None, None, None)
+        found = False
+        frame = top
+        while frame is not None and not _is_machinery(frame):
+            lines.append((frame, frame.f_lineno))
+            if not found:
+                scope = requests.get(frame)
+                if scope is not None:
+                    found = True
+                    request = (scope.get("method"), scope.get("path"), route_template(scope))
+            frame = frame.f_back
+        if frame is None:  # no loop on this stack at all: not a step of a running loop
+            lines = []
+            request = (None, None, None)
+        self.lines = lines
+        self.request = request
+        self.root = lines[-1][0] if lines else None
+
+
+class Watchdog:
+    """Watches one event loop thread; reports stalls to ``report``.
+
+    ``beat()`` is called by the loop every poll interval; ``register``/``unregister`` map
+    a request's middleware frame to its scope. Thread-safe by the GIL: the loop thread
+    writes, the watchdog thread reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float,
+        poll: float,
+        report: Callable[[BlockingEvent], None],
+    ) -> None:
+        self.threshold = threshold
+        self.poll = poll
+        self._report = report
+        self.tick = 0
+        self.requests: dict[FrameType, Scope] = {}
+        self.loop_thread: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._root: FrameType | None = None
+        self._root_tick = -1
+        self._root_since = 0.0
+        self._reported_root: FrameType | None = None
+        self._reported_tick = -1
+        self._seen_tick = -1
+
+    # -- the loop's side -------------------------------------------------------------------
+
+    def beat(self) -> None:
+        self.tick += 1
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, loop_thread: int) -> None:
+        if self.running:
+            return
+        self.loop_thread = loop_thread
+        self._seen_tick = self.tick
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="asgi_guard-blocking-watchdog", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(1.0, 5 * self.poll))
+
+    # -- the watchdog thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        poll = self.poll
+        expected = time.monotonic() + poll
+        while not self._stop.wait(poll):
+            now = time.monotonic()
+            overslept = now - expected
+            expected = now + poll
+            try:
+                self._check(now, overslept)
+            except Exception:  # pragma: no cover - a bug here must not kill the watchdog
+                logger.exception("asgi_guard: the blocking watchdog failed a check")
+
+    def _sample(self) -> _Sample:
+        thread = self.loop_thread
+        top = sys._current_frames().get(thread) if thread is not None else None
+        return _Sample(top, self.requests)
+
+    def _check(self, now: float, overslept: float) -> None:
+        tick = self.tick
+        quiet = tick == self._seen_tick  # no heartbeat since the previous check
+        self._seen_tick = tick
+        sample = self._sample()
+        root = sample.root
+        if overslept > self.threshold and quiet:
+            # Nothing ran, not even this thread, and no heartbeat: a C call held the GIL
+            # and has just returned. Report it now, where the code goes on.
+            self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
+            self._reported_root, self._reported_tick = root, tick
+            self._root, self._root_since = root, now
+            return
+        if root is None:
+            self._root, self._root_tick = None, tick  # idle, waiting in select
+            return
+        if root is not self._root or tick != self._root_tick:
+            # A new step (or the same coroutine stepped again after the loop went round):
+            # it started between the previous check and this one.
+            self._root, self._root_tick = root, tick
+            self._root_since = now - self.poll / 2
+            return
+        blocked = now - self._root_since
+        if blocked <= self.threshold:
+            return
+        if root is self._reported_root and tick == self._reported_tick:
+            return  # this stall is reported already
+        # A second look, shortly after: the same step and no heartbeat in between confirm
+        # the stall. Waiting long for the GIL to take it means Python code is computing.
+        pause = min(0.002, self.poll / 4)
+        started = time.monotonic()
+        time.sleep(pause)
+        second = self._sample()
+        gil_wait = time.monotonic() - started - pause
+        if second.root is not root or self.tick != tick:
+            return  # it has just ended: never blame the frame that follows
+        self._reported_root, self._reported_tick = root, tick
+        top = second.top
+        computing = gil_wait > 0.001 and top is not None and not _is_library(top.f_code.co_filename)
+        self._emit(
+            second,
+            time.monotonic() - self._root_since,
+            holds_gil=False,
+            kind="cpu_bound" if computing else "blocking_call",
+        )
+
+    def _emit(self, sample: _Sample, duration: float, *, holds_gil: bool, kind: Kind) -> None:
+        stack = traceback.StackSummary.extract(reversed(sample.lines), capture_locals=False)
+        method, path, route = sample.request
+        event = BlockingEvent(
+            duration=duration,
+            stack=stack,
+            method=method,
+            path=path,
+            route=route,
+            holds_gil=holds_gil,
+            fingerprint=fingerprint(stack),
+            kind=kind,
+        )
+        self._report(event)
+
+
+class Dispatcher:
+    """Delivers events to logging and callbacks on a thread of its own, so that a slow or
+    failing callback never holds up the watchdog. Identical stacks are logged at most
+    once per ``log_interval`` (with how many were left out)."""
+
+    MAX_PENDING = 1000
+
+    def __init__(
+        self, handlers: Sequence[Callable[[BlockingEvent], None]], log_interval: float
+    ) -> None:
+        self._handlers = tuple(handlers)
+        self._log_interval = log_interval
+        self._queue: queue.SimpleQueue[BlockingEvent | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._logged: dict[str, tuple[float, int]] = {}
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.suppressed = 0
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(
+            target=self._run, name="asgi_guard-blocking-reports", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def put(self, event: BlockingEvent) -> None:
+        if self._pending >= self.MAX_PENDING:
+            self.dropped += 1  # a callback is stuck: keep the watchdog going
+            return
+        self._pending += 1
+        self._queue.put(event)
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            self._pending -= 1
+            self._log(event)
+            for handler in self._handlers:
+                try:
+                    handler(event)
+                except Exception:
+                    if not self._failed:
+                        self._failed = True
+                        logger.exception("asgi_guard: an on_block callback raised; it is ignored")
+
+    def _log(self, event: BlockingEvent) -> None:
+        now = time.monotonic()
+        last, skipped = self._logged.get(event.fingerprint, (-math.inf, 0))
+        if now - last < self._log_interval:
+            self._logged[event.fingerprint] = (last, skipped + 1)
+            self.suppressed += 1
+            return
+        self._logged[event.fingerprint] = (now, 0)
+        more = f" ({skipped} more like it not logged)" if skipped else ""
+        logger.warning(
+            "%s%s\n%s",
+            event.describe(),
+            more,
+            "".join(event.stack.format()).rstrip(),
+            extra={"asgi_guard_event": event},
+        )
+
+
+def check_settings(threshold: Any, poll: Any) -> None:
+    """Raise `ConfigurationError` unless ``0 < poll < threshold`` (finite)."""
+    from ._errors import ConfigurationError
+
+    for name, value in (("threshold", threshold), ("poll_interval", poll)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
+    if poll >= threshold:
+        raise ConfigurationError(
+            f"threshold ({threshold}) must be above poll_interval ({poll}): the watchdog "
+            "looks every poll_interval, so it cannot see shorter stalls"
+        )

@@ -1,0 +1,173 @@
+"""Blocking-call detection: `BlockingDetectorMiddleware` finds what blocks the event loop."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+
+import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
+from ._deadline import current_loop
+
+__all__ = ["BlockingDetectorMiddleware", "BlockingEvent"]
+
+logger = logging.getLogger("asgi_guard.blocking")
+
+#: A callback for detections; it runs on a thread of its own, never on the event loop.
+BlockHandler = Callable[[BlockingEvent], None]
+
+
+class BlockingDetectorMiddleware:
+    """Finds the code that blocks the event loop, and the request it was serving.
+
+    A watchdog thread notices when one step (a coroutine between two awaits) holds the
+    event loop for longer than ``threshold``, and reports the exact line and the route:
+    to the ``asgi_guard.blocking`` logger (one line, then the stack; identical stacks at
+    most once per ``log_interval``), to ``on_block`` callbacks and to `stats`. Cheap
+    enough to leave on in production. It observes HTTP, WebSocket and lifespan; lifespan
+    starts and stops the watchdog (without lifespan it starts at the first request and
+    stops at exit).
+
+    Args:
+        app: The ASGI app to watch.
+        threshold: Report steps that hold the loop longer than this many seconds.
+        poll_interval: How often the watchdog looks (default: a tenth of ``threshold``).
+            A stall is reported within about ``threshold + poll_interval``.
+        on_block: Callbacks receiving every `BlockingEvent`, on a thread of their own
+            (never the event loop's); one that raises is logged once, one that blocks
+            delays only other callbacks.
+        log_interval: Log identical stacks at most once per this many seconds.
+
+    Raises:
+        ConfigurationError: A non-positive or non-finite threshold or poll interval, or a
+            threshold at or below the poll interval.
+
+    Examples:
+        >>> from starlette.applications import Starlette
+        >>> app = Starlette()
+        >>> app.add_middleware(BlockingDetectorMiddleware, threshold=0.1)
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        threshold: float = 0.1,
+        poll_interval: float | None = None,
+        on_block: BlockHandler | Sequence[BlockHandler] = (),
+        log_interval: float = 60.0,
+    ) -> None:
+        self.app = app
+        poll = threshold / 10 if poll_interval is None and _number(threshold) else poll_interval
+        check_settings(threshold, poll)
+        handlers = (on_block,) if callable(on_block) else tuple(on_block)
+        if not all(callable(h) for h in handlers):
+            raise_config("on_block takes callables (event) -> None")
+        if not _number(log_interval) or log_interval < 0:
+            raise_config("log_interval must be a non-negative number of seconds")
+        self.threshold = float(threshold)
+        self.poll_interval = float(poll)  # type: ignore[arg-type]
+        self._dispatcher = Dispatcher(handlers, float(log_interval))
+        self.stats = {"blocks": 0, "holding_gil": 0, "cpu_bound": 0}
+        self._watchdog = Watchdog(
+            threshold=self.threshold, poll=self.poll_interval, report=self._on_block
+        )
+        self._loop: object = None
+        self._heartbeat_task: object = None
+        self._exit_hook = False
+
+    # -- reports (watchdog thread) --------------------------------------------------------------
+
+    def _on_block(self, event: BlockingEvent) -> None:
+        self.stats["blocks"] += 1
+        if event.holds_gil:
+            self.stats["holding_gil"] += 1
+        if event.kind == "cpu_bound":
+            self.stats["cpu_bound"] += 1
+        self._dispatcher.put(event)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        watchdog = self._watchdog
+        poll = self.poll_interval
+        while True:
+            watchdog.beat()
+            await anyio.sleep(poll)
+
+    def _start_threads(self) -> None:
+        self._dispatcher.start()
+        self._watchdog.start(threading.get_ident())
+
+    def stop(self) -> None:
+        """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
+        self._watchdog.stop()
+        self._dispatcher.stop()
+        self._loop = None
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: Exception | None = None
+        async with anyio.create_task_group() as task_group:
+            self._loop = current_loop()
+            task_group.start_soon(self._heartbeat)
+            self._start_threads()
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                error = exc
+            finally:
+                task_group.cancel_scope.cancel()
+                self.stop()
+        if error is not None:
+            raise error
+
+    def _lazy_start(self, loop: object) -> None:
+        """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""
+        from ._deadline import spawn_task
+
+        self._watchdog.stop()  # a previous loop's watchdog (tests run a loop each)
+        self._loop = loop
+        self._heartbeat_task = spawn_task(loop, self._heartbeat)
+        self._start_threads()
+        if not self._exit_hook:
+            self._exit_hook = True
+            atexit.register(_stop_at_exit, weakref.ref(self))
+
+    # -- per request --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if self._loop is None or not self._watchdog.running or self._loop is not current_loop():
+            self._lazy_start(current_loop())
+        requests = self._watchdog.requests
+        frame = sys._getframe()
+        requests[frame] = scope
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            del requests[frame]
+
+
+def _stop_at_exit(ref: weakref.ref[BlockingDetectorMiddleware]) -> None:
+    middleware = ref()
+    if middleware is not None:
+        middleware.stop()
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def raise_config(message: str) -> None:
+    from ._errors import ConfigurationError
+
+    raise ConfigurationError(message)

@@ -554,3 +554,25 @@ async def test_timeouts_caller_header_and_background_task(caplog: pytest.LogCapt
     assert r.status_code == 200, r.text
     assert 0.9 < r.json()["db_timeout"] <= 1.0
     assert "audited book with no deadline (remaining=None)" in caplog.text
+
+
+# -- blocking detection -----------------------------------------------------------------------
+
+
+async def test_blocking_example_names_the_route_that_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/report is reported with its line; /report-fixed, the same work in a thread, is not."""
+    blocking = load("blocking")
+    with caplog.at_level(logging.WARNING, logger="asgi_guard.blocking"):
+        async with client_for(blocking.app) as http:
+            assert (await http.get("/report-fixed")).status_code == 200
+            await anyio.sleep(0.2)
+            assert blocking.blocked_routes == {}
+            assert (await http.get("/report")).status_code == 200
+            with anyio.move_on_after(2):
+                while not blocking.blocked_routes:  # filled by the detector's report thread
+                    await anyio.sleep(0.02)  # noqa: ASYNC110
+    assert blocking.blocked_routes == {"/report": 1}
+    assert "GET /report: the event loop was blocked" in caplog.text
+    assert "time.sleep(0.3)" in caplog.text

@@ -1,0 +1,289 @@
+"""BlockingDetectorMiddleware: detection, attribution, reports, lifecycle and bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from asgi_guard import BlockingDetectorMiddleware, BlockingEvent, ConfigurationError
+
+from .asgi_driver import drive, http_scope
+
+pytestmark = pytest.mark.anyio
+
+THRESHOLD = 0.05
+BLOCK = 3 * THRESHOLD
+
+
+async def sleepy(request: Request) -> PlainTextResponse:
+    time.sleep(BLOCK)  # the blocking line
+    return PlainTextResponse("ok")
+
+
+async def computing(request: Request) -> PlainTextResponse:
+    until = time.monotonic() + BLOCK
+    n = 0
+    while time.monotonic() < until:  # computes without awaiting
+        n += 1
+    return PlainTextResponse(str(n))
+
+
+async def polite(request: Request) -> PlainTextResponse:
+    for _ in range(10):
+        await anyio.sleep(THRESHOLD / 2)
+    await anyio.to_thread.run_sync(time.sleep, BLOCK)
+    return PlainTextResponse("ok")
+
+
+def threaded(request: Request) -> PlainTextResponse:
+    time.sleep(BLOCK)  # a sync endpoint runs in a worker thread: not the loop's business
+    return PlainTextResponse("ok")
+
+
+async def websocket_blocks(websocket: WebSocket) -> None:
+    await websocket.accept()
+    time.sleep(BLOCK)
+    await websocket.close()
+
+
+def line_of(marker: str) -> int:
+    """The line number in this file of the line ending with ``marker``."""
+    with open(__file__, encoding="utf-8") as source:
+        for number, line in enumerate(source, 1):
+            if line.rstrip().endswith(marker) and "def line_of" not in line:
+                return number
+    raise AssertionError(marker)
+
+
+def make(**options: Any) -> tuple[BlockingDetectorMiddleware, list[BlockingEvent]]:
+    events: list[BlockingEvent] = []
+    app = Starlette(
+        routes=[
+            Route("/users/{user_id}", sleepy),
+            Route("/compute", computing),
+            Route("/polite", polite),
+            Route("/threaded", threaded),
+            WebSocketRoute("/ws", websocket_blocks),
+        ]
+    )
+    options.setdefault("threshold", THRESHOLD)
+    return BlockingDetectorMiddleware(app, on_block=events.append, **options), events
+
+
+async def settle(events: list[BlockingEvent], count: int = 1, timeout: float = 1.0) -> None:
+    """Wait (bounded) for the report thread to deliver ``count`` events."""
+    with anyio.move_on_after(timeout):
+        while len(events) < count:
+            await anyio.sleep(0.01)
+    await anyio.sleep(2 * THRESHOLD)  # and make sure no more come
+
+
+async def test_a_blocking_call_is_reported_with_its_line_and_route() -> None:
+    """time.sleep in an async handler: one event naming the line, the request and the route."""
+    detector, events = make()
+    try:
+        await drive(detector, http_scope("/users/42"))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert (event.method, event.path, event.route) == ("GET", "/users/42", "/users/{user_id}")
+    assert event.kind == "blocking_call"
+    assert not event.holds_gil
+    assert THRESHOLD < event.duration < BLOCK + THRESHOLD
+    location = event.location
+    assert location is not None
+    assert (location.filename, location.lineno) == (__file__, line_of("# the blocking line"))
+    assert event.stack[-1].lineno == location.lineno, "the innermost frame is the handler"
+    assert re.fullmatch(r"[0-9a-f]{16}", event.fingerprint)
+    assert detector.stats["blocks"] == 1
+
+
+async def test_a_handler_that_never_awaits_is_reported_as_cpu_bound() -> None:
+    """A pure-Python loop in async def is reported as such, with the advice to make it def."""
+    detector, events = make()
+    try:
+        await drive(detector, http_scope("/compute"))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert event.kind == "cpu_bound"
+    assert event.location is not None
+    assert event.location.lineno in range(
+        line_of("# computes without awaiting") - 1, line_of("# computes without awaiting") + 2
+    )
+    assert "make it a def endpoint" in event.describe()
+    assert detector.stats["cpu_bound"] == 1
+
+
+async def test_well_behaved_code_is_never_reported() -> None:
+    """Awaiting often, and blocking work moved to threads, produce no report."""
+    detector, events = make()
+    try:
+        await drive(detector, http_scope("/polite"))
+        await drive(detector, http_scope("/threaded"))
+        await settle(events, count=0, timeout=0)
+    finally:
+        detector.stop()
+    assert events == []
+
+
+async def test_a_gil_holding_call_is_reported_when_it_returns() -> None:
+    """A C call that holds the GIL is seen once it returns, labelled holds_gil."""
+
+    async def backtracks(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        size = 16
+        while time.monotonic() - started < 3 * THRESHOLD:
+            re.match(r"(a+)+$", "a" * size + "b")  # holds the GIL, longer each time
+            size += 1
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(backtracks, threshold=THRESHOLD, on_block=events.append)
+    try:
+        await drive(detector, http_scope("/regex"))
+        await settle(events)
+    finally:
+        detector.stop()
+    assert events, "the stall went unreported"
+    assert events[0].path == "/regex"
+    assert events[0].location is not None
+    assert events[0].location.name == "backtracks"
+
+
+async def test_websocket_sessions_are_watched_too() -> None:
+    """A WebSocket handler that blocks is reported with its path."""
+    detector, events = make()
+    scope = {**http_scope("/ws"), "type": "websocket", "subprotocols": []}
+    try:
+        await drive(detector, scope, [{"type": "websocket.connect"}], then="wait")
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert (event.path, event.route) == ("/ws", "/ws")
+
+
+async def test_blocking_outside_any_request_is_reported_without_one() -> None:
+    """A stall in a background task of the app has no request: method, path, route None."""
+    detector, events = make()
+    try:
+        await drive(detector, http_scope("/polite"))  # starts the watchdog
+        time.sleep(BLOCK)  # blocks outside any request
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert (event.method, event.path, event.route) == (None, None, None)
+    assert "outside requests" in event.describe()
+
+
+async def test_lifespan_starts_and_stops_the_watchdog() -> None:
+    """With lifespan the threads run from startup to shutdown and no longer."""
+    detector, events = make()
+    before = threading.active_count()
+    async with LifespanManager(detector) as manager:
+        assert detector._watchdog.running
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/users/1")).status_code == 200
+        await settle(events)
+    assert not detector._watchdog.running
+    assert threading.active_count() <= before
+    assert [e.route for e in events] == ["/users/{user_id}"]
+
+
+async def test_identical_stacks_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hot stall is logged once (with the line and the stack), then counted, not repeated."""
+    detector, events = make(log_interval=60)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_guard.blocking"):
+            for user in range(3):
+                await drive(detector, http_scope(f"/users/{user}"))
+                await anyio.sleep(THRESHOLD)  # the loop goes round: three separate stalls
+            await settle(events, count=3)
+    finally:
+        detector.stop()
+    assert len(events) == 3, "callbacks get every event"
+    logged = [r for r in caplog.records if "was blocked" in r.getMessage()]
+    assert len(logged) == 1
+    message = logged[0].getMessage()
+    assert "GET /users/{user_id}" in message
+    assert f"{__file__}:{line_of('# the blocking line')}" in message
+    assert "time.sleep(BLOCK)" in message
+    assert detector._dispatcher.suppressed == 2
+
+
+async def test_a_raising_or_blocking_callback_never_breaks_the_watchdog(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A callback that raises is logged once; one that blocks holds up only callbacks."""
+    calls: list[str] = []
+    release = threading.Event()
+
+    def broken(event: BlockingEvent) -> None:
+        calls.append("broken")
+        raise ValueError("callback bug")
+
+    def stuck(event: BlockingEvent) -> None:
+        release.wait(5)
+
+    app = Starlette(routes=[Route("/users/{user_id}", sleepy)])
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=[broken, stuck])
+    try:
+        with caplog.at_level(logging.ERROR, logger="asgi_guard"):
+            for user in range(3):
+                await drive(detector, http_scope(f"/users/{user}"))
+                await anyio.sleep(THRESHOLD)
+            await anyio.sleep(4 * THRESHOLD)
+            assert detector.stats["blocks"] == 3, "the watchdog kept detecting"
+            release.set()
+            with anyio.move_on_after(1):
+                while len(calls) < 3:
+                    await anyio.sleep(0.01)
+    finally:
+        release.set()
+        detector.stop()
+    assert calls == ["broken"] * 3
+    assert sum("on_block callback raised" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"threshold": 0},
+        {"threshold": -1},
+        {"threshold": math.nan},
+        {"threshold": math.inf},
+        {"threshold": "0.1"},
+        {"threshold": 0.1, "poll_interval": 0.1},
+        {"threshold": 0.1, "poll_interval": 0.2},
+        {"threshold": 0.1, "poll_interval": 0},
+        {"threshold": 0.1, "poll_interval": math.nan},
+        {"log_interval": -1},
+        {"on_block": ["not callable"]},
+    ],
+)
+def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -> None:
+    """A threshold at or below the poll interval, or non-positive, is a ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        BlockingDetectorMiddleware(PlainTextResponse("ok"), **options)

@@ -15,11 +15,12 @@ from ._keys import KeyFunc, client_ip, header_key
 from ._limiter import QuotaState, RateLimitDecision, RateLimiter
 from ._policy import Policy
 from ._problem import Rejection
-from .blocking import BlockingDetectorMiddleware
+from .blocking import BlockingCallError, BlockingDetectorMiddleware
 from .ratelimit import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, RateLimitMiddleware, Rule
 from .timeout import TimeoutMiddleware
 
 __all__ = [
+    "BlockingCallError",
     "BlockingDetectorMiddleware",
     "BlockingEvent",
     "Clock",

@@ -7,15 +7,18 @@ import logging
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
 from ._deadline import current_loop
+from ._paths import route_template
+from ._strict import BlockingCallError, StrictCalls
 
-__all__ = ["BlockingDetectorMiddleware", "BlockingEvent"]
+__all__ = ["BlockingCallError", "BlockingDetectorMiddleware", "BlockingEvent"]
 
 logger = logging.getLogger("asgi_guard.blocking")
 
@@ -43,6 +46,13 @@ class BlockingDetectorMiddleware:
             (never the event loop's); one that raises is logged once, one that blocks
             delays only other callbacks.
         log_interval: Log identical stacks at most once per this many seconds.
+        strict: For tests and development: also make the known blocking calls of the
+            standard library (``time.sleep``, blocking sockets, ``subprocess``,
+            ``os.system``, ``select.select``, ``threading.Event.wait``, ``queue.Queue.get``
+            ...) raise `BlockingCallError` when called on the event loop thread, whatever
+            their duration. Patches those functions process-wide while it runs.
+        allow: Known calls strict mode lets through, by name (``"time.sleep"``); those
+            never used are listed in a warning when the detector stops.
 
     Raises:
         ConfigurationError: A non-positive or non-finite threshold or poll interval, or a
@@ -62,6 +72,8 @@ class BlockingDetectorMiddleware:
         poll_interval: float | None = None,
         on_block: BlockHandler | Sequence[BlockHandler] = (),
         log_interval: float = 60.0,
+        strict: bool = False,
+        allow: Iterable[str] = (),
     ) -> None:
         self.app = app
         poll = threshold / 10 if poll_interval is None and _number(threshold) else poll_interval
@@ -81,6 +93,9 @@ class BlockingDetectorMiddleware:
         self._loop: object = None
         self._heartbeat_task: object = None
         self._exit_hook = False
+        self._strict = StrictCalls(allow, self._where) if strict else None
+        if not strict and allow:
+            raise_config("allow= applies to strict mode only: pass strict=True")
 
     # -- reports (watchdog thread) --------------------------------------------------------------
 
@@ -104,26 +119,58 @@ class BlockingDetectorMiddleware:
     def _start_threads(self) -> None:
         self._dispatcher.start()
         self._watchdog.start(threading.get_ident())
+        if self._strict is not None:
+            self._strict.start(threading.get_ident())
 
     def stop(self) -> None:
         """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
         self._watchdog.stop()
         self._dispatcher.stop()
         self._loop = None
+        strict = self._strict
+        if strict is not None and strict.active:
+            strict.stop()
+            unused = strict.unused()
+            if unused:
+                logger.warning("asgi_guard: strict mode allowed calls never made: %s", unused)
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error: Exception | None = None
+    def unused_allowances(self) -> list[str]:
+        """The ``allow=`` entries strict mode never had to let through (so far)."""
+        return self._strict.unused() if self._strict is not None else []
+
+    def _where(self) -> str:
+        """The request being served on this thread, for a strict-mode error."""
+        requests = self._watchdog.requests
+        frame = sys._getframe(1)
+        while frame is not None:
+            scope = requests.get(frame)
+            if scope is not None:
+                template = route_template(scope) or scope.get("path")
+                return f"in {scope.get('method', 'WEBSOCKET')} {template}"
+            frame = frame.f_back  # type: ignore[assignment]
+        return "outside requests"
+
+    @asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        """Watch the running event loop for the duration of the block (for tests: the
+        pytest plugin uses it), then stop."""
         async with anyio.create_task_group() as task_group:
             self._loop = current_loop()
             task_group.start_soon(self._heartbeat)
             self._start_threads()
             try:
-                await self.app(scope, receive, send)
-            except Exception as exc:
-                error = exc
+                yield
             finally:
                 task_group.cancel_scope.cancel()
                 self.stop()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: Exception | None = None
+        async with self.watching():
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                error = exc  # raised as is, not wrapped in an exception group
         if error is not None:
             raise error
 

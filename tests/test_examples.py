@@ -577,3 +577,14 @@ async def test_blocking_example_names_the_route_that_blocks(
     assert blocking.blocked_routes == {"/report": 1}
     assert "GET /report: the event loop was blocked" in caplog.text
     assert "time.sleep(0.3)" in caplog.text
+
+
+async def test_strict_mode_example_raises_at_a_short_sleep() -> None:
+    """/settings raises BlockingCallError at a 2 ms time.sleep; the message names the fix."""
+    strict = load("strict_mode")
+    async with client_for(strict.app) as http:
+        with pytest.raises(asgi_guard.BlockingCallError, match=r"GET /settings\b"):
+            await http.get("/settings")
+        r = await http.get("/settings-checked")
+    assert r.status_code == 200, r.text
+    assert "anyio.to_thread.run_sync()" in r.json()["error"]

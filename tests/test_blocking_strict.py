@@ -1,0 +1,137 @@
+"""Strict mode and the pytest plugin: known blocking calls raise; blocked tests fail."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import anyio
+import pytest
+
+from asgi_guard import BlockingCallError, BlockingDetectorMiddleware, ConfigurationError
+
+from .asgi_driver import drive, http_scope
+
+pytestmark = pytest.mark.anyio
+
+pytest_plugins = ["pytester"]
+
+
+def strict_app(**options: object) -> BlockingDetectorMiddleware:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def naps(request: Request) -> PlainTextResponse:
+        time.sleep(0.001)  # far below any threshold: only strict mode sees it
+        return PlainTextResponse("ok")
+
+    async def threads(request: Request) -> PlainTextResponse:
+        await anyio.to_thread.run_sync(time.sleep, 0.01)  # fine: in a worker thread
+        return PlainTextResponse("ok")
+
+    routes = [Route("/naps/{n}", naps), Route("/threads", threads)]
+    return BlockingDetectorMiddleware(Starlette(routes=routes), strict=True, **options)  # type: ignore[arg-type]
+
+
+async def test_strict_mode_raises_at_a_short_blocking_call() -> None:
+    """A 1 ms time.sleep on the loop raises BlockingCallError naming the call and the route."""
+    detector = strict_app()
+    try:
+        with pytest.raises(BlockingCallError, match=r"time\.sleep\(\) blocks .*GET /naps/\{n\}"):
+            await drive(detector, http_scope("/naps/1"))
+    finally:
+        detector.stop()
+    assert time.sleep.__module__ == "time", "time.sleep is restored"
+
+
+async def test_strict_mode_lets_threads_and_allowed_calls_through() -> None:
+    """Work in worker threads passes; an allowed call passes and counts as used."""
+    detector = strict_app(allow=["time.sleep", "os.system"])
+    try:
+        assert (await drive(detector, http_scope("/threads"))).status == 200
+        assert (await drive(detector, http_scope("/naps/2"))).status == 200
+        assert detector.unused_allowances() == ["os.system"]
+    finally:
+        detector.stop()
+
+
+async def test_strict_mode_ignores_non_blocking_sockets() -> None:
+    """The event loop's own non-blocking sockets are not blocking calls; blocking ones are."""
+    detector = strict_app()
+    async with detector.watching():
+        left, right = socket.socketpair()
+        with left, right:
+            left.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                left.recv(1)  # non-blocking: allowed, and nothing to read
+            with pytest.raises(BlockingCallError, match=r"socket\.socket\.recv"):
+                right.recv(1)
+
+
+def test_strict_mode_options_are_checked() -> None:
+    """Unknown allow entries, or allow without strict, are configuration errors."""
+    with pytest.raises(ConfigurationError, match="unknown"):
+        strict_app(allow=["time.nap"])
+    with pytest.raises(ConfigurationError, match="strict=True"):
+        BlockingDetectorMiddleware(drive, allow=["time.sleep"])  # type: ignore[arg-type]
+
+
+PLUGIN_TESTS = """
+import time
+
+import anyio
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.asgi_guard_blocking(threshold=0.05, strict=False)
+async def test_blocks():
+    from time import sleep as nap
+    nap(0.2)  # THE BLOCKING LINE
+
+
+@pytest.mark.asgi_guard_blocking
+async def test_short_sleep():
+    time.sleep(0.001)
+
+
+@pytest.mark.asgi_guard_blocking
+async def test_polite():
+    await anyio.sleep(0.05)
+
+
+async def test_unmarked():
+    time.sleep(0.1)
+"""
+
+
+def test_the_plugin_fails_marked_tests_that_block(pytester: pytest.Pytester) -> None:
+    """Marked tests that block fail with the blocking line; others pass; unmarked ones too."""
+    pytester.makepyfile(test_plugin=PLUGIN_TESTS)
+    result = pytester.runpytest_subprocess("-p", "anyio", "-v")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_blocks FAILED*",
+            "*test_short_sleep FAILED*",
+            "*test_polite PASSED*",
+            "*test_unmarked PASSED*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*the test blocked the event loop*", "*THE BLOCKING LINE*"])
+    result.stdout.fnmatch_lines(["*BlockingCallError: time.sleep() blocks the event loop*"])
+
+
+def test_the_command_line_flag_checks_every_async_test(pytester: pytest.Pytester) -> None:
+    """--asgi-guard-blocking checks unmarked async tests too."""
+    pytester.makepyfile(test_plugin=PLUGIN_TESTS)
+    result = pytester.runpytest_subprocess("-p", "anyio", "--asgi-guard-blocking")
+    result.assert_outcomes(passed=1, failed=3)

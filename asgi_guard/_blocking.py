@@ -55,7 +55,7 @@ _MACHINERY_FRAGMENTS = (
     f"{os.sep}threading.py",
 )
 
-Kind = Literal["blocking_call", "cpu_bound"]
+Kind = Literal["blocking_call", "cpu_bound", "never_awaited"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,11 @@ class BlockingEvent:
             stall was seen only once the call returned (the stack is where the code went on).
         fingerprint: A short hash of the stack's code locations, the same for the same stack
             in every process: for de-duplication.
-        kind: ``"blocking_call"`` (a call that waits or computes in C: the stack stood still)
-            or ``"cpu_bound"`` (Python code computing without ever awaiting: make the handler
-            a ``def`` endpoint, or move the work to a thread or process).
+        kind: ``"blocking_call"`` (a call that waits or computes in C: the stack stood still),
+            ``"cpu_bound"`` (Python code computing without ever awaiting: make the handler
+            a ``def`` endpoint, or move the work to a thread or process), or
+            ``"never_awaited"`` (a coroutine was created and dropped without being awaited:
+            the stack shows where; ``duration`` is 0).
     """
 
     duration: float
@@ -103,6 +105,8 @@ class BlockingEvent:
         at = f"{where.filename}:{where.lineno} in {where.name}" if where else "an unknown place"
         code = f" ({where.line.strip()})" if where is not None and where.line else ""
         request = f"{self.method} {self.route or self.path}" if self.method else "outside requests"
+        if self.kind == "never_awaited":
+            return f"{request}: a coroutine was never awaited at {at}{code}; add await"
         gil = " holding the GIL" if self.holds_gil else ""
         advice = (
             "; an async handler that never awaits: make it a def endpoint, or move the work "
@@ -287,6 +291,11 @@ class Watchdog:
             holds_gil=False,
             kind="cpu_bound" if computing else "blocking_call",
         )
+
+    def never_awaited(self, frame: FrameType | None) -> None:
+        """Report a coroutine dropped unawaited while ``frame`` ran (on the loop thread)."""
+        if threading.get_ident() == self.loop_thread:
+            self._emit(_Sample(frame, self.requests), 0.0, holds_gil=False, kind="never_awaited")
 
     def _emit(self, sample: _Sample, duration: float, *, holds_gil: bool, kind: Kind) -> None:
         stack = traceback.StackSummary.extract(reversed(sample.lines), capture_locals=False)

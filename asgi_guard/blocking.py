@@ -6,6 +6,7 @@ import atexit
 import logging
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -86,13 +87,14 @@ class BlockingDetectorMiddleware:
         self.threshold = float(threshold)
         self.poll_interval = float(poll)  # type: ignore[arg-type]
         self._dispatcher = Dispatcher(handlers, float(log_interval))
-        self.stats = {"blocks": 0, "holding_gil": 0, "cpu_bound": 0}
+        self.stats = {"blocks": 0, "holding_gil": 0, "cpu_bound": 0, "never_awaited": 0}
         self._watchdog = Watchdog(
             threshold=self.threshold, poll=self.poll_interval, report=self._on_block
         )
         self._loop: object = None
         self._heartbeat_task: object = None
         self._exit_hook = False
+        self._unawaited: tuple[Callable[[object], None], Callable[[object], None]] | None = None
         self._strict = StrictCalls(allow, self._where) if strict else None
         if not strict and allow:
             raise_config("allow= applies to strict mode only: pass strict=True")
@@ -100,6 +102,10 @@ class BlockingDetectorMiddleware:
     # -- reports (watchdog thread) --------------------------------------------------------------
 
     def _on_block(self, event: BlockingEvent) -> None:
+        if event.kind == "never_awaited":
+            self.stats["never_awaited"] += 1
+            self._dispatcher.put(event)
+            return
         self.stats["blocks"] += 1
         if event.holds_gil:
             self.stats["holding_gil"] += 1
@@ -119,11 +125,35 @@ class BlockingDetectorMiddleware:
     def _start_threads(self) -> None:
         self._dispatcher.start()
         self._watchdog.start(threading.get_ident())
+        self._hook_unawaited()
         if self._strict is not None:
             self._strict.start(threading.get_ident())
 
+    def _hook_unawaited(self) -> None:
+        """Hear of coroutines dropped unawaited: CPython reports each through
+        ``warnings._warn_unawaited_coroutine``, which we wrap (and still call)."""
+        original = getattr(warnings, "_warn_unawaited_coroutine", None)
+        if original is None or self._unawaited is not None:
+            return
+        watchdog = self._watchdog
+
+        def warn_unawaited_coroutine(coro: object) -> None:
+            try:
+                watchdog.never_awaited(sys._getframe(1))
+            finally:
+                original(coro)
+
+        self._unawaited = (original, warn_unawaited_coroutine)
+        warnings._warn_unawaited_coroutine = warn_unawaited_coroutine  # type: ignore[attr-defined]
+
+    def _unhook_unawaited(self) -> None:
+        hook, self._unawaited = self._unawaited, None
+        if hook is not None and getattr(warnings, "_warn_unawaited_coroutine", None) is hook[1]:
+            warnings._warn_unawaited_coroutine = hook[0]  # type: ignore[attr-defined]
+
     def stop(self) -> None:
         """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
+        self._unhook_unawaited()
         self._watchdog.stop()
         self._dispatcher.stop()
         self._loop = None

@@ -287,3 +287,30 @@ def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -
     """A threshold at or below the poll interval, or non-positive, is a ConfigurationError."""
     with pytest.raises(ConfigurationError):
         BlockingDetectorMiddleware(PlainTextResponse("ok"), **options)
+
+
+async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
+    """A coroutine called without await is reported with the request and the line."""
+
+    async def save() -> None:
+        await anyio.sleep(0)
+
+    async def forgetful(scope: Scope, receive: Receive, send: Send) -> None:
+        save()  # type: ignore[unused-coroutine]  # forgot the await
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(forgetful, threshold=THRESHOLD, on_block=events.append)
+    try:
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            await drive(detector, http_scope("/orders"))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert event.kind == "never_awaited"
+    assert (event.method, event.path) == ("GET", "/orders")
+    assert event.location is not None
+    assert event.location.lineno == line_of("# forgot the await")
+    assert "a coroutine was never awaited" in event.describe()
+    assert detector.stats == {**detector.stats, "never_awaited": 1, "blocks": 0}

@@ -118,9 +118,14 @@ class BlockingDetectorMiddleware:
     async def _heartbeat(self) -> None:
         watchdog = self._watchdog
         poll = self.poll_interval
-        while True:
-            watchdog.beat()
-            await anyio.sleep(poll)
+        try:
+            while True:
+                watchdog.beat()
+                await anyio.sleep(poll)
+        finally:
+            # The loop is shutting down (or lifespan ended): without a heartbeat the
+            # watchdog would take any long step of a later loop for a stall.
+            self.stop()
 
     def _start_threads(self) -> None:
         self._dispatcher.start()

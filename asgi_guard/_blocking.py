@@ -198,6 +198,7 @@ class Watchdog:
         self._reported_root: FrameType | None = None
         self._reported_tick = -1
         self._seen_tick = -1
+        self._last_check = time.monotonic()
 
     # -- the loop's side -------------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class Watchdog:
             return
         self.loop_thread = loop_thread
         self._seen_tick = self.tick
+        self._last_check = time.monotonic()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, name="asgi_guard-blocking-watchdog", daemon=True
@@ -247,6 +249,12 @@ class Watchdog:
         return _Sample(top, self.requests)
 
     def _check(self, now: float, overslept: float) -> None:
+        try:
+            self._check_at(now, overslept)
+        finally:
+            self._last_check = now
+
+    def _check_at(self, now: float, overslept: float) -> None:
         tick = self.tick
         quiet = tick == self._seen_tick  # no heartbeat since the previous check
         self._seen_tick = tick
@@ -264,9 +272,9 @@ class Watchdog:
             return
         if root is not self._root or tick != self._root_tick:
             # A new step (or the same coroutine stepped again after the loop went round):
-            # it started between the previous check and this one.
+            # it started after the previous check, which is what it is timed from.
             self._root, self._root_tick = root, tick
-            self._root_since = now - self.poll / 2
+            self._root_since = self._last_check
             return
         blocked = now - self._root_since
         if blocked <= self.threshold:

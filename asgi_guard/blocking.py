@@ -41,8 +41,8 @@ class BlockingDetectorMiddleware:
     Args:
         app: The ASGI app to watch.
         threshold: Report steps that hold the loop longer than this many seconds.
-        poll_interval: How often the watchdog looks (default: a tenth of ``threshold``).
-            A stall is reported within about ``threshold + poll_interval``.
+        poll_interval: How often the watchdog looks (default: a fifth of ``threshold``).
+            A stall is reported within ``threshold + poll_interval`` of its start.
         on_block: Callbacks receiving every `BlockingEvent`, on a thread of their own
             (never the event loop's); one that raises is logged once, one that blocks
             delays only other callbacks.
@@ -77,7 +77,7 @@ class BlockingDetectorMiddleware:
         allow: Iterable[str] = (),
     ) -> None:
         self.app = app
-        poll = threshold / 10 if poll_interval is None and _number(threshold) else poll_interval
+        poll = threshold / 5 if poll_interval is None and _number(threshold) else poll_interval
         check_settings(threshold, poll)
         handlers = (on_block,) if callable(on_block) else tuple(on_block)
         if not all(callable(h) for h in handlers):
@@ -117,11 +117,13 @@ class BlockingDetectorMiddleware:
 
     async def _heartbeat(self) -> None:
         watchdog = self._watchdog
-        poll = self.poll_interval
+        # A beat every quarter threshold tells a coroutine resumed again and again from
+        # one step that never ends, at a few dozen wake-ups a second.
+        period = self.threshold / 4
         try:
             while True:
                 watchdog.beat()
-                await anyio.sleep(poll)
+                await anyio.sleep(period)
         finally:
             # The loop is shutting down (or lifespan ended): without a heartbeat the
             # watchdog would take any long step of a later loop for a stall.
@@ -230,13 +232,14 @@ class BlockingDetectorMiddleware:
             return
         if self._loop is None or not self._watchdog.running or self._loop is not current_loop():
             self._lazy_start(current_loop())
+        # Keyed by this call's own frame (never held in a local: a frame referring to
+        # itself would make every request's scope wait for the cycle collector).
         requests = self._watchdog.requests
-        frame = sys._getframe()
-        requests[frame] = scope
+        requests[sys._getframe()] = scope
         try:
             await self.app(scope, receive, send)
         finally:
-            del requests[frame]
+            del requests[sys._getframe()]
 
 
 def _stop_at_exit(ref: weakref.ref[BlockingDetectorMiddleware]) -> None:

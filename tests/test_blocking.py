@@ -314,3 +314,26 @@ async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
     assert event.location.lineno == line_of("# forgot the await")
     assert "a coroutine was never awaited" in event.describe()
     assert detector.stats == {**detector.stats, "never_awaited": 1, "blocks": 0}
+
+
+async def test_requests_leave_no_reference_cycles() -> None:
+    """The middleware's bookkeeping creates no garbage for the cycle collector."""
+    import gc
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD)
+    try:
+        await drive(detector, http_scope())  # starts the watchdog
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(200):
+                await drive(detector, http_scope())
+            unreachable = gc.collect()
+        finally:
+            gc.enable()
+    finally:
+        detector.stop()
+    assert unreachable < 50, f"{unreachable} objects were left to the cycle collector"

@@ -4,8 +4,8 @@ One uvicorn worker (127.0.0.1, a free port, ``--lifespan on``, no access log) se
 FastAPI app (``bench/_blocking_apps.py``: ``GET /`` awaits 1 ms and answers a small JSON)
 without the detector ("off") and with ``BlockingDetectorMiddleware(threshold=0.1)`` ("on":
 the default poll interval, 20 ms: the watchdog thread wakes 50 times a second and the
-heartbeat task, every 25 ms, 40 times). Only one server runs at a time, a fresh process for every run, so that
-neither an idle neighbour nor one process's memory layout tilts the comparison.
+heartbeat task, every 25 ms, 40 times). Only one server runs at a time, a fresh process for
+every run, so that neither an idle neighbour nor one process's memory layout tilts the comparison.
 
 A pair is one run of each, off then on or on then off (alternating pair after pair). Each
 run: start the server; check it (on: a 150 ms ``time.sleep`` on the loop is reported once
@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"python {platform.python_version()}, nproc {os.cpu_count()}, "
             f"load {os.getloadavg()[0]:.2f}, app {args.app}, loop {args.loop}, http {args.http}; "
-            f"detector threshold 0.1 s, default poll (0.02 s); {args.pairs} pairs, fresh server per run; "
+            f"detector threshold 0.1 s, default poll (0.02 s); {args.pairs} pairs, "
+            "fresh server per run; "
             f"fixed rate: wrk -t1 -c{args.fixed_connections} -d{args.fixed_duration}s, "
             f"0-{args.think} ms between requests; saturation: wrk -t{args.threads} "
             f"-c{args.connections} -d{args.duration}s"

@@ -51,9 +51,9 @@ _MACHINERY_FRAGMENTS = (
     f"{os.sep}anyio{os.sep}_backends{os.sep}",
     f"{os.sep}uvicorn{os.sep}",
     f"{os.sep}hypercorn{os.sep}",
-    f"{os.sep}selectors.py",
-    f"{os.sep}threading.py",
 )
+#: A step made only of these frames, called by the loop itself, is the loop waiting.
+_IDLE = (f"{os.sep}selectors.py",)
 
 Kind = Literal["blocking_call", "cpu_bound", "never_awaited"]
 
@@ -161,9 +161,15 @@ class _Sample:
                     found = True
                     request = (scope.get("method"), scope.get("path"), route_template(scope))
             frame = frame.f_back
-        if frame is None:  # no loop on this stack at all: not a step of a running loop
+        if frame is None or all(
+            f.f_code.co_filename.endswith(_IDLE) for f, _ in lines
+        ):  # no loop on this stack at all, or the loop waiting in select: no step
             lines = []
             request = (None, None, None)
+        elif len(lines) > 1 and lines[0][1] == lines[0][0].f_code.co_firstlineno:
+            # Caught entering a function (the GIL changes hands there): its ``def`` line is
+            # not where the work is, its caller's line is.
+            del lines[0]
         self.lines = lines
         self.request = request
         self.root = lines[-1][0] if lines else None
@@ -260,9 +266,15 @@ class Watchdog:
         self._seen_tick = tick
         sample = self._sample()
         root = sample.root
-        if overslept > self.threshold and quiet:
+        if (
+            overslept > self.threshold
+            and quiet
+            and root is not None
+            and not (root is self._reported_root and tick == self._reported_tick)
+        ):
             # Nothing ran, not even this thread, and no heartbeat: a C call held the GIL
-            # and has just returned. Report it now, where the code goes on.
+            # and has just returned. Report it now, where the code goes on (never with an
+            # empty stack, and never twice for one step).
             self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
             self._reported_root, self._reported_tick = root, tick
             self._root, self._root_since = root, now
@@ -272,9 +284,9 @@ class Watchdog:
             return
         if root is not self._root or tick != self._root_tick:
             # A new step (or the same coroutine stepped again after the loop went round):
-            # it started after the previous check, which is what it is timed from.
+            # it is timed from this first look, so a shorter step is never reported.
             self._root, self._root_tick = root, tick
-            self._root_since = self._last_check
+            self._root_since = now
             return
         blocked = now - self._root_since
         if blocked <= self.threshold:
@@ -291,8 +303,9 @@ class Watchdog:
         if second.root is not root or self.tick != tick:
             return  # it has just ended: never blame the frame that follows
         self._reported_root, self._reported_tick = root, tick
-        top = second.top
-        computing = gil_wait > 0.001 and top is not None and not _is_library(top.f_code.co_filename)
+        # Python code computing holds the GIL until the interpreter's switch interval
+        # ends; a call that waits, or computes in C, lets this thread in at once.
+        computing = gil_wait > sys.getswitchinterval() / 2
         self._emit(
             second,
             time.monotonic() - self._root_since,

@@ -119,8 +119,16 @@ class Served:
         @property
         def label(self) -> str: ...
 
-    def start(self, target: str, loop: str, http: str, env: dict[str, str] | None = None) -> None:
-        """Start uvicorn serving ``target`` on a free port (``env``: the child's environment)."""
+    def start(
+        self,
+        target: str,
+        loop: str,
+        http: str,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        """Start uvicorn serving ``target`` on a free port (``env``: the child's environment;
+        ``extra``: more command-line options)."""
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; stop() closes it
         cmd = [
@@ -132,6 +140,7 @@ class Served:
             "--log-level", "warning",
             "--loop", loop,
             "--http", http,
+            *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT

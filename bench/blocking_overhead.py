@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _machine import Watch, _processes
-from _wrk import ROOT, Served, free_port, print_table
+from _wrk import Served, print_table
 
 APPS = {
     "fastapi": ("bench._blocking_apps:fastapi_off", "bench._blocking_apps:fastapi_on"),
@@ -165,24 +165,16 @@ class Server(Served):
     def label(self) -> str:
         return f"detector {self.mode}"
 
-    def start(self, target: str, loop: str, http: str, env: dict[str, str] | None = None) -> None:
+    def start(
+        self,
+        target: str,
+        loop: str,
+        http: str,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         """``Served.start`` with ``--lifespan on`` (the detector starts its watchdog there)."""
-        self.port = free_port()
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; stop() closes it
-        cmd = [
-            sys.executable, "-m", "uvicorn", target,
-            "--app-dir", str(ROOT),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--no-access-log",
-            "--log-level", "warning",
-            "--loop", loop,
-            "--http", http,
-            "--lifespan", "on",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        super().start(target, loop, http, env, ("--lifespan", "on", *extra))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

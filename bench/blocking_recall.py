@@ -52,7 +52,7 @@ from starlette.types import ASGIApp
 
 sys.path.insert(0, str(ROOT))
 
-from asgi_guard import BlockingDetectorMiddleware, BlockingEvent
+from asgi_guard import BlockingDetectorMiddleware
 from tests.asgi_driver import drive, http_scope
 from tests.blocking_corpus import (
     BLOCKING,
@@ -64,14 +64,11 @@ from tests.blocking_corpus import (
     Case,
     Lab,
     Verdict,
+    Watched,
     build_app,
     judge,
     misattributed,
 )
-
-#: How long to wait for a report once a request is over, and then for a duplicate.
-ARRIVAL = 0.2
-QUIET = 0.05
 
 
 @dataclass
@@ -96,40 +93,13 @@ class Results:
     seconds: float = 0.0
 
 
-class Watched:
-    """A detector around the corpus app; when the watchdog emitted each report, and when
-    the report thread delivered it to ``on_block``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.delivered: dict[int, float] = {}
-        self.events: list[BlockingEvent] = []
-        self.detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=self._on)
-        self.emitted: list[tuple[float, BlockingEvent]] = []
-        watchdog = self.detector._watchdog
-        report = watchdog._report
-
-        def stamped(event: BlockingEvent) -> None:
-            self.emitted.append((time.monotonic(), event))
-            report(event)
-
-        watchdog._report = stamped
-
-    def _on(self, event: BlockingEvent) -> None:
-        self.delivered[id(event)] = time.monotonic()
-        self.events.append(event)
-
-    async def settle(self, expected: int) -> None:
-        with anyio.move_on_after(ARRIVAL):
-            while len(self.emitted) < expected:
-                await anyio.sleep(0.005)
-        await anyio.sleep(QUIET)
-
-    def stop(self, results: Results) -> None:
-        self.detector.stop()
-        results.undelivered += len(self.emitted) - len(self.events)
-        for at, event in self.emitted:
-            if id(event) in self.delivered:
-                results.dispatch.append(self.delivered[id(event)] - at)
+def drain(watched: Watched, results: Results) -> None:
+    """Stop the detector; count reports never delivered and how long delivery took."""
+    watched.detector.stop()
+    results.undelivered += len(watched.emitted) - len(watched.events)
+    for at, event in watched.emitted:
+        if id(event) in watched.delivered:
+            results.dispatch.append(watched.delivered[id(event)] - at)
 
 
 async def one_pass(app: ASGIApp, lab: Lab, results: Results, seed: int) -> None:
@@ -162,7 +132,7 @@ async def one_pass(app: ASGIApp, lab: Lab, results: Results, seed: int) -> None:
             if emitted and not case.holds_gil:
                 results.latency[case.name].append(emitted[0][0] - stall.began)
     finally:
-        watched.stop(results)
+        drain(watched, results)
 
 
 async def mixed_round(app: ASGIApp, lab: Lab, results: Results, seed: int) -> None:
@@ -178,7 +148,7 @@ async def mixed_round(app: ASGIApp, lab: Lab, results: Results, seed: int) -> No
                 group.start_soon(drive, watched.detector, http_scope(path))
         await watched.settle(len(MIXED_BLOCKING))
     finally:
-        watched.stop(results)
+        drain(watched, results)
     stalls = lab.stalls[first:]
     results.mixed_reports += len(watched.emitted)
     results.mixed_blocking += len(MIXED_BLOCKING)

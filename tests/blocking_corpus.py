@@ -62,7 +62,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from asgi_guard import BlockingEvent
+from asgi_guard import BlockingDetectorMiddleware, BlockingEvent
 
 __all__ = [
     "BLOCKING",
@@ -1299,3 +1299,42 @@ def build_app(lab: Lab, cases: Iterable[Case] = BY_NAME.values()) -> ASGIApp:
     `Recorder`."""
     routes = [Route(c.route, _endpoint(c, lab), methods=["GET", "POST"]) for c in cases]
     return Recorder(Starlette(routes=routes), lab)
+
+
+# -- watching the corpus ----------------------------------------------------------------------
+
+#: How long to wait for a report once a request is over (it is due before the stall ends; a
+#: GIL-holding call: right after), and then for a duplicate.
+ARRIVAL = 0.2
+QUIET = 0.05
+
+
+class Watched:
+    """A detector around the corpus app: the events ``on_block`` got, and when the watchdog
+    emitted each one and the report thread delivered it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.delivered: dict[int, float] = {}
+        self.events: list[BlockingEvent] = []
+        self.detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=self._on)
+        self.emitted: list[tuple[float, BlockingEvent]] = []
+        watchdog = self.detector._watchdog
+        report = watchdog._report
+
+        def stamped(event: BlockingEvent) -> None:
+            self.emitted.append((time.monotonic(), event))
+            report(event)
+
+        watchdog._report = stamped
+
+    def _on(self, event: BlockingEvent) -> None:
+        self.delivered[id(event)] = time.monotonic()
+        self.events.append(event)
+
+    async def settle(self, expected: int) -> None:
+        """Wait (bounded) for ``expected`` reports to be emitted and delivered, then a
+        little for any more."""
+        with anyio.move_on_after(ARRIVAL):
+            while len(self.emitted) < expected or len(self.events) < len(self.emitted):
+                await anyio.sleep(0.005)
+        await anyio.sleep(QUIET)

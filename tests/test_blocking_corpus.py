@@ -12,15 +12,12 @@ times, and measures the detection latency.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
 from starlette.types import ASGIApp
-
-from asgi_guard import BlockingDetectorMiddleware, BlockingEvent
 
 from .asgi_driver import drive, http_scope
 from .blocking_corpus import (
@@ -33,6 +30,7 @@ from .blocking_corpus import (
     Case,
     Lab,
     Stall,
+    Watched,
     build_app,
     judge,
     misattributed,
@@ -40,11 +38,6 @@ from .blocking_corpus import (
 
 pytestmark = pytest.mark.anyio
 
-#: How long to wait for a report once the request is over: it is due before the stall ends
-#: (a GIL-holding call: right after), and the report thread takes milliseconds.
-ARRIVAL = 0.2
-#: After the first report, how long to watch for a duplicate.
-QUIET = 0.05
 
 ON_TRIO = (
     "time_sleep",
@@ -66,33 +59,6 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def app(lab: Lab) -> ASGIApp:
     return build_app(lab)
-
-
-class Watched:
-    """A detector around the corpus app, its events, and when the watchdog emitted each
-    (the report thread delivers them a little later)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.events: list[BlockingEvent] = []
-        self.detector = BlockingDetectorMiddleware(
-            app, threshold=THRESHOLD, on_block=self.events.append
-        )
-        self.emitted: list[tuple[float, BlockingEvent]] = []
-        watchdog = self.detector._watchdog
-        report = watchdog._report
-
-        def stamped(event: BlockingEvent) -> None:
-            self.emitted.append((time.monotonic(), event))
-            report(event)
-
-        watchdog._report = stamped
-
-    async def settle(self, expected: int) -> None:
-        """Wait (bounded) for ``expected`` events to arrive, then a little for any more."""
-        with anyio.move_on_after(ARRIVAL):
-            while len(self.events) < expected:
-                await anyio.sleep(0.005)
-        await anyio.sleep(QUIET)
 
 
 def stalled_long_enough(stall: Stall) -> bool:

@@ -1,13 +1,14 @@
 """The blocking-call watchdog: a thread that notices when one step holds the event loop.
 
-The loop publishes a heartbeat (a tick counter bumped by a task every poll interval). A
+The loop publishes a heartbeat (a tick counter a task bumps every quarter threshold). A
 watchdog thread wakes every poll interval, looks at the loop thread's stack and finds the
-*step* running on it: the outermost frame above the event loop's own machinery (the task's
-coroutine). When the same step has been on the thread, with the tick unchanged, for longer
-than the threshold, the loop is blocked: the watchdog samples the stack (twice, to tell a
-blocking call from a CPU loop), checks the tick again (a stall that has just ended is never
-blamed on the frame that follows it), and reports. Requests are found by walking from the
-sampled frame to the middleware's own frame, registered when the request began.
+*step* running on it: the frames inward of the innermost frame of loop, task-runner or
+server machinery (the task's coroutine and what it calls). When the same step has been on
+the thread, with the tick unchanged, for longer than the threshold, the loop is blocked:
+the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
+(a stall that has just ended is never blamed on the frame that follows it), and reports.
+Requests are found by walking from the sampled frame to the middleware's own frame,
+registered when the request began.
 
 When a C call holds the GIL, the watchdog cannot run at all: it notices on waking that it
 overslept, and reports the stall then, labelled ``holds_gil``, with the stack it finds.
@@ -33,6 +34,8 @@ from typing import Any, Literal
 
 from starlette.types import Scope
 
+from ._deadline import _check_seconds
+from ._errors import ConfigurationError
 from ._paths import route_template
 
 __all__ = ["BlockingEvent", "Watchdog"]
@@ -347,7 +350,6 @@ class Dispatcher:
         self._handlers = tuple(handlers)
         self._log_interval = log_interval
         self._queue: queue.SimpleQueue[BlockingEvent | None] = queue.SimpleQueue()
-        self._pending = 0
         self._logged: dict[str, tuple[float, int]] = {}
         self._failed = False
         self._thread: threading.Thread | None = None
@@ -369,10 +371,9 @@ class Dispatcher:
             thread.join(timeout)
 
     def put(self, event: BlockingEvent) -> None:
-        if self._pending >= self.MAX_PENDING:
+        if self._queue.qsize() >= self.MAX_PENDING:
             self.dropped += 1  # a callback is stuck: keep the watchdog going
             return
-        self._pending += 1
         self._queue.put(event)
 
     def _run(self) -> None:
@@ -380,7 +381,6 @@ class Dispatcher:
             event = self._queue.get()
             if event is None:
                 return
-            self._pending -= 1
             self._log(event)
             for handler in self._handlers:
                 try:
@@ -410,16 +410,8 @@ class Dispatcher:
 
 def check_settings(threshold: Any, poll: Any) -> None:
     """Raise `ConfigurationError` unless ``0 < poll < threshold`` (finite)."""
-    from ._errors import ConfigurationError
-
-    for name, value in (("threshold", threshold), ("poll_interval", poll)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
+    _check_seconds(threshold, "threshold")
+    _check_seconds(poll, "poll_interval")
     if poll >= threshold:
         raise ConfigurationError(
             f"threshold ({threshold}) must be above poll_interval ({poll}): the watchdog "

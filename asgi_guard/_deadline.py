@@ -213,10 +213,7 @@ class Budget:
     def completed(self) -> None:
         """The response is complete: the deadline no longer applies."""
         self.complete = True
-        if self.active:
-            self.active = False
-            if self.keeper is not None:
-                self.keeper.live -= 1
+        self.stop()
 
     def finish(self) -> None:
         """The app returned: stop, and drop the references to the request (a finished

@@ -67,6 +67,12 @@ def _blocking_wait(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(block) and timeout != 0
 
 
+def _blocking_put(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    block = kwargs.get("block", args[2] if len(args) > 2 else True)
+    timeout = kwargs.get("timeout", args[3] if len(args) > 3 else None)
+    return bool(block) and timeout != 0 and args[0].maxsize > 0
+
+
 def _blocking_event_wait(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     timeout = kwargs.get("timeout", args[1] if len(args) > 1 else None)
     return timeout != 0
@@ -102,7 +108,7 @@ KNOWN_CALLS: dict[str, tuple[Any, str, Callable[[tuple[Any, ...], dict[str, Any]
     "socket.socket.sendall": (socket.socket, "sendall", _blocking_socket),
     "threading.Event.wait": (threading.Event, "wait", _blocking_event_wait),
     "queue.Queue.get": (queue.Queue, "get", _blocking_wait),
-    "queue.Queue.put": (queue.Queue, "put", _blocking_wait),
+    "queue.Queue.put": (queue.Queue, "put", _blocking_put),
 }
 
 

@@ -15,7 +15,8 @@ import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
-from ._deadline import current_loop
+from ._deadline import current_loop, spawn_task
+from ._errors import ConfigurationError
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
 
@@ -81,9 +82,9 @@ class BlockingDetectorMiddleware:
         check_settings(threshold, poll)
         handlers = (on_block,) if callable(on_block) else tuple(on_block)
         if not all(callable(h) for h in handlers):
-            raise_config("on_block takes callables (event) -> None")
+            raise ConfigurationError("on_block takes callables (event) -> None")
         if not _number(log_interval) or log_interval < 0:
-            raise_config("log_interval must be a non-negative number of seconds")
+            raise ConfigurationError("log_interval must be a non-negative number of seconds")
         self.threshold = float(threshold)
         self.poll_interval = float(poll)  # type: ignore[arg-type]
         self._dispatcher = Dispatcher(handlers, float(log_interval))
@@ -97,7 +98,7 @@ class BlockingDetectorMiddleware:
         self._unawaited: tuple[Callable[[object], None], Callable[[object], None]] | None = None
         self._strict = StrictCalls(allow, self._where) if strict else None
         if not strict and allow:
-            raise_config("allow= applies to strict mode only: pass strict=True")
+            raise ConfigurationError("allow= applies to strict mode only: pass strict=True")
 
     # -- reports (watchdog thread) --------------------------------------------------------------
 
@@ -213,8 +214,6 @@ class BlockingDetectorMiddleware:
 
     def _lazy_start(self, loop: object) -> None:
         """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""
-        from ._deadline import spawn_task
-
         self._watchdog.stop()  # a previous loop's watchdog (tests run a loop each)
         self._loop = loop
         self._heartbeat_task = spawn_task(loop, self._heartbeat)
@@ -230,8 +229,9 @@ class BlockingDetectorMiddleware:
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if self._loop is None or not self._watchdog.running or self._loop is not current_loop():
-            self._lazy_start(current_loop())
+        loop = current_loop()
+        if self._loop is not loop:  # not started, stopped (``_loop`` is None) or a new loop
+            self._lazy_start(loop)
         # Keyed by this call's own frame (never held in a local: a frame referring to
         # itself would make every request's scope wait for the cycle collector).
         requests = self._watchdog.requests
@@ -250,9 +250,3 @@ def _stop_at_exit(ref: weakref.ref[BlockingDetectorMiddleware]) -> None:
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def raise_config(message: str) -> None:
-    from ._errors import ConfigurationError
-
-    raise ConfigurationError(message)

@@ -135,3 +135,17 @@ def test_the_command_line_flag_checks_every_async_test(pytester: pytest.Pytester
     pytester.makepyfile(test_plugin=PLUGIN_TESTS)
     result = pytester.runpytest_subprocess("-p", "anyio", "--asgi-guard-blocking")
     result.assert_outcomes(passed=1, failed=3)
+
+
+async def test_strict_mode_knows_which_queue_puts_block() -> None:
+    """A put on an unbounded queue never blocks; a blocking put on a bounded one raises."""
+    import queue
+
+    detector = strict_app()
+    async with detector.watching():
+        unbounded: queue.Queue[int] = queue.Queue()
+        unbounded.put(1)  # unbounded: passes
+        bounded: queue.Queue[int] = queue.Queue(maxsize=1)
+        bounded.put(1, False)  # not blocking: passes
+        with pytest.raises(BlockingCallError, match=r"queue\.Queue\.put"):
+            bounded.put(2, True, 0.01)

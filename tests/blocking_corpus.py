@@ -92,7 +92,7 @@ STALL = 2 * THRESHOLD
 #: How long the legitimate cases take: longer than the threshold, so a report is possible.
 LONG = 1.5 * STALL
 #: What the calibration aims at: a little above `STALL`, as machine noise cuts both ways.
-_AIM = 1.15 * STALL
+_AIM = 1.5 * STALL
 
 MARK = "# BLOCKS"
 

@@ -8,7 +8,9 @@ the thread, with the tick unchanged, for longer than the threshold, the loop is 
 the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
 (a stall that has just ended is never blamed on the frame that follows it), and reports.
 Requests are found by walking from the sampled frame to the middleware's own frame,
-registered when the request began.
+registered when the request began; a step in a task the request spawned (a task group
+child, a streaming body Starlette runs in a task of its own) never meets that frame, so its
+task is looked up and the request read from the context the task inherited.
 
 When a C call holds the GIL, the watchdog cannot run at all: it notices on waking that it
 overslept, and reports the stall then, labelled ``holds_gil``, with the stack it finds.
@@ -17,6 +19,8 @@ overslept, and reports the stall then, labelled ``holds_gil``, with the stack it
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import hashlib
 import logging
 import math
@@ -27,7 +31,7 @@ import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal
@@ -132,6 +136,68 @@ def _is_machinery(frame: FrameType) -> bool:
     return filename.startswith(_MACHINERY) or any(f in filename for f in _MACHINERY_FRAGMENTS)
 
 
+def _request_of(scope: Scope) -> tuple[str | None, str | None, str | None]:
+    return scope.get("method"), scope.get("path"), route_template(scope)
+
+
+def _context_of(task: Any) -> contextvars.Context | None:
+    """The context a task runs in: ``get_context()`` (asyncio 3.12+), ``context`` (trio),
+    or, for asyncio's C tasks of 3.11, the context its garbage-collector traversal visits
+    first (the task's own; its callbacks' come after)."""
+    get_context = getattr(task, "get_context", None)
+    if get_context is not None:
+        context = get_context()
+        return context if isinstance(context, contextvars.Context) else None
+    context = getattr(task, "context", None) or getattr(task, "_context", None)
+    if isinstance(context, contextvars.Context):
+        return context
+    for referent in gc.get_referents(task):
+        if isinstance(referent, contextvars.Context):
+            return referent
+    return None
+
+
+def _asyncio_tasks(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[Any, Any]]:
+    for task in asyncio.all_tasks(loop):  # copies the set; retries while the loop adds
+        yield task, task.get_coro()
+
+
+def _trio_tasks(root: Any) -> Iterator[tuple[Any, Any]]:
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        yield task, task.coro
+        for nursery in list(task.child_nurseries):
+            pending.extend(list(nursery.child_tasks))
+
+
+def spawned_request(
+    top: FrameType | None, anchor: object, var: contextvars.ContextVar[Scope]
+) -> Scope | None:
+    """The request whose context the task running ``top`` inherited: a child task of a
+    request carries a copy of the request's context. ``anchor`` is the asyncio loop, or the
+    trio run's root task. Called from the watchdog thread while the step still runs."""
+    on_stack = set()
+    frame = top
+    while frame is not None:
+        on_stack.add(id(frame))
+        frame = frame.f_back
+    if isinstance(anchor, asyncio.AbstractEventLoop):
+        tasks = _asyncio_tasks(anchor)
+    elif anchor is not None and hasattr(anchor, "child_nurseries"):
+        tasks = _trio_tasks(anchor)
+    else:
+        return None
+    try:
+        for task, coro in tasks:
+            if id(getattr(coro, "cr_frame", None)) in on_stack:
+                context = _context_of(task)
+                return context.get(var, None) if context is not None else None
+    except RuntimeError:  # the loop changed its tasks while we looked: leave it unnamed
+        return None
+    return None
+
+
 def fingerprint(stack: traceback.StackSummary) -> str:
     """A stable short hash of the stack's code locations."""
     text = "\n".join(f"{f.filename}:{f.lineno}:{f.name}" for f in stack)
@@ -162,7 +228,7 @@ class _Sample:
                 scope = requests.get(frame)
                 if scope is not None:
                     found = True
-                    request = (scope.get("method"), scope.get("path"), route_template(scope))
+                    request = _request_of(scope)
             frame = frame.f_back
         if frame is None or all(
             f.f_code.co_filename.endswith(_IDLE) for f, _ in lines
@@ -198,6 +264,12 @@ class Watchdog:
         self._report = report
         self.tick = 0
         self.requests: dict[FrameType, Scope] = {}
+        #: The request of the running context (for tasks a request spawned).
+        self.request_var: contextvars.ContextVar[Scope] = contextvars.ContextVar(
+            "asgi_guard_blocking_request"
+        )
+        #: Where to look for the loop's tasks: the asyncio loop, or trio's root task.
+        self.anchor: object = None
         self.loop_thread: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,10 +292,11 @@ class Watchdog:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, loop_thread: int) -> None:
+    def start(self, loop_thread: int, anchor: object = None) -> None:
         if self.running:
             return
         self.loop_thread = loop_thread
+        self.anchor = anchor
         self._seen_tick = self.tick
         self._last_check = time.monotonic()
         self._stop.clear()
@@ -319,9 +392,17 @@ class Watchdog:
     def never_awaited(self, frame: FrameType | None) -> None:
         """Report a coroutine dropped unawaited while ``frame`` ran (on the loop thread)."""
         if threading.get_ident() == self.loop_thread:
-            self._emit(_Sample(frame, self.requests), 0.0, holds_gil=False, kind="never_awaited")
+            sample = _Sample(frame, self.requests)
+            scope = self.request_var.get(None)
+            if sample.request[0] is None and scope is not None:
+                sample.request = _request_of(scope)
+            self._emit(sample, 0.0, holds_gil=False, kind="never_awaited")
 
     def _emit(self, sample: _Sample, duration: float, *, holds_gil: bool, kind: Kind) -> None:
+        if sample.request[0] is None and sample.lines and kind != "never_awaited":
+            scope = spawned_request(sample.top, self.anchor, self.request_var)
+            if scope is not None:
+                sample.request = _request_of(scope)
         stack = traceback.StackSummary.extract(reversed(sample.lines), capture_locals=False)
         method, path, route = sample.request
         event = BlockingEvent(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import sys
@@ -132,7 +133,7 @@ class BlockingDetectorMiddleware:
 
     def _start_threads(self) -> None:
         self._dispatcher.start()
-        self._watchdog.start(threading.get_ident())
+        self._watchdog.start(threading.get_ident(), _task_anchor())
         self._hook_unawaited()
         if self._strict is not None:
             self._strict.start(threading.get_ident())
@@ -178,15 +179,11 @@ class BlockingDetectorMiddleware:
 
     def _where(self) -> str:
         """The request being served on this thread, for a strict-mode error."""
-        requests = self._watchdog.requests
-        frame = sys._getframe(1)
-        while frame is not None:
-            scope = requests.get(frame)
-            if scope is not None:
-                template = route_template(scope) or scope.get("path")
-                return f"in {scope.get('method', 'WEBSOCKET')} {template}"
-            frame = frame.f_back  # type: ignore[assignment]
-        return "outside requests"
+        scope = self._watchdog.request_var.get(None)
+        if scope is None:
+            return "outside requests"
+        template = route_template(scope) or scope.get("path")
+        return f"in {scope.get('method', 'WEBSOCKET')} {template}"
 
     @asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
@@ -234,12 +231,26 @@ class BlockingDetectorMiddleware:
             self._lazy_start(loop)
         # Keyed by this call's own frame (never held in a local: a frame referring to
         # itself would make every request's scope wait for the cycle collector).
-        requests = self._watchdog.requests
+        watchdog = self._watchdog
+        requests = watchdog.requests
         requests[sys._getframe()] = scope
+        # Tasks the request spawns inherit this; the watchdog reads it from their context.
+        token = watchdog.request_var.set(scope)
         try:
             await self.app(scope, receive, send)
         finally:
             del requests[sys._getframe()]
+            watchdog.request_var.reset(token)
+
+
+def _task_anchor() -> object:
+    """Where the watchdog finds this loop's tasks: the asyncio loop, or trio's root task."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return loop
+    import trio
+
+    return trio.lowlevel.current_root_task()
 
 
 def _stop_at_exit(ref: weakref.ref[BlockingDetectorMiddleware]) -> None:

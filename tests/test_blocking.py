@@ -316,6 +316,35 @@ async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
     assert detector.stats == {**detector.stats, "never_awaited": 1, "blocks": 0}
 
 
+async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_request() -> None:
+    """A task group child inherits its request: an unawaited coroutine there names it."""
+
+    async def save() -> None:
+        await anyio.sleep(0)
+
+    async def child() -> None:
+        save()  # type: ignore[unused-coroutine]  # forgot it in a child
+        await anyio.sleep(0)
+
+    async def spawner(scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(child)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(spawner, threshold=THRESHOLD, on_block=events.append)
+    try:
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            await drive(detector, http_scope("/spawned"))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert (event.kind, event.method, event.path) == ("never_awaited", "GET", "/spawned")
+    assert event.location is not None
+    assert event.location.lineno == line_of("# forgot it in a child")
+
+
 async def test_requests_leave_no_reference_cycles() -> None:
     """The middleware's bookkeeping creates no garbage for the cycle collector."""
     import gc

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
 
 import anyio
 import pytest
@@ -47,6 +46,8 @@ ON_TRIO = (
     "zlib_compress",
     "json_dumps_huge",
     "while_loop",
+    "blocks_in_a_task_group_child",
+    "blocks_in_a_streaming_body",
 )
 
 
@@ -85,30 +86,8 @@ async def check_blocking_case(case: Case, app: ASGIApp, lab: Lab) -> None:
     assert verdict.perfect, f"{case.name}: {'; '.join(verdict.found)}\n{reports}"
 
 
-#: Known gaps, kept in the corpus so that fixing them shows: blocking in a task the request
-#: spawned (a task group child, a streaming body run in a child task) is reported at the
-#: right line but without its request, because the walk from the blocking frame never
-#: meets the middleware's frame.
-UNATTRIBUTED = {"blocks_in_a_task_group_child", "blocks_in_a_streaming_body"}
-
-
-def _known_gaps(cases: list[Case]) -> list[Any]:
-    return [
-        pytest.param(
-            case,
-            id=case.name,
-            marks=pytest.mark.xfail(
-                strict=True, reason="tasks a request spawns are not attributed to it yet"
-            ),
-        )
-        if case.name in UNATTRIBUTED
-        else pytest.param(case, id=case.name)
-        for case in cases
-    ]
-
-
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("case", _known_gaps(list(BLOCKING)))
+@pytest.mark.parametrize("case", BLOCKING, ids=lambda case: case.name)
 async def test_each_way_of_blocking_is_reported_once_at_its_line(
     case: Case, app: ASGIApp, lab: Lab
 ) -> None:
@@ -119,7 +98,9 @@ async def test_each_way_of_blocking_is_reported_once_at_its_line(
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
-@pytest.mark.parametrize("case", _known_gaps([c for c in BLOCKING if c.name in ON_TRIO]))
+@pytest.mark.parametrize(
+    "case", [c for c in BLOCKING if c.name in ON_TRIO], ids=lambda case: case.name
+)
 async def test_blocking_is_reported_the_same_on_trio(case: Case, app: ASGIApp, lab: Lab) -> None:
     """A case of the main families of blocking is reported on trio exactly as on asyncio."""
     await check_blocking_case(case, app, lab)

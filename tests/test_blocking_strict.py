@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -20,7 +21,7 @@ pytest_plugins = ["pytester"]
 def strict_app(**options: object) -> BlockingDetectorMiddleware:
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
+    from starlette.responses import PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
     async def naps(request: Request) -> PlainTextResponse:
@@ -31,7 +32,19 @@ def strict_app(**options: object) -> BlockingDetectorMiddleware:
         await anyio.to_thread.run_sync(time.sleep, 0.01)  # fine: in a worker thread
         return PlainTextResponse("ok")
 
-    routes = [Route("/naps/{n}", naps), Route("/threads", threads)]
+    async def stream(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first"
+            time.sleep(0.001)  # Starlette runs the body in a task of its own
+            yield b"second"
+
+        return StreamingResponse(body())
+
+    routes = [
+        Route("/naps/{n}", naps),
+        Route("/threads", threads),
+        Route("/stream/{n}", stream),
+    ]
     return BlockingDetectorMiddleware(Starlette(routes=routes), strict=True, **options)  # type: ignore[arg-type]
 
 
@@ -44,6 +57,16 @@ async def test_strict_mode_raises_at_a_short_blocking_call() -> None:
     finally:
         detector.stop()
     assert time.sleep.__module__ == "time", "time.sleep is restored"
+
+
+async def test_strict_mode_names_the_request_of_a_task_it_spawned() -> None:
+    """A blocking call in a streaming body (a child task) names the request that spawned it."""
+    detector = strict_app()
+    try:
+        with pytest.raises(BlockingCallError, match=r"time\.sleep\(\) blocks .*GET /stream/\{n\}"):
+            await drive(detector, http_scope("/stream/1"))
+    finally:
+        detector.stop()
 
 
 async def test_strict_mode_lets_threads_and_allowed_calls_through() -> None:

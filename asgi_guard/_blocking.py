@@ -263,6 +263,7 @@ class Watchdog:
         self.poll = poll
         self._report = report
         self.tick = 0
+        self.beat_at = -math.inf
         self.requests: dict[FrameType, Scope] = {}
         #: The request of the running context (for tasks a request spawned).
         self.request_var: contextvars.ContextVar[Scope] = contextvars.ContextVar(
@@ -280,11 +281,17 @@ class Watchdog:
         self._reported_tick = -1
         self._seen_tick = -1
         self._last_check = time.monotonic()
+        self._cpu_clock: int | None = None
+        self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
+
+    #: How far past the threshold the look at a step being timed is made.
+    _MARGIN = 0.001
 
     # -- the loop's side -------------------------------------------------------------------
 
     def beat(self) -> None:
         self.tick += 1
+        self.beat_at = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -297,6 +304,11 @@ class Watchdog:
             return
         self.loop_thread = loop_thread
         self.anchor = anchor
+        try:
+            self._cpu_clock = time.pthread_getcpuclockid(loop_thread)
+        except (AttributeError, OSError):  # not on this platform: the GIL test is skipped
+            self._cpu_clock = None
+        self._cpu = self._cpu_times()
         self._seen_tick = self.tick
         self._last_check = time.monotonic()
         self._stop.clear()
@@ -316,45 +328,79 @@ class Watchdog:
     def _run(self) -> None:
         poll = self.poll
         expected = time.monotonic() + poll
-        while not self._stop.wait(poll):
+        # Looks on a fixed schedule (not ``poll`` after the previous look ended), plus one
+        # look just past the threshold of a step that is being timed, so a stall is
+        # reported at most ``threshold + poll`` after it began, however long looks take.
+        while True:
+            target = min(expected, self._due())
+            if self._stop.wait(max(0.0, target - time.monotonic())):
+                return
             now = time.monotonic()
-            overslept = now - expected
-            expected = now + poll
             try:
-                self._check(now, overslept)
+                self._check(now, target)
             except Exception:  # pragma: no cover - a bug here must not kill the watchdog
                 logger.exception("asgi_guard: the blocking watchdog failed a check")
+            if now >= expected:
+                expected += poll
+                if expected < now:  # overslept (the GIL was held): start the schedule again
+                    expected = now + poll
+
+    def _due(self) -> float:
+        """When the step being timed, if it still runs, has passed the threshold."""
+        root = self._root
+        if root is None or (root is self._reported_root and self._root_tick == self._reported_tick):
+            return math.inf
+        return self._root_since + self.threshold + self._MARGIN
+
+    def _cpu_times(self) -> tuple[float, float]:
+        clock = self._cpu_clock
+        if clock is None:
+            return 0.0, 0.0
+        try:
+            return time.clock_gettime(clock), time.process_time()
+        except OSError:  # the loop thread is gone
+            return 0.0, 0.0
 
     def _sample(self) -> _Sample:
         thread = self.loop_thread
         top = sys._current_frames().get(thread) if thread is not None else None
         return _Sample(top, self.requests)
 
-    def _check(self, now: float, overslept: float) -> None:
+    def _check(self, now: float, expected: float) -> None:
         try:
-            self._check_at(now, overslept)
+            self._check_at(now, expected)
         finally:
             self._last_check = now
 
-    def _check_at(self, now: float, overslept: float) -> None:
+    def _check_at(self, now: float, expected: float) -> None:
         tick = self.tick
-        quiet = tick == self._seen_tick  # no heartbeat since the previous check
         self._seen_tick = tick
         sample = self._sample()
         root = sample.root
-        if (
-            overslept > self.threshold
-            and quiet
-            and root is not None
-            and not (root is self._reported_root and tick == self._reported_tick)
-        ):
-            # Nothing ran, not even this thread, and no heartbeat: a C call held the GIL
-            # and has just returned. Report it now, where the code goes on (never with an
-            # empty stack, and never twice for one step).
-            self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
-            self._reported_root, self._reported_tick = root, tick
-            self._root, self._root_since = root, now
-            return
+        (loop_before, all_before), self._cpu = self._cpu, self._cpu_times()
+        overslept = now - expected
+        # Waking, this thread may wait one switch interval for a busy loop to let it in.
+        if overslept > self.threshold + sys.getswitchinterval():
+            # Other threads than the loop's used the time this thread could not run: a
+            # worker thread held the GIL, not the loop.
+            others = (self._cpu[1] - all_before) - (self._cpu[0] - loop_before)
+            if self._cpu_clock is not None and others >= overslept / 2:
+                # The loop was starved, not blocked by its own code: the step is timed
+                # again from now, the time it could not run does not count against it.
+                self._root, self._root_tick, self._root_since = root, tick, now
+                return
+            if (
+                now - self.beat_at > self.threshold  # no heartbeat since before the stall
+                and root is not None
+                and not (root is self._reported_root and tick == self._reported_tick)
+            ):
+                # Nothing ran, not even this thread: a C call on the loop held the GIL and
+                # has just returned. Report it now, where the code goes on (never with an
+                # empty stack, and never twice for one step).
+                self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
+                self._reported_root, self._reported_tick = root, tick
+                self._root, self._root_since = root, now
+                return
         if root is None:
             self._root, self._root_tick = None, tick  # idle, waiting in select
             return

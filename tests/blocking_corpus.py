@@ -47,6 +47,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from time import sleep as nap  # bound at import, long before any detector starts
 from types import TracebackType
@@ -851,6 +852,18 @@ async def to_thread_gil_holding_work(lab: Lab) -> None:
     await anyio.to_thread.run_sync(json.dumps, lab.records)
 
 
+async def cpu_bursts_beside_a_gil_holding_thread(lab: Lab) -> None:
+    # The worker thread's C call holds the GIL for longer than the threshold, so the loop,
+    # mid-burst, cannot run either: the loop is starved, but not by its own code.
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(anyio.to_thread.run_sync, json.dumps, lab.records))
+        for _ in range(10):
+            until = time.monotonic() + THRESHOLD / 5
+            while time.monotonic() < until:
+                pass
+            await anyio.sleep(0)
+
+
 async def streaming_with_awaits(lab: Lab) -> Response:
     async def body() -> AsyncIterator[bytes]:
         for chunk in range(6):
@@ -1131,6 +1144,7 @@ LEGIT: tuple[Case, ...] = _family(
     to_thread_sleep,
     run_in_threadpool_sleep,
     to_thread_gil_holding_work,
+    cpu_bursts_beside_a_gil_holding_thread,
     streaming_with_awaits,
     short_cpu_bursts,
     background_task_that_awaits,

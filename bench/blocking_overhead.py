@@ -57,7 +57,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _machine import Watch, _processes
+from _machine import Watch
 from _wrk import Served, print_table
 
 APPS = {
@@ -112,15 +112,6 @@ def thread_cpu(pid: int) -> tuple[float, float]:
         else:
             others += ns / 1e9
     return loop, others
-
-
-def other_cpu(watch: Watch) -> float:
-    """Percent of one core other processes used since ``watch`` started (as Watch counts)."""
-    wall = time.monotonic() - watch.wall
-    used = sum(
-        cpu - watch.before.get(pid, (comm, 0.0))[1] for pid, (comm, cpu) in _processes().items()
-    )
-    return used / wall * 100
 
 
 @dataclass
@@ -298,7 +289,7 @@ def run_pair(index: int, s: Settings, noisy: float) -> Pair:
     watch = Watch.start()
     for mode in pair.order:
         pair.fixed[mode], pair.sat[mode], pair.false_reports[mode] = one_run(mode, s)
-    pair.other = other_cpu(watch)
+    pair.other = watch.percent()
     pair.watch = watch.summary()
     pair.clean = pair.other <= noisy
     for mode in pair.order:
@@ -330,7 +321,7 @@ def idle_cost(s: Settings, seconds: float) -> tuple[dict[str, tuple[float, float
         before = {m: thread_cpu(pid) for m, pid in pids.items()}
         time.sleep(seconds)
         after = {m: thread_cpu(pid) for m, pid in pids.items()}
-        other, summary = other_cpu(watch), watch.summary()
+        other, summary = watch.percent(), watch.summary()
     finally:
         for server in servers.values():
             server.stop(timeout=5)
@@ -527,10 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     false = sum(p.false_reports["on"] for p in pairs)
     print(f"stalls reported while serving the benchmark (detector on, all pairs): {false}")
-    print(
-        f"machine: {machine.summary()} (processes that have ended since are not counted: "
-        "see the per-pair lines)"
-    )
+    print(f"machine: {machine.summary()}")
     checks = [
         (
             f"server CPU per request at the fixed rate, on/off <= {CPU_TARGET}",

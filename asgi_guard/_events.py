@@ -7,7 +7,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-__all__ = ["Event", "EventHandler", "RateLimitEvent", "StorageEvent", "TimeoutEvent", "emit"]
+__all__ = [
+    "Event",
+    "EventHandler",
+    "LoadSheddingEvent",
+    "RateLimitEvent",
+    "StorageEvent",
+    "TimeoutEvent",
+    "emit",
+]
 
 logger = logging.getLogger("asgi_guard")
 
@@ -79,7 +87,38 @@ class TimeoutEvent:
     response_started: bool
 
 
-Event = RateLimitEvent | StorageEvent | TimeoutEvent
+@dataclass(frozen=True)
+class LoadSheddingEvent:
+    """The load-shedding guard changed state (never one event per refused request).
+
+    Attributes:
+        kind: ``"shedding_started"`` (the first refusal after a calm spell),
+            ``"shedding_stopped"`` (nothing refused for a second), ``"limit_changed"`` (the
+            adaptive limit moved; checked every 100 ms, logged at debug level),
+            ``"trigger_on"`` / ``"trigger_off"`` (event-loop lag or memory above or back
+            under its threshold).
+        limit: The concurrency limit then.
+        inflight: Requests in the application then.
+        queued: Requests waiting then.
+        queue_delay: The smoothed wait of queued requests that were admitted (seconds).
+        loop_lag: The event loop's last measured lag (seconds).
+        refused: Requests refused since shedding started.
+        trigger: The active trigger (``"loop_lag"``, ``"memory"``) or ``None``.
+    """
+
+    kind: Literal[
+        "shedding_started", "shedding_stopped", "limit_changed", "trigger_on", "trigger_off"
+    ]
+    limit: int
+    inflight: int
+    queued: int
+    queue_delay: float
+    loop_lag: float
+    refused: int
+    trigger: str | None
+
+
+Event = RateLimitEvent | StorageEvent | TimeoutEvent | LoadSheddingEvent
 #: A user callback: receives every event; its exceptions are logged once and never propagate.
 EventHandler = Callable[[Event], None]
 
@@ -91,7 +130,7 @@ class _CallbackGuard:
         self.failed = False
 
 
-_E = TypeVar("_E", RateLimitEvent, StorageEvent, TimeoutEvent)
+_E = TypeVar("_E", RateLimitEvent, StorageEvent, TimeoutEvent, LoadSheddingEvent)
 
 
 def emit(

@@ -26,12 +26,15 @@ class GuardRecord:
             (`time.monotonic`), or ``None``; deadlines count from it.
         budget: The request's deadline, set by a ``TimeoutMiddleware``.
         timeout_exempt: A ``TimeoutMiddleware`` exempted the request (no deadline).
+        priority: The criticality class a ``LoadSheddingMiddleware`` gave the request (an
+            index: 0 is ``critical-plus``), or ``None``.
     """
 
     __slots__ = (
         "arrival",
         "budget",
         "merges_rate_limit_fields",
+        "priority",
         "rate_limit_fields",
         "timeout_exempt",
     )
@@ -42,6 +45,7 @@ class GuardRecord:
         self.arrival: float | None = None
         self.budget: Budget | None = None
         self.timeout_exempt = False
+        self.priority: int | None = None
 
 
 def get_record(scope: Scope) -> GuardRecord:

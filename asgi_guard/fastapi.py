@@ -6,13 +6,14 @@ Importing this module needs FastAPI (``pip install asgi-guard[fastapi]``); the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request, Response
 from fastapi.requests import HTTPConnection
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from ._algorithms import Fixed
 from ._deadline import _check_seconds
 from ._errors import ConfigurationError, RateLimitExceeded, RequestRejected
 from ._events import EventHandler
@@ -20,8 +21,9 @@ from ._keys import KeyFunc
 from ._limiter import RateLimiter
 from ._paths import route_template
 from ._policy import LimitSpec
-from ._problem import QUOTA_EXCEEDED
+from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
 from ._record import SCOPE_KEY, get_record
+from ._shedding import ConcurrencyLimiter, class_index
 from .ratelimit import (
     HeaderMode,
     RateLimitMiddleware,
@@ -33,8 +35,10 @@ from .ratelimit import (
 )
 
 __all__ = [
+    "BulkheadDependency",
     "RateLimitDependency",
     "TimeoutDependency",
+    "bulkhead",
     "rate_limit",
     "rejection_handler",
     "timeout",
@@ -258,6 +262,113 @@ def timeout(seconds: float) -> TimeoutDependency:
         ...     return []
     """
     return TimeoutDependency(seconds)
+
+
+class BulkheadDependency:
+    """A route's concurrency limit for FastAPI's ``Depends``; build it with `bulkhead`.
+
+    Attributes:
+        limiter: Its engine, for metrics: ``inflight``, ``queued``, ``counts``.
+    """
+
+    def __init__(
+        self, max_concurrency: int, *, max_queue: int, queue_timeout: float | None
+    ) -> None:
+        if (
+            not isinstance(max_concurrency, int)
+            or isinstance(max_concurrency, bool)
+            or max_concurrency < 1
+        ):
+            raise ConfigurationError(
+                "bulkhead takes a whole number >= 1 of concurrent requests, "
+                f"got {max_concurrency!r}"
+            )
+        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+            raise ConfigurationError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
+        if queue_timeout is not None:
+            _check_seconds(queue_timeout, "queue_timeout")
+            if max_queue == 0:
+                raise ConfigurationError(
+                    "queue_timeout without a queue: give the bulkhead a max_queue"
+                )
+        self.max_concurrency = max_concurrency
+        self.limiter = ConcurrencyLimiter(
+            Fixed(max_concurrency),
+            max_queue=max_queue,
+            queue_timeout=None if queue_timeout is None else float(queue_timeout),
+        )
+
+    def __repr__(self) -> str:
+        return f"bulkhead({self.max_concurrency})"
+
+    async def __call__(self, connection: HTTPConnection) -> AsyncIterator[None]:
+        scope = connection.scope
+        record = scope.get(SCOPE_KEY)
+        priority = _CRITICAL
+        deadline = None
+        if record is not None:
+            if record.priority is not None:
+                priority = record.priority
+            if record.budget is not None:
+                deadline = record.budget.deadline_at
+        limiter = self.limiter
+        permit = limiter.try_acquire(priority)
+        if permit is None:
+            outcome = await limiter.acquire(priority, deadline)
+            if isinstance(outcome, str):
+                raise RequestRejected(
+                    Rejection(
+                        status=503,
+                        type=TEMPORARY_REDUCED_CAPACITY,
+                        title="Route temporarily at capacity",
+                        detail=f"{route_template(scope) or scope.get('path')} is serving "
+                        "as many requests as it may; retry later.",
+                        headers=(("Retry-After", "1"),),
+                        extensions={"reason": outcome},
+                        guard="bulkhead",
+                    )
+                )
+            permit = outcome
+        try:
+            yield
+        finally:
+            limiter.release(permit)
+
+
+_CRITICAL = class_index("critical")
+
+
+def bulkhead(
+    max_concurrency: int, *, max_queue: int = 0, queue_timeout: float | None = None
+) -> BulkheadDependency:
+    """A FastAPI dependency that limits how many requests the routes it guards serve at once.
+
+    One bulkhead object is one limit: attach the same object to several routes to share
+    it, or build one per route. Past the limit, requests wait in a queue of ``max_queue``
+    (first in, first out; managed like `LoadSheddingMiddleware`'s, higher priority classes
+    first when that middleware classified the request) and the rest are refused with a
+    `RequestRejected` (503, ``temporary-reduced-capacity``, ``Retry-After: 1``); register
+    `rejection_handler` to answer in problem+json. A request behind a `TimeoutMiddleware`
+    is never kept waiting past what its deadline allows.
+
+    Args:
+        max_concurrency: Requests served at once.
+        max_queue: Requests that may wait for a place (0: none wait).
+        queue_timeout: The longest a request waits (default: 100 ms, less once a queue
+            stands).
+
+    Raises:
+        ConfigurationError: A limit below 1, a negative queue, a queue timeout without a
+            queue.
+
+    Examples:
+        >>> from fastapi import Depends, FastAPI
+        >>> app = FastAPI()
+        >>> @app.get("/report", dependencies=[Depends(bulkhead(2, max_queue=4))])
+        ... async def report() -> dict[str, str]:
+        ...     return {"status": "ready"}
+    """
+    return BulkheadDependency(max_concurrency, max_queue=max_queue, queue_timeout=queue_timeout)
 
 
 async def rejection_handler(request: Request, exc: Exception) -> Response:

@@ -588,3 +588,64 @@ async def test_strict_mode_example_raises_at_a_short_sleep() -> None:
         r = await http.get("/settings-checked")
     assert r.status_code == 200, r.text
     assert "anyio.to_thread.run_sync()" in r.json()["error"]
+
+
+# -- shedding ---------------------------------------------------------------------------------
+
+
+async def test_shedding_serves_routes_and_reports_its_state() -> None:
+    """Every route answers under light load; /state shows the limit and the counts."""
+    shedding = load("shedding")
+    async with client_for(shedding.guarded) as http:
+        assert (await http.post("/checkout")).status_code == 200
+        assert (await http.get("/search", params={"q": "x"})).status_code == 200
+        assert (await http.get("/exports/daily")).status_code == 200
+        assert (await http.get("/health")).status_code == 200
+        state = (await http.get("/state")).json()
+    assert state["limit"] >= 1
+    assert state["inflight"] == 0
+    assert state["counts"]["admitted"] == 3  # /health and /state are exempt
+    assert "min_rtt" in state["algorithm"]
+
+
+async def test_shedding_report_bulkhead_refuses_beyond_two_running_and_two_waiting() -> None:
+    """Six /report at once: two run, two wait, two get 503 problem+json with Retry-After."""
+    shedding = load("shedding")
+    async with client_for(shedding.guarded) as http:
+        for _ in range(5):  # Adaptive measures the no-load latency first, one at a time
+            assert (await http.get("/search")).status_code == 200
+        assert shedding.shedder.state()["limit"] >= 6
+        responses: list[httpx.Response] = []
+
+        async def get() -> None:
+            responses.append(await http.get("/report"))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(6):
+                group.start_soon(get)
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 200, 503, 503], [
+        r.text for r in responses
+    ]
+    refused = [r for r in responses if r.status_code == 503]
+    for r in refused:
+        body = assert_problem(r, 503)
+        assert body["type"].endswith("#temporary-reduced-capacity")
+        assert r.headers["retry-after"] == "1"
+
+
+async def test_algorithms_every_choice_serves_and_learns_from_served_requests() -> None:
+    """Each algorithm's app serves /work; learning ones report their state; the home-made
+    one halves its limit while the batch job runs."""
+    algorithms = load("algorithms")
+    for name, guard in algorithms.guarded.items():
+        async with client_for(guard) as http:
+            for _ in range(6):
+                assert (await http.get("/work")).status_code == 200, name
+        assert guard.state()["counts"]["admitted"] == 6, name
+        assert guard.state()["algorithm"]["limit"] >= 1, name
+    off_hours = algorithms.guarded["off_hours"]
+    assert off_hours.state()["limit"] == 16
+    algorithms.batch["running"] = True
+    async with client_for(off_hours) as http:
+        assert (await http.get("/work")).status_code == 200
+    assert off_hours.state()["limit"] == 8

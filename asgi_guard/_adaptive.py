@@ -1,0 +1,56 @@
+"""Concurrency limit algorithms: how many requests the application may serve at once.
+
+A `LimitAlgorithm` is told about every request that reached the application (never about a
+fast rejection) and about the event loop's lag, and answers with a concurrency limit. The
+load-shedding engine (`_shedding.ConcurrencyLimiter`) reads ``limit`` before each admission.
+
+The algorithms themselves (`Fixed`, `AIMD`, `Vegas`, `Gradient2`, `Adaptive`) live in
+`_algorithms`. They keep no clock: time comes as the ``now`` of each call, so ``on_lag`` is
+also their clock (it ends a no-load measurement that no request comes to end); the engine
+calls it regularly, at no particular fixed interval, from the same monotonic clock as
+``on_sample``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+__all__ = ["LimitAlgorithm"]
+
+
+@runtime_checkable
+class LimitAlgorithm(Protocol):
+    """A concurrency limit that may learn from what requests experience.
+
+    One instance serves one limiter (one middleware or one bulkhead) in one process; it is
+    called only from the event loop thread, so it needs no lock. Every method must be cheap
+    (a few microseconds): ``on_sample`` runs once per request.
+    """
+
+    @property
+    def limit(self) -> int:
+        """The current concurrency limit, at least 1."""
+        ...
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> None:
+        """A request that reached the application has ended.
+
+        Args:
+            now: When it ended (`time.monotonic` seconds).
+            rtt: Seconds it spent in the application (queueing before admission excluded).
+            inflight: Requests in the application when it was admitted, itself included.
+            dropped: It ended badly in a way that says the application is overloaded: it
+                timed out, or it was cancelled by a deadline. (Client disconnects and
+                application errors are not drops.)
+        """
+        ...
+
+    def on_lag(self, now: float, lag: float) -> None:
+        """The event loop's lag, measured by a ticker every few tens of milliseconds:
+        how late (seconds) a timer fired. CPU-bound handlers raise it before latency."""
+        ...
+
+    def state(self) -> Mapping[str, float]:
+        """The algorithm's state for metrics and tests (at least ``limit``)."""
+        ...

@@ -1,0 +1,336 @@
+"""The load-shedding engine: a concurrency limit with a bounded, managed wait queue.
+
+`ConcurrencyLimiter` admits a request at once while fewer than ``limit`` are in flight
+(the limit comes from a `LimitAlgorithm`); otherwise the request waits in a bounded queue,
+one queue per priority class, the highest class served first. The queue is managed after
+Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter
+may wait up to ``interval`` (a burst is absorbed) and is served first in, first out; once
+a standing queue has formed (not empty for a whole interval), a waiter may wait only
+``target``, the newest is served first (adaptive LIFO: the oldest have the least time
+left and are likely given up on by their clients) and a full queue pushes out its oldest.
+A request whose deadline cannot be met is refused at once. Lower classes are shed first:
+a full queue makes room for a higher class by pushing out the lowest class's oldest
+waiter. A class may be guaranteed a share of the limit: below its share it is admitted
+even when the limit is reached (others may borrow the share while the class is idle).
+
+Plain async Python, no ASGI: the middleware and the bulkhead dependency drive it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import anyio
+
+from ._adaptive import LimitAlgorithm
+from ._errors import ConfigurationError
+
+__all__ = ["CLASSES", "ConcurrencyLimiter", "Permit", "Refusal", "class_index"]
+
+#: Criticality classes, highest first (after Google's SRE book).
+CLASSES = ("critical-plus", "critical", "sheddable-plus", "sheddable")
+
+#: The default queue is as long as the limit, and at least this long.
+MIN_QUEUE = 32
+
+#: Why a request was refused.
+Refusal = Literal["queue_full", "queue_timeout", "pushed_out", "deadline", "trigger"]
+
+
+def class_index(name: object) -> int:
+    """The index in `CLASSES` of a class name (``"critical_plus"`` is accepted too)."""
+    if isinstance(name, str):
+        try:
+            return CLASSES.index(name.strip().lower().replace("_", "-"))
+        except ValueError:
+            pass
+    raise ConfigurationError(f"unknown priority class {name!r}: use one of {', '.join(CLASSES)}")
+
+
+class _Waiter:
+    __slots__ = ("admitted", "enqueued", "event", "gone", "priority", "refusal")
+
+    def __init__(self, priority: int, now: float) -> None:
+        self.priority = priority
+        self.enqueued = now
+        self.event = anyio.Event()
+        self.admitted = False
+        self.gone = False  # left the queue (admitted, refused or cancelled)
+        self.refusal: Refusal | None = None
+
+
+class Permit:
+    """A request's place in the application; give it back with `ConcurrencyLimiter.release`."""
+
+    __slots__ = ("admitted", "inflight", "priority", "waited")
+
+    def __init__(self, priority: int, admitted: float, inflight: int, waited: float) -> None:
+        self.priority = priority
+        self.admitted = admitted
+        self.inflight = inflight
+        #: Seconds it waited in the queue (0 when admitted at once).
+        self.waited = waited
+
+
+class ConcurrencyLimiter:
+    """Admits requests up to a concurrency limit, queues a bounded number, refuses the rest.
+
+    Args:
+        algorithm: Where the limit comes from.
+        max_queue: The most requests that may wait (0: no queue); ``None`` means as many
+            as the current limit, and at least `MIN_QUEUE` (a small limit, as a CPU-bound
+            worker has, still absorbs the bursts of random arrivals).
+        queue_timeout: The longest a request waits while the queue absorbs a burst
+            (default: ``codel_interval``); once a standing queue has formed, no more than
+            ``codel_target`` (or this, if shorter).
+        codel_target: The wait allowed once a standing queue has formed.
+        codel_interval: How long the queue must stay non-empty to count as standing, and
+            the wait allowed before that. Both scale up for slow applications: the target
+            to a quarter, the interval to twice, the typical time requests take; and the
+            interval is never shorter than ``queue_timeout``.
+        shares: Guaranteed shares of the limit, by class index, as fractions.
+        clock: A monotonic clock (seconds).
+    """
+
+    def __init__(
+        self,
+        algorithm: LimitAlgorithm,
+        *,
+        max_queue: int | None = None,
+        queue_timeout: float | None = None,
+        codel_target: float = 0.005,
+        codel_interval: float = 0.1,
+        shares: Mapping[int, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.algorithm = algorithm
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.codel_target = codel_target
+        self.codel_interval = codel_interval
+        self._shares = [0.0] * len(CLASSES)
+        for index, share in (shares or {}).items():
+            self._shares[index] = share
+        self._has_shares = any(self._shares)
+        self._clock = clock
+        self.inflight = 0
+        self.inflight_by_class = [0] * len(CLASSES)
+        self._queues: list[deque[_Waiter]] = [deque() for _ in CLASSES]
+        self.queued = 0
+        self._empty_since_or_at = clock()  # the last time the queue was empty
+        #: Smoothed time requests spend in the application (seconds), for scaling CoDel.
+        self.rtt = 0.0
+        #: Smoothed wait of admitted requests that queued (seconds).
+        self.queue_delay = 0.0
+        #: Refusals by reason, and admissions.
+        self.counts: dict[str, int] = {
+            "admitted": 0,
+            "queued": 0,
+            "queue_full": 0,
+            "queue_timeout": 0,
+            "pushed_out": 0,
+            "deadline": 0,
+            "trigger": 0,
+            "cancelled": 0,
+            "sampled": 0,
+        }
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return self.algorithm.limit
+
+    def standing(self, now: float) -> bool:
+        """Whether a standing queue has formed: not empty for a whole interval."""
+        return self.queued > 0 and now - self._empty_since_or_at > self._interval()
+
+    def _interval(self) -> float:
+        # A queue is not standing before the wait it was allowed is over.
+        allowed = self.queue_timeout or 0.0
+        return max(self.codel_interval, 2.0 * self.rtt, allowed)
+
+    def _target(self) -> float:
+        return max(self.codel_target, 0.25 * self.rtt)
+
+    def queue_capacity(self, now: float) -> int:
+        """How many may wait now: ``max_queue`` (default: the limit, at least `MIN_QUEUE`);
+        once a standing queue
+        has formed, no more than half the limit (at least 2), enough to keep the application
+        busy between two completions without keeping the refused waiting."""
+        capacity = max(MIN_QUEUE, self.limit) if self.max_queue is None else self.max_queue
+        if capacity and self.standing(now):
+            capacity = min(capacity, max(2, self.limit // 2))
+        return capacity
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def try_acquire(self, priority: int) -> Permit | None:
+        """Admit at once if there is room (nobody of this class or higher waits), or None."""
+        inflight = self.inflight
+        if inflight < self.algorithm.limit:
+            if self.queued and any(self._queues[i] for i in range(priority + 1)):
+                return None  # an equal or higher class waits: it goes first
+        elif not (
+            self._has_shares
+            and self.inflight_by_class[priority] < self._shares[priority] * self.algorithm.limit
+        ):
+            return None
+        self.inflight = inflight + 1
+        self.inflight_by_class[priority] += 1
+        self.counts["admitted"] += 1
+        return Permit(priority, self._clock(), inflight + 1, 0.0)
+
+    async def acquire(self, priority: int, deadline: float | None = None) -> Permit | Refusal:
+        """Admit, or queue and wait, or refuse (with why). ``deadline`` is the request's
+        own (monotonic seconds): a request that cannot start in time is refused at once."""
+        permit = self.try_acquire(priority)
+        if permit is not None:
+            return permit
+        if self.queued and self.inflight < self.algorithm.limit:
+            self._admit_waiters()  # the limit has grown since they queued
+            permit = self.try_acquire(priority)
+            if permit is not None:
+                return permit
+        now = self._clock()
+        wait = self._max_wait(now, deadline)
+        if wait <= 0.0:
+            self.counts["deadline"] += 1
+            return "deadline"
+        capacity = self.queue_capacity(now)
+        if capacity <= 0:
+            self.counts["queue_full"] += 1
+            return "queue_full"
+        if self.queued >= capacity and not self._make_room(priority, now):
+            self.counts["queue_full"] += 1
+            return "queue_full"
+        waiter = _Waiter(priority, now)
+        if self.queued == 0:
+            self._empty_since_or_at = now
+        self._queues[priority].append(waiter)
+        self.queued += 1
+        self.counts["queued"] += 1
+        try:
+            with anyio.move_on_after(wait):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.admitted:  # handed a place just as it was cancelled: give it back
+                self._free(priority)
+            elif not waiter.gone:
+                self._leave(waiter)
+                self.counts["cancelled"] += 1
+            raise
+        if not waiter.gone:  # waited as long as it may
+            self._leave(waiter)
+            waiter.refusal = "queue_timeout"
+            self.counts["queue_timeout"] += 1
+        if waiter.admitted:
+            now = self._clock()
+            waited = now - waiter.enqueued
+            self.queue_delay += (waited - self.queue_delay) * 0.1
+            return Permit(priority, now, self.inflight, waited)
+        return waiter.refusal or "queue_timeout"
+
+    def cancel(self, permit: Permit) -> None:
+        """Give back a permit of a request that never reached the application."""
+        self._free(permit.priority)
+
+    def release(self, permit: Permit, *, dropped: bool = False) -> None:
+        """The request has left the application: learn from it and admit the next."""
+        now = self._clock()
+        rtt = now - permit.admitted
+        # Quick to follow slower requests (CoDel's waits scale with them), slow to forget.
+        smoothed = self.rtt
+        if not self.counts["sampled"]:
+            self.rtt = rtt
+        else:
+            self.rtt = smoothed + (rtt - smoothed) * (0.25 if rtt > smoothed else 0.05)
+        self.counts["sampled"] += 1
+        self.algorithm.on_sample(now, rtt, permit.inflight, dropped)
+        self._free(permit.priority)
+
+    def _free(self, priority: int) -> None:
+        self.inflight -= 1
+        self.inflight_by_class[priority] -= 1
+        if self.queued:
+            self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        limit = self.algorithm.limit
+        now = self._clock()
+        lifo = self.standing(now)
+        if lifo:
+            # A standing queue: those kept past the target are refused now rather than
+            # served late, and the newest go first.
+            oldest = now - self._target()
+            for queue in self._queues:
+                while queue and queue[0].enqueued < oldest:
+                    self._refuse(queue.popleft(), "queue_timeout")
+        for queue in self._queues:
+            while queue and self.inflight < limit:
+                self._hand_over(queue.pop() if lifo else queue.popleft())
+            if self.inflight >= limit:
+                break
+        if self.queued == 0:
+            self._empty_since_or_at = now
+
+    def _hand_over(self, waiter: _Waiter) -> None:
+        self.queued -= 1
+        waiter.gone = True
+        waiter.admitted = True
+        self.inflight += 1
+        self.inflight_by_class[waiter.priority] += 1
+        self.counts["admitted"] += 1
+        waiter.event.set()
+
+    def _refuse(self, waiter: _Waiter, why: Refusal) -> None:
+        self.queued -= 1
+        waiter.gone = True
+        waiter.refusal = why
+        self.counts[why] += 1
+        waiter.event.set()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        waiter.gone = True
+        try:
+            self._queues[waiter.priority].remove(waiter)
+        except ValueError:  # pragma: no cover - already taken out
+            return
+        self.queued -= 1
+        if self.queued == 0:
+            self._empty_since_or_at = self._clock()
+
+    def _make_room(self, priority: int, now: float) -> bool:
+        """Push out a waiter for a newcomer of ``priority``: the oldest of the lowest class
+        below it, or, in a standing queue, the oldest of its own class."""
+        for index in range(len(CLASSES) - 1, priority, -1):
+            if self._queues[index]:
+                self._refuse(self._queues[index].popleft(), "pushed_out")
+                return True
+        if self.standing(now) and self._queues[priority]:
+            self._refuse(self._queues[priority].popleft(), "pushed_out")
+            return True
+        return False
+
+    def _max_wait(self, now: float, deadline: float | None) -> float:
+        timeout = self.queue_timeout
+        if self.standing(now):
+            wait = self._target()
+            if timeout is not None and timeout < wait:
+                wait = timeout
+        else:
+            wait = self._interval() if timeout is None else timeout
+        if deadline is not None:
+            # It must start early enough to finish: leave it the typical time requests take.
+            left = deadline - now - self.rtt
+            if left < wait:
+                wait = left
+        return wait
+
+    def refuse_trigger(self) -> Refusal:
+        """Count a refusal made by a trigger (loop lag, memory)."""
+        self.counts["trigger"] += 1
+        return "trigger"

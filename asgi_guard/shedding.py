@@ -1,0 +1,487 @@
+"""Load shedding: `LoadSheddingMiddleware` keeps an overloaded service useful."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
+from typing import Any
+
+import anyio
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._adaptive import LimitAlgorithm
+from ._algorithms import Adaptive, as_algorithm
+from ._clock import Clock, MonotonicClock
+from ._deadline import current_loop, spawn_task
+from ._errors import ConfigurationError
+from ._events import LoadSheddingEvent, _CallbackGuard, emit
+from ._paths import Exemptions, ExemptSpec, compile_template
+from ._problem import TEMPORARY_REDUCED_CAPACITY, Rejection, ResponseFactory, send_rejection
+from ._record import get_record
+from ._shedding import ConcurrencyLimiter, Permit, Refusal, class_index
+
+__all__ = ["DEFAULT_EXEMPT", "LoadSheddingMiddleware"]
+
+logger = logging.getLogger("asgi_guard.shedding")
+
+#: Paths never shed nor counted unless ``exempt=`` says otherwise: health checks, metrics.
+DEFAULT_EXEMPT = ("/health", "/healthz", "/livez", "/readyz", "/ping", "/metrics")
+
+#: How often the ticker measures the event loop's lag (seconds).
+TICK = 0.02
+#: Shedding has stopped when nothing was refused for this long (seconds).
+CALM = 1.0
+
+_DETAILS: dict[Refusal, str] = {
+    "queue_full": "The service is at capacity and its wait queue is full; retry later.",
+    "queue_timeout": "The service is at capacity; the request waited its longest and was "
+    "not served; retry later.",
+    "pushed_out": "The service is at capacity; more critical requests took the place of "
+    "this one; retry later.",
+    "deadline": "The service is at capacity and cannot serve the request before its deadline.",
+    "trigger": "The service is overloaded; retry later.",
+}
+
+
+class LoadSheddingMiddleware:
+    """Keeps an overloaded service useful: a concurrency limit, a managed wait queue,
+    priorities, and fast 503s for what cannot be served.
+
+    Requests run while fewer than the limit are in the application; then they wait in a
+    bounded queue managed after Facebook's CoDel (first in, first out while the queue
+    absorbs a burst; once a standing queue forms, short waits and newest first), and the
+    rest are refused at once with 503 ``application/problem+json``
+    (``temporary-reduced-capacity``) and a ``Retry-After`` that grows with how much is
+    being refused, with jitter. The body is never read and the connection is kept
+    alive. Lower priority classes are shed first. Exempt paths (health checks, metrics by
+    default) are never shed and never counted. Per process: each worker sheds for itself.
+
+    Args:
+        app: The ASGI app to protect.
+        limit: A fixed concurrency cap (an int), or a limit algorithm: `Fixed`, `AIMD`,
+            `Vegas`, `Gradient2`, or the default, which learns the limit from latency and
+            the event loop's lag.
+        max_queue: How many requests may wait (0: none). Default: as many as the limit,
+            and at least 32.
+        queue_timeout: The longest a request may wait while the queue absorbs a burst, in
+            seconds (default: ``codel_interval``); once a standing queue has formed, a
+            request waits no longer than ``codel_target``.
+        codel_target: The wait allowed once a standing queue has formed (5 ms).
+        codel_interval: How long the queue must stay non-empty to be standing, and the
+            wait allowed before (100 ms). Both scale up for slow applications.
+        priority: Rules mapping paths or route-like templates (``"/batch/{rest:path}"``)
+            to a class, or a callable of the scope returning a class name (or ``None``).
+            Classes, highest first: ``critical-plus``, ``critical``, ``sheddable-plus``,
+            ``sheddable``.
+        default_priority: The class of requests no rule names.
+        priority_header: A request header naming the class, used only when
+            ``trust_priority_header(scope)`` is true (never trust clients by default).
+        trust_priority_header: Whether a request's priority header may be believed (for
+            example: it comes from your gateway).
+        reserve: Guaranteed shares of the limit by class (``{"critical": 0.25}``): a class
+            below its share is admitted even at the limit; others borrow it while idle.
+        exempt: Paths, templates or predicates never shed nor counted.
+        max_loop_lag: Also shed the two sheddable classes while the event loop lags more
+            than this many seconds.
+        max_memory: Also shed the two sheddable classes while the process's resident
+            memory exceeds this many bytes (Linux).
+        retry_after: The base of ``Retry-After`` in seconds.
+        response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
+        on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request).
+        clock: The clock (tests).
+
+    Raises:
+        ConfigurationError: Nonsense configuration: a negative or zero limit, a negative
+            queue, a queue timeout without a queue, an unknown class name, shares above
+            the whole limit, a priority header without a trust predicate.
+
+    Examples:
+        >>> from starlette.applications import Starlette
+        >>> app = Starlette()
+        >>> app.add_middleware(LoadSheddingMiddleware, limit=32, max_queue=64)
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: int | LimitAlgorithm | None = None,
+        max_queue: int | None = None,
+        queue_timeout: float | None = None,
+        codel_target: float = 0.005,
+        codel_interval: float = 0.1,
+        priority: Mapping[str, str] | Callable[[Scope], str | None] | None = None,
+        default_priority: str = "critical",
+        priority_header: str | None = None,
+        trust_priority_header: Callable[[Scope], bool] | None = None,
+        reserve: Mapping[str, float] | None = None,
+        exempt: Iterable[ExemptSpec] = DEFAULT_EXEMPT,
+        max_loop_lag: float | None = None,
+        max_memory: int | None = None,
+        retry_after: float = 1.0,
+        response: ResponseFactory | None = None,
+        on_event: Callable[[LoadSheddingEvent], None]
+        | Sequence[Callable[[LoadSheddingEvent], None]] = (),
+        clock: Clock | None = None,
+    ) -> None:
+        self.app = app
+        algorithm = Adaptive() if limit is None else as_algorithm(limit)
+        if max_queue is not None and (
+            not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0
+        ):
+            raise ConfigurationError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
+        if queue_timeout is not None:
+            _check_positive(queue_timeout, "queue_timeout")
+            if max_queue == 0:
+                raise ConfigurationError(
+                    "queue_timeout without a queue: max_queue=0 means requests never wait"
+                )
+        _check_positive(codel_target, "codel_target")
+        _check_positive(codel_interval, "codel_interval")
+        if codel_target >= codel_interval:
+            raise ConfigurationError("codel_target must be shorter than codel_interval")
+        self._default = class_index(default_priority)
+        self._rules: dict[str, int] = {}
+        self._patterns: list[tuple[Any, int]] = []
+        self._classify_call: Callable[[Scope], str | None] | None = None
+        if callable(priority):
+            self._classify_call = priority
+        elif priority is not None:
+            if not isinstance(priority, Mapping):
+                raise ConfigurationError(
+                    "priority takes a mapping of paths to classes or a callable"
+                )
+            for path, name in priority.items():
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise ConfigurationError(
+                        f"priority rules are paths starting with '/': {path!r}"
+                    )
+                if "{" in path:
+                    self._patterns.append((compile_template(path), class_index(name)))
+                else:
+                    self._rules[path] = class_index(name)
+        if priority_header is not None:
+            if not isinstance(priority_header, str) or not priority_header.strip():
+                raise ConfigurationError("priority_header must be a header name")
+            if trust_priority_header is None or not callable(trust_priority_header):
+                raise ConfigurationError(
+                    "priority_header needs trust_priority_header: a client must not choose "
+                    "its own priority; pass a predicate of the scope (for example, the "
+                    "request came through your gateway)"
+                )
+        self._header = priority_header.strip().lower() if priority_header else None
+        self._trust = trust_priority_header
+        self._classifies = bool(
+            self._header or self._classify_call or self._rules or self._patterns
+        )
+        shares: dict[int, float] = {}
+        for name, share in (reserve or {}).items():
+            if not _number(share) or not 0 < share < 1:
+                raise ConfigurationError(f"reserve shares are fractions in (0, 1), got {share!r}")
+            shares[class_index(name)] = float(share)
+        if sum(shares.values()) >= 1:
+            raise ConfigurationError("reserve shares must add up to less than the whole limit")
+        if max_loop_lag is not None:
+            _check_positive(max_loop_lag, "max_loop_lag")
+        if max_memory is not None and (
+            not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0
+        ):
+            raise ConfigurationError("max_memory is a number of bytes > 0")
+        _check_positive(retry_after, "retry_after")
+        self._exempt = Exemptions(exempt, logger, "shed")
+        self._clock = clock or MonotonicClock()
+        self.limiter = ConcurrencyLimiter(
+            algorithm,
+            max_queue=max_queue,
+            queue_timeout=None if queue_timeout is None else float(queue_timeout),
+            codel_target=float(codel_target),
+            codel_interval=float(codel_interval),
+            shares=shares,
+            clock=self._clock.now,
+        )
+        self._max_loop_lag = max_loop_lag
+        self._max_memory = max_memory
+        self._retry_after = float(retry_after)
+        self._response = response
+        self._handlers = (on_event,) if callable(on_event) else tuple(on_event)
+        self._callback_guard = _CallbackGuard()
+        #: Event-loop lag, seconds: the last measurement.
+        self.loop_lag = 0.0
+        self._triggered: str | None = None
+        self._shedding = False
+        self._calm = CALM
+        self._last_refusal = -math.inf
+        self._refused_since = 0
+        self._arrivals = 0
+        self._refusals = 0
+        self._refusal_ratio = 0.0
+        self._reported_limit = algorithm.limit
+        self._loop: object = None
+        self._ticker: object = None
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What the guard knows now, for metrics and tests: ``limit``, ``inflight``,
+        ``queued``, ``queue_delay`` (s), ``loop_lag`` (s), ``rtt`` (s), ``shedding``,
+        ``trigger``, the algorithm's own state, and counts of admissions and refusals."""
+        limiter = self.limiter
+        return {
+            "limit": limiter.limit,
+            "inflight": limiter.inflight,
+            "queued": limiter.queued,
+            "queue_delay": limiter.queue_delay,
+            "loop_lag": self.loop_lag,
+            "rtt": limiter.rtt,
+            "shedding": self._shedding,
+            "trigger": self._triggered,
+            "algorithm": dict(limiter.algorithm.state()),
+            "counts": dict(limiter.counts),
+        }
+
+    # -- the ticker ---------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """Measures the loop's lag, feeds it to the algorithm and the lag trigger, and
+        reports state changes; every ``TICK`` seconds while the loop lives."""
+        clock = self._clock
+        algorithm = self.limiter.algorithm
+        ticks = 0
+        while True:
+            before = clock.now()
+            await anyio.sleep(TICK)
+            now = clock.now()
+            lag = max(0.0, now - before - TICK)
+            self.loop_lag = lag
+            ticks += 1
+            with suppress(Exception):
+                algorithm.on_lag(now, lag)
+            self._check_triggers(now, lag, memory=ticks % 50 == 0)
+            if ticks % 5 == 0:
+                self._report(now)
+
+    def _check_triggers(self, now: float, lag: float, *, memory: bool) -> None:
+        why = None
+        if self._max_loop_lag is not None and lag > self._max_loop_lag:
+            why = "loop_lag"
+        elif self._max_memory is not None and (
+            (memory and _rss() > self._max_memory) or (not memory and self._triggered == "memory")
+        ):
+            why = "memory"
+        if why != self._triggered:
+            self._triggered = why
+            self._event(
+                "trigger_on" if why else "trigger_off",
+                now,
+                logging.WARNING if why else logging.INFO,
+                f"asgi_guard: load shedding trigger {why or 'cleared'}"
+                + (f" (loop lag {lag * 1e3:.0f} ms)" if why == "loop_lag" else ""),
+            )
+
+    def _report(self, now: float) -> None:
+        arrivals, refusals = self._arrivals, self._refusals
+        self._arrivals = self._refusals = 0
+        ratio = refusals / arrivals if arrivals else 0.0
+        self._refusal_ratio += (ratio - self._refusal_ratio) * 0.3
+        limit = self.limiter.limit
+        if limit != self._reported_limit:
+            self._reported_limit = limit
+            self._event("limit_changed", now, logging.DEBUG, f"asgi_guard: limit now {limit}")
+        if self._shedding and now - self._last_refusal > self._calm:
+            self._shedding = False
+            self._event(
+                "shedding_stopped",
+                now,
+                logging.INFO,
+                f"asgi_guard: load shedding stopped after {self._refused_since} refusals",
+            )
+
+    def _event(self, kind: Any, now: float, level: int, message: str) -> None:
+        limiter = self.limiter
+        event = LoadSheddingEvent(
+            kind=kind,
+            limit=limiter.limit,
+            inflight=limiter.inflight,
+            queued=limiter.queued,
+            queue_delay=limiter.queue_delay,
+            loop_lag=self.loop_lag,
+            refused=self._refused_since,
+            trigger=self._triggered,
+        )
+        emit(event, self._handlers, self._callback_guard, level, message)
+
+    def _start(self, loop: object) -> None:
+        self._loop = loop
+        self._ticker = spawn_task(loop, self._tick_until_loop_ends)
+
+    async def _tick_until_loop_ends(self) -> None:
+        try:
+            await self._tick()
+        finally:
+            self._loop = None
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: Exception | None = None
+        async with anyio.create_task_group() as group:
+            self._loop = current_loop()
+            group.start_soon(self._tick)
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                error = exc  # raised as is, not wrapped in an exception group
+            finally:
+                group.cancel_scope.cancel()
+                self._loop = None
+        if error is not None:
+            raise error
+
+    # -- per request --------------------------------------------------------------------------
+
+    def _classify(self, scope: Scope, path: str) -> int:
+        header = self._header
+        if header is not None and self._trust is not None:
+            value = Headers(scope=scope).get(header)
+            if value is not None:
+                try:
+                    if self._trust(scope):
+                        return class_index(value)
+                except ConfigurationError:
+                    pass  # a value that names no class: the rules decide
+                except Exception:
+                    logger.exception("asgi_guard: trust_priority_header raised; not trusted")
+        if self._classify_call is not None:
+            try:
+                name = self._classify_call(scope)
+                return self._default if name is None else class_index(name)
+            except Exception:
+                logger.exception("asgi_guard: the priority callable failed; default class used")
+                return self._default
+        found = self._rules.get(path)
+        if found is not None:
+            return found
+        for pattern, index in self._patterns:
+            if pattern.match(path):
+                return index
+        return self._default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        exempt = self._exempt
+        if path in exempt.paths or (exempt.needs_check and exempt(scope, path)):
+            await self.app(scope, receive, send)
+            return
+        if self._loop is None:
+            self._start(current_loop())
+        self._arrivals += 1
+        if self._classifies:
+            priority = self._classify(scope, path)
+            get_record(scope).priority = priority  # for bulkheads after routing
+        else:
+            priority = self._default
+        limiter = self.limiter
+        if self._triggered is not None and priority >= 2:
+            await self._refuse(limiter.refuse_trigger(), scope, receive, send)
+            return
+        permit = limiter.try_acquire(priority)
+        if permit is None:
+            record = scope.get("asgi_guard")
+            budget = record.budget if record is not None else None
+            outcome = await limiter.acquire(
+                priority, budget.deadline_at if budget is not None else None
+            )
+            if isinstance(outcome, str):
+                await self._refuse(outcome, scope, receive, send)
+                return
+            permit = outcome
+        if kind == "websocket":
+            await self._websocket(permit, scope, receive, send)
+            return
+        dropped = False
+        try:
+            await self.app(scope, receive, send)
+        except BaseException:
+            record = scope.get("asgi_guard")
+            budget = record.budget if record is not None else None
+            dropped = budget is not None and budget.fired == "deadline"
+            raise
+        finally:
+            limiter.release(permit, dropped=dropped)
+
+    async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket counts only until its handshake is answered: a long-lived
+        connection must not hold a place for its whole life."""
+        limiter = self.limiter
+        held = [True]
+
+        async def send_wrapper(message: Message) -> None:
+            if held[0] and message["type"] in ("websocket.accept", "websocket.close"):
+                held[0] = False
+                limiter.release(permit)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if held[0]:
+                limiter.release(permit)
+
+    async def _refuse(self, why: Refusal, scope: Scope, receive: Receive, send: Send) -> None:
+        now = self._clock.now()
+        self._refusals += 1
+        self._refused_since += 1
+        self._last_refusal = now
+        if not self._shedding:
+            self._shedding = True
+            self._refused_since = 1
+            self._event(
+                "shedding_started",
+                now,
+                logging.WARNING,
+                f"asgi_guard: load shedding started ({why}; limit {self.limiter.limit}, "
+                f"{self.limiter.inflight} in flight, {self.limiter.queued} queued)",
+            )
+        # Retry-After grows with the share of requests refused lately, with jitter so
+        # that the refused do not all come back at once.
+        base = self._retry_after * (1.0 + 3.0 * self._refusal_ratio)
+        retry = max(1, math.ceil(base + random.random() * self._retry_after))
+        rejection = Rejection(
+            status=503,
+            type=TEMPORARY_REDUCED_CAPACITY,
+            title="Service temporarily at capacity",
+            detail=_DETAILS[why],
+            headers=(("Retry-After", str(retry)),),
+            extensions={"reason": why},
+            guard="load_shedding",
+        )
+        await send_rejection(rejection, scope, receive, send, self._response)
+
+
+def _check_positive(value: object, name: str) -> None:
+    if not _number(value) or not 0 < value < math.inf:  # type: ignore[operator]
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _rss() -> int:
+    """The process's resident memory in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,95 @@
+"""End to end: LoadSheddingMiddleware in front of a FastAPI app on real servers over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import httpx
+import pytest
+
+from tests.apps.shedding_app import SLOW
+
+from .servers import HypercornServer, UvicornServer, free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+APP = "tests.apps.shedding_app:guard"
+
+Server = UvicornServer | HypercornServer
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the servers run their own loops; the client runs on asyncio
+
+
+@pytest.fixture(scope="module", params=["uvicorn", "uvicorn-uvloop", "hypercorn-trio"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The shedding app on uvicorn (asyncio, uvloop) and Hypercorn (trio)."""
+    kind = str(request.param)
+    log_dir = tmp_path_factory.mktemp(kind)
+    started: Server
+    if kind == "uvicorn":
+        started = UvicornServer(APP, free_port(), log_dir)
+    elif kind == "uvicorn-uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed")
+        started = UvicornServer(APP, free_port(), log_dir, args=["--loop", "uvloop"])
+    else:
+        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
+        pytest.importorskip("trio", reason="trio is not installed")
+        started = HypercornServer(APP, free_port(), log_dir, worker_class="trio")
+    started.start()
+    yield started
+    started.stop(graceful=True)
+
+
+async def test_a_burst_is_served_up_to_the_limit_and_queue_and_the_rest_refused(
+    server: Server,
+) -> None:
+    """Six at once with limit 2 and a queue of 1: three served, three refused at once with
+    503 problem+json and Retry-After, over connections the server keeps open."""
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10)
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0, limits=limits) as client:
+        responses: list[tuple[float, httpx.Response]] = []
+
+        async def get() -> None:
+            started = anyio.current_time()
+            response = await client.get("/slow")
+            responses.append((anyio.current_time() - started, response))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(6):
+                group.start_soon(get)
+        statuses = sorted(r.status_code for _, r in responses)
+        assert statuses == [200, 200, 200, 503, 503, 503], [r.text for _, r in responses]
+        for elapsed, response in responses:
+            if response.status_code == 503:
+                assert response.headers["content-type"] == "application/problem+json"
+                assert int(response.headers["retry-after"]) >= 1
+                assert response.headers.get("connection", "").lower() != "close"
+                assert elapsed < SLOW, "a refusal is immediate"
+                assert response.json()["reason"] == "queue_full"
+        # The refused connections were kept alive: the next requests reuse them.
+        assert (await client.get("/health")).status_code == 200
+        state = (await client.get("/state")).json()
+    assert state["inflight"] == 0
+    assert state["queued"] == 0
+    assert state["counts"]["queue_full"] == 3
+    assert "shedding_started" in state["events"]
+
+
+async def test_health_checks_pass_while_the_service_is_full(server: Server) -> None:
+    """With every place taken and the queue full, /health still answers 200."""
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=5.0) as client,
+        anyio.create_task_group() as group,
+    ):
+        for n in range(3):
+            group.start_soon(client.get, f"/batch/{n}")
+        await anyio.sleep(SLOW / 4)
+        assert (await client.get("/batch/9")).status_code == 503
+        health = await client.get("/health")
+    assert health.status_code == 200, health.text

@@ -1,0 +1,153 @@
+"""asgi_guard.fastapi.bulkhead: a per-route concurrency limit as a dependency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from asgi_guard import ConfigurationError, LoadSheddingMiddleware, RequestRejected
+from asgi_guard.fastapi import bulkhead, rejection_handler
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app(guard: Any, *, shedder: bool = False) -> tuple[FastAPI, dict[str, Any]]:
+    state: dict[str, Any] = {"open": anyio.Event(), "inside": 0, "order": []}
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get("/report/{name}", dependencies=[Depends(guard)])
+    async def report(name: str) -> dict[str, str]:
+        state["order"].append(name)
+        state["inside"] += 1
+        try:
+            await state["open"].wait()
+        finally:
+            state["inside"] -= 1
+        return {"name": name}
+
+    @app.get("/export", dependencies=[Depends(guard)])
+    async def export() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/free")
+    async def free() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    if shedder:
+        app.add_middleware(
+            LoadSheddingMiddleware,
+            limit=100,
+            priority={"/report/batch": "sheddable", "/report/pay": "critical"},
+        )
+    return app, state
+
+
+async def until(check: Any) -> None:
+    with anyio.fail_after(2):
+        while not check():  # noqa: ASYNC110 - polling state the guard owns
+            await anyio.sleep(0.001)
+
+
+async def test_past_the_limit_the_route_answers_503_problem_json() -> None:
+    """bulkhead(1): while one request runs, another on the same route gets a 503
+    temporary-reduced-capacity with Retry-After; routes without it are untouched."""
+    app, state = make_app(bulkhead(1))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        results: dict[str, httpx.Response] = {}
+
+        async def get(path: str) -> None:
+            results[path] = await client.get(path)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(get, "/report/a")
+            await until(lambda: state["inside"] == 1)
+            refused = await client.get("/report/b")
+            assert (await client.get("/free")).status_code == 200
+            state["open"].set()
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["type"].endswith("#temporary-reduced-capacity")
+    assert results["/report/a"].status_code == 200
+
+
+async def test_a_queue_lets_requests_wait_for_a_place() -> None:
+    """bulkhead(1, max_queue=2): three at once are all served, one at a time, in order."""
+    guard = bulkhead(1, max_queue=2, queue_timeout=2.0)
+    app, state = make_app(guard)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        results: dict[str, httpx.Response] = {}
+
+        async def get(path: str) -> None:
+            results[path] = await client.get(path)
+
+        async with anyio.create_task_group() as group:
+            for name in ("a", "b", "c"):
+                group.start_soon(get, f"/report/{name}")
+                await until(lambda: state["inside"] + guard.limiter.queued >= len(results) + 1)
+                await anyio.sleep(0.005)
+            assert state["inside"] == 1
+            assert guard.limiter.queued == 2
+            state["open"].set()
+    assert [results[f"/report/{n}"].status_code for n in "abc"] == [200, 200, 200]
+    assert state["order"] == ["a", "b", "c"]
+    assert guard.limiter.inflight == 0
+
+
+async def test_one_bulkhead_object_is_one_limit_across_routes() -> None:
+    """The same object on two routes: a request on one takes the place of the other."""
+    app, state = make_app(bulkhead(1))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.get, "/report/a")
+            await until(lambda: state["inside"] == 1)
+            assert (await client.get("/export")).status_code == 503
+            state["open"].set()
+        assert (await client.get("/export")).status_code == 200
+
+
+async def test_the_classes_of_the_shedding_middleware_order_the_queue() -> None:
+    """Behind LoadSheddingMiddleware, a bulkhead's queue serves critical before sheddable."""
+    guard = bulkhead(1, max_queue=4, queue_timeout=2.0)
+    app, state = make_app(guard, shedder=True)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(client.get, "/report/first")
+        await until(lambda: state["inside"] == 1)
+        group.start_soon(client.get, "/report/batch")
+        await until(lambda: guard.limiter.queued == 1)
+        group.start_soon(client.get, "/report/pay")
+        await until(lambda: guard.limiter.queued == 2)
+        state["open"].set()
+    assert state["order"] == ["first", "pay", "batch"]
+
+
+@pytest.mark.parametrize(
+    ("args", "options"),
+    [
+        ((0,), {}),
+        ((-1,), {}),
+        ((1.5,), {}),
+        ((True,), {}),
+        ((2,), {"max_queue": -1}),
+        ((2,), {"queue_timeout": 1.0}),
+        ((2,), {"max_queue": 2, "queue_timeout": 0}),
+    ],
+)
+def test_nonsense_bulkheads_fail_at_construction(
+    args: tuple[Any, ...], options: dict[str, Any]
+) -> None:
+    """A limit below 1, a negative queue, a queue timeout without a queue: errors."""
+    with pytest.raises(ConfigurationError):
+        bulkhead(*args, **options)

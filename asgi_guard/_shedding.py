@@ -204,11 +204,12 @@ class ConcurrencyLimiter:
         if capacity <= 0:
             self.counts["queue_full"] += 1
             return "queue_full"
+        empty = self.queued == 0  # a push-out below swaps waiters: the queue stays non-empty
         if self.queued >= capacity and not self._make_room(priority, now):
             self.counts["queue_full"] += 1
             return "queue_full"
         waiter = _Waiter(priority, now)
-        if self.queued == 0:
+        if empty:
             self._empty_since_or_at = now
         self._queues[priority].append(waiter)
         self.queued += 1
@@ -249,8 +250,10 @@ class ConcurrencyLimiter:
         else:
             self.rtt = smoothed + (rtt - smoothed) * (0.25 if rtt > smoothed else 0.05)
         self.counts["sampled"] += 1
-        self.algorithm.on_sample(now, rtt, permit.inflight, dropped)
-        self._free(permit.priority)
+        try:
+            self.algorithm.on_sample(now, rtt, permit.inflight, dropped)
+        finally:  # a custom algorithm that raises must not keep the place
+            self._free(permit.priority)
 
     def _free(self, priority: int) -> None:
         self.inflight -= 1
@@ -269,10 +272,11 @@ class ConcurrencyLimiter:
             for queue in self._queues:
                 while queue and queue[0].enqueued < oldest:
                     self._refuse(queue.popleft(), "queue_timeout")
-        for queue in self._queues:
-            while queue and self.inflight < limit:
+        for index, queue in enumerate(self._queues):
+            share = self._shares[index] * limit  # below it, a class is admitted at the limit
+            while queue and (self.inflight < limit or self.inflight_by_class[index] < share):
                 self._hand_over(queue.pop() if lifo else queue.popleft())
-            if self.inflight >= limit:
+            if self.inflight >= limit and not self._has_shares:
                 break
         if self.queued == 0:
             self._empty_since_or_at = now

@@ -7,7 +7,6 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -213,7 +212,9 @@ class LoadSheddingMiddleware:
         #: Event-loop lag, seconds: the last measurement.
         self.loop_lag = 0.0
         self._triggered: str | None = None
+        self._memory_high = False
         self._shedding = False
+        self._tick_failed = False
         self._calm = CALM
         self._last_refusal = -math.inf
         self._refused_since = 0
@@ -259,19 +260,24 @@ class LoadSheddingMiddleware:
             lag = max(0.0, now - before - TICK)
             self.loop_lag = lag
             ticks += 1
-            with suppress(Exception):
+            try:
                 algorithm.on_lag(now, lag)
-            self._check_triggers(now, lag, memory=ticks % 50 == 0)
-            if ticks % 5 == 0:
-                self._report(now)
+                self._check_triggers(now, lag, memory=ticks % 50 == 0)
+                if ticks % 5 == 0:
+                    self._report(now)
+            except Exception:
+                # A custom algorithm's bug must not stop the ticker (nor, on trio, the run).
+                if not self._tick_failed:
+                    self._tick_failed = True
+                    logger.exception("asgi_guard: the load-shedding ticker failed; it goes on")
 
     def _check_triggers(self, now: float, lag: float, *, memory: bool) -> None:
         why = None
+        if memory and self._max_memory is not None:
+            self._memory_high = _rss() > self._max_memory  # kept between readings
         if self._max_loop_lag is not None and lag > self._max_loop_lag:
             why = "loop_lag"
-        elif self._max_memory is not None and (
-            (memory and _rss() > self._max_memory) or (not memory and self._triggered == "memory")
-        ):
+        elif self._memory_high:
             why = "memory"
         if why != self._triggered:
             self._triggered = why
@@ -317,13 +323,15 @@ class LoadSheddingMiddleware:
 
     def _start(self, loop: object) -> None:
         self._loop = loop
-        self._ticker = spawn_task(loop, self._tick_until_loop_ends)
 
-    async def _tick_until_loop_ends(self) -> None:
-        try:
-            await self._tick()
-        finally:
-            self._loop = None
+        async def tick_until_the_loop_ends() -> None:
+            try:
+                await self._tick()
+            finally:
+                if self._loop is loop:
+                    self._loop = None
+
+        self._ticker = spawn_task(loop, tick_until_the_loop_ends)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         error: Exception | None = None
@@ -382,8 +390,9 @@ class LoadSheddingMiddleware:
         if path in exempt.paths or (exempt.needs_check and exempt(scope, path)):
             await self.app(scope, receive, send)
             return
-        if self._loop is None:
-            self._start(current_loop())
+        loop = current_loop()
+        if self._loop is not loop:  # not started, or a new event loop (tests run one each)
+            self._start(loop)
         self._arrivals += 1
         if self._classifies:
             priority = self._classify(scope, path)

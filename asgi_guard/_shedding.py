@@ -8,6 +8,9 @@ may wait up to ``interval`` (a burst is absorbed) and is served first in, first 
 a standing queue has formed (not empty for a whole interval), a waiter may wait only
 ``target``, the newest is served first (adaptive LIFO: the oldest have the least time
 left and are likely given up on by their clients) and a full queue pushes out its oldest.
+When lower classes arrive too (within the last interval), a class above them is spared
+those cuts: it keeps the whole queue, the longer wait and first in, first out, and the
+lower classes take the cuts, being served after it and pushed out for it.
 A request whose deadline cannot be met is refused at once. Lower classes are shed first:
 a full queue makes room for a higher class by pushing out the lowest class's oldest
 waiter. A class may be guaranteed a share of the limit: below its share it is admitted
@@ -18,6 +21,7 @@ Plain async Python, no ASGI: the middleware and the bulkhead dependency drive it
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -119,6 +123,8 @@ class ConcurrencyLimiter:
         self.inflight = 0
         self.inflight_by_class = [0] * len(CLASSES)
         self._queues: list[deque[_Waiter]] = [deque() for _ in CLASSES]
+        #: When each class last had to queue (or be refused), for `_spared`.
+        self._arrivals = [-math.inf] * len(CLASSES)
         self.queued = 0
         self._empty_since_or_at = clock()  # the last time the queue was empty
         #: Smoothed time requests spend in the application (seconds), for scaling CoDel.
@@ -148,6 +154,12 @@ class ConcurrencyLimiter:
         """Whether a standing queue has formed: not empty for a whole interval."""
         return self.queued > 0 and now - self._empty_since_or_at > self._interval()
 
+    def _spared(self, priority: int, now: float) -> bool:
+        """Whether a lower class than ``priority`` arrived within the last interval: the
+        lower classes then take CoDel's cuts, and this one keeps the ordinary queue."""
+        since = now - self._interval()
+        return any(arrived > since for arrived in self._arrivals[priority + 1 :])
+
     def _interval(self) -> float:
         # A queue is not standing before the wait it was allowed is over.
         allowed = self.queue_timeout or 0.0
@@ -156,13 +168,13 @@ class ConcurrencyLimiter:
     def _target(self) -> float:
         return max(self.codel_target, 0.25 * self.rtt)
 
-    def queue_capacity(self, now: float) -> int:
+    def queue_capacity(self, now: float, priority: int = len(CLASSES) - 1) -> int:
         """How many may wait now: ``max_queue`` (default: the limit, at least `MIN_QUEUE`);
-        once a standing queue
-        has formed, no more than half the limit (at least 2), enough to keep the application
-        busy between two completions without keeping the refused waiting."""
+        once a standing queue has formed, no more than half the limit (at least 2), enough
+        to keep the application busy between two completions without keeping the refused
+        waiting; a class that is spared (see `_spared`) keeps the whole queue."""
         capacity = max(MIN_QUEUE, self.limit) if self.max_queue is None else self.max_queue
-        if capacity and self.standing(now):
+        if capacity and not self._spared(priority, now) and self.standing(now):
             capacity = min(capacity, max(2, self.limit // 2))
         return capacity
 
@@ -196,11 +208,12 @@ class ConcurrencyLimiter:
             if permit is not None:
                 return permit
         now = self._clock()
-        wait = self._max_wait(now, deadline)
+        self._arrivals[priority] = now
+        wait = self._max_wait(now, deadline, priority)
         if wait <= 0.0:
             self.counts["deadline"] += 1
             return "deadline"
-        capacity = self.queue_capacity(now)
+        capacity = self.queue_capacity(now, priority)
         if capacity <= 0:
             self.counts["queue_full"] += 1
             return "queue_full"
@@ -269,13 +282,16 @@ class ConcurrencyLimiter:
             # A standing queue: those kept past the target are refused now rather than
             # served late, and the newest go first.
             oldest = now - self._target()
-            for queue in self._queues:
+            for index, queue in enumerate(self._queues):
+                if self._spared(index, now):
+                    continue
                 while queue and queue[0].enqueued < oldest:
                     self._refuse(queue.popleft(), "queue_timeout")
         for index, queue in enumerate(self._queues):
             share = self._shares[index] * limit  # below it, a class is admitted at the limit
+            newest_first = lifo and not self._spared(index, now)
             while queue and (self.inflight < limit or self.inflight_by_class[index] < share):
-                self._hand_over(queue.pop() if lifo else queue.popleft())
+                self._hand_over(queue.pop() if newest_first else queue.popleft())
             if self.inflight >= limit and not self._has_shares:
                 break
         if self.queued == 0:
@@ -314,14 +330,14 @@ class ConcurrencyLimiter:
             if self._queues[index]:
                 self._refuse(self._queues[index].popleft(), "pushed_out")
                 return True
-        if self.standing(now) and self._queues[priority]:
+        if not self._spared(priority, now) and self.standing(now) and self._queues[priority]:
             self._refuse(self._queues[priority].popleft(), "pushed_out")
             return True
         return False
 
-    def _max_wait(self, now: float, deadline: float | None) -> float:
+    def _max_wait(self, now: float, deadline: float | None, priority: int) -> float:
         timeout = self.queue_timeout
-        if self.standing(now):
+        if not self._spared(priority, now) and self.standing(now):
             wait = self._target()
             if timeout is not None and timeout < wait:
                 wait = timeout

@@ -496,3 +496,47 @@ def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -
     priority header...: ConfigurationError at construction."""
     with pytest.raises(ConfigurationError):
         LoadSheddingMiddleware(PlainTextResponse("ok"), **options)
+
+
+async def test_in_a_standing_queue_lower_classes_take_the_cuts() -> None:
+    """With sheddable requests arriving too, a standing queue cuts only them: critical
+    waiters keep first in, first out and the whole queue, sheddable ones are pushed out."""
+    from asgi_guard import Fixed, ManualClock
+    from asgi_guard._shedding import ConcurrencyLimiter, Permit, class_index
+
+    clock = ManualClock(100.0)
+    limiter = ConcurrencyLimiter(Fixed(1), clock=clock.now)
+    critical, sheddable = class_index("critical"), class_index("sheddable")
+    held = limiter.try_acquire(critical)
+    assert held is not None
+    outcomes: dict[str, Permit | str] = {}
+
+    async def wait(name: str, priority: int) -> None:
+        outcomes[name] = await limiter.acquire(priority)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, "s1", sheddable)
+        await until(lambda: limiter.queued == 1)
+        group.start_soon(wait, "c1", critical)
+        await until(lambda: limiter.queued == 2)
+        clock.advance(0.2)  # the queue has stood for two intervals
+        assert limiter.standing(clock.now())
+        for name, priority in (("s2", sheddable), ("c2", critical)):
+            group.start_soon(wait, name, priority)
+            await anyio.sleep(0.001)
+        assert outcomes.pop("s1") == "pushed_out"  # the oldest sheddable made room
+        # The sheddable newcomer may wait only the CoDel target (5 ms); critical ones wait on.
+        await until(lambda: "s2" in outcomes)
+        assert outcomes.pop("s2") == "queue_timeout"
+        assert limiter.queued == 2  # c1 and c2
+        order: list[str] = []
+        limiter.release(held)
+        while len(order) < 2:
+            await until(lambda: any(isinstance(v, Permit) for v in outcomes.values()))
+            name = next(k for k, v in outcomes.items() if isinstance(v, Permit))
+            order.append(name)
+            permit = outcomes.pop(name)
+            assert isinstance(permit, Permit)
+            limiter.release(permit)
+        group.cancel_scope.cancel()
+    assert order == ["c1", "c2"]  # critical first, first in first out

@@ -5,24 +5,48 @@ worker. ``GET /work`` is a request that costs the server something real: about 2
 CPU in a pure-Python loop (holding the event loop, as a template or a serializer would),
 then a 1 ms ``anyio.sleep`` (a fast database call), then a small JSON. The loop's length
 is calibrated at import with ``time.thread_time`` so that it takes ``WORK_CPU`` seconds of
-this thread's CPU on the machine at hand (the median of a few trials, after a warm-up);
-``GET /health`` answers at once and reports the calibration.
+this thread's CPU on the machine at hand (the median of a few trials, after a warm-up), or
+set by ``OVERLOAD_WORK_ROUNDS`` (so that servers compared with each other burn exactly the
+same: a calibration varies by a few percent from one process to the next); ``GET /health``
+answers at once and reports the rounds and what they took. ``GET /light`` is ``/work``
+without the loop (the 1 ms sleep and the JSON): a request that costs the server only the
+framework's CPU, where a guard's own cost stands out.
 
 One worker serves at most ``1 / (WORK_CPU + framework overhead)`` requests a second: the
 server used 2.3-2.5 ms of CPU per request on the 2-core VM, so about 400/s (uvicorn
 ``--loop asyncio``); past that it can only queue.
 
 ``unguarded``: the FastAPI app, no guard in front of it.
+
+The guarded variants, for ``overload.py``: the same app behind
+``app.add_middleware(LoadSheddingMiddleware, ...)``, with a ``GET /state`` route answering
+the middleware's ``state()`` (the limit it ended at, its counts). ``/health`` and
+``/state`` are exempt: never shed, never counted. They are built when uvicorn first asks
+for them (a module ``__getattr__``), so ``unguarded`` imports without ``asgi_guard``'s
+load shedding:
+
+* ``shed_default``: ``limit=None``, the default adaptive algorithm;
+* ``shed_fixed``: ``limit=N``, ``N`` from ``SHED_FIXED_LIMIT`` (default 8);
+* ``shed_aimd``, ``shed_vegas``, ``shed_gradient2``: ``limit=AIMD(**kw)`` and so on, ``kw``
+  a JSON object from ``SHED_ALGORITHM_KWARGS`` (default ``{}``: the algorithm's defaults);
+* ``shed_priority``: ``limit=None``; the class from the ``X-Priority`` header, trusted from
+  every client (the benchmark is the gateway), ``sheddable`` without one.
+
+Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds) and
+``SHED_MAX_LOOP_LAG`` (seconds) when set; otherwise the middleware's defaults.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
 import time
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 #: CPU seconds one ``GET /work`` spends in its loop, and its await.
 WORK_CPU = 0.002
@@ -55,11 +79,27 @@ def _calibrate(target: float, trials: int = 7) -> tuple[int, float]:
     return rounds, statistics.median(took)
 
 
-WORK_ROUNDS, WORK_MEASURED = _calibrate(WORK_CPU)
+def _took(rounds: int, trials: int = 3) -> float:
+    """The median CPU seconds ``rounds`` of :func:`burn` take (after a warm-up)."""
+    burn(rounds)
+    took = []
+    for _ in range(trials):
+        t0 = time.thread_time()
+        burn(rounds)
+        took.append(time.thread_time() - t0)
+    return statistics.median(took)
+
+
+if os.environ.get("OVERLOAD_WORK_ROUNDS"):
+    WORK_ROUNDS = int(os.environ["OVERLOAD_WORK_ROUNDS"])
+    WORK_MEASURED = _took(WORK_ROUNDS)
+else:
+    WORK_ROUNDS, WORK_MEASURED = _calibrate(WORK_CPU)
 
 
 def build_app() -> FastAPI:
-    """``GET /work`` (about 2 ms of CPU, then a 1 ms sleep) and ``GET /health``."""
+    """``GET /work`` (about 2 ms of CPU, then a 1 ms sleep), ``GET /light`` (the sleep
+    alone) and ``GET /health``."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/work")
@@ -67,6 +107,11 @@ def build_app() -> FastAPI:
         x = burn(WORK_ROUNDS)
         await anyio.sleep(WORK_SLEEP)
         return {"ok": True, "x": x}
+
+    @app.get("/light")
+    async def light() -> dict[str, Any]:
+        await anyio.sleep(WORK_SLEEP)
+        return {"ok": True}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -80,3 +125,85 @@ def build_app() -> FastAPI:
 
 
 unguarded = build_app()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: non-finite floats as strings, other objects by ``str``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _env_options() -> dict[str, Any]:
+    """The middleware options every ``shed_*`` app takes from the environment, when set."""
+    options: dict[str, Any] = {}
+    if os.environ.get("SHED_MAX_QUEUE"):
+        options["max_queue"] = int(os.environ["SHED_MAX_QUEUE"])
+    if os.environ.get("SHED_QUEUE_TIMEOUT"):
+        options["queue_timeout"] = float(os.environ["SHED_QUEUE_TIMEOUT"])
+    if os.environ.get("SHED_MAX_LOOP_LAG"):
+        options["max_loop_lag"] = float(os.environ["SHED_MAX_LOOP_LAG"])
+    return options
+
+
+def build_guarded(**options: Any) -> FastAPI:
+    """The app behind ``LoadSheddingMiddleware(**options)``, plus ``GET /state``."""
+    from asgi_guard import LoadSheddingMiddleware
+
+    app = build_app()
+
+    @app.get("/state")
+    async def state(request: Request) -> Response:
+        node: Any = request.app.middleware_stack
+        while node is not None and not isinstance(node, LoadSheddingMiddleware):
+            node = getattr(node, "app", None)
+        body = {"state": None} if node is None else {"state": _plain(node.state())}
+        return Response(json.dumps(body), media_type="application/json")
+
+    app.add_middleware(
+        LoadSheddingMiddleware,
+        exempt=("/health", "/state"),
+        **{**_env_options(), **options},
+    )
+    return app
+
+
+def _algorithm(name: str) -> Any:
+    import asgi_guard
+
+    kwargs = json.loads(os.environ.get("SHED_ALGORITHM_KWARGS") or "{}")
+    return getattr(asgi_guard, name)(**kwargs)
+
+
+def _shed_priority() -> FastAPI:
+    return build_guarded(
+        limit=None,
+        priority_header="x-priority",
+        trust_priority_header=lambda scope: True,
+        default_priority="sheddable",
+    )
+
+
+_GUARDED = {
+    "shed_default": lambda: build_guarded(limit=None),
+    "shed_fixed": lambda: build_guarded(limit=int(os.environ.get("SHED_FIXED_LIMIT") or 8)),
+    "shed_aimd": lambda: build_guarded(limit=_algorithm("AIMD")),
+    "shed_vegas": lambda: build_guarded(limit=_algorithm("Vegas")),
+    "shed_gradient2": lambda: build_guarded(limit=_algorithm("Gradient2")),
+    "shed_priority": _shed_priority,
+}
+
+
+def __getattr__(name: str) -> FastAPI:
+    """Build a guarded variant on first use (uvicorn's ``getattr`` of the module)."""
+    if name not in _GUARDED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = _GUARDED[name]()
+    globals()[name] = app
+    return app

@@ -1330,7 +1330,9 @@ class Watched:
     def __init__(self, app: ASGIApp) -> None:
         self.delivered: dict[int, float] = {}
         self.events: list[BlockingEvent] = []
-        self.detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=self._on)
+        self.detector = BlockingDetectorMiddleware(
+            app, threshold=THRESHOLD, on_block=self._on, follow_tasks=True
+        )
         self.emitted: list[tuple[float, BlockingEvent]] = []
         watchdog = self.detector._watchdog
         report = watchdog._report

@@ -317,7 +317,8 @@ async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
 
 
 async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_request() -> None:
-    """A task group child inherits its request: an unawaited coroutine there names it."""
+    """With follow_tasks, a task group child inherits its request: an unawaited coroutine
+    there names it."""
 
     async def save() -> None:
         await anyio.sleep(0)
@@ -332,7 +333,9 @@ async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_reque
         await PlainTextResponse("ok")(scope, receive, send)
 
     events: list[BlockingEvent] = []
-    detector = BlockingDetectorMiddleware(spawner, threshold=THRESHOLD, on_block=events.append)
+    detector = BlockingDetectorMiddleware(
+        spawner, threshold=THRESHOLD, on_block=events.append, follow_tasks=True
+    )
     try:
         with pytest.warns(RuntimeWarning, match="was never awaited"):
             await drive(detector, http_scope("/spawned"))
@@ -343,6 +346,36 @@ async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_reque
     assert (event.kind, event.method, event.path) == ("never_awaited", "GET", "/spawned")
     assert event.location is not None
     assert event.location.lineno == line_of("# forgot it in a child")
+
+
+async def test_without_follow_tasks_a_spawned_task_is_reported_without_its_request() -> None:
+    """By default the detector does not mark contexts: a child's dropped coroutine is
+    reported at its line, outside any request."""
+
+    async def save() -> None:
+        await anyio.sleep(0)
+
+    async def child() -> None:
+        save()  # type: ignore[unused-coroutine]  # dropped in a child, unfollowed
+        await anyio.sleep(0)
+
+    async def spawner(scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(child)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(spawner, threshold=THRESHOLD, on_block=events.append)
+    try:
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            await drive(detector, http_scope("/unfollowed"))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert (event.kind, event.method) == ("never_awaited", None)
+    assert event.location is not None
+    assert event.location.lineno == line_of("# dropped in a child, unfollowed")
 
 
 async def test_requests_leave_no_reference_cycles() -> None:

@@ -30,9 +30,17 @@ from typing import Literal
 import anyio
 
 from ._adaptive import LimitAlgorithm
+from ._deadline import _check_seconds
 from ._errors import ConfigurationError
 
-__all__ = ["CLASSES", "ConcurrencyLimiter", "Permit", "Refusal", "class_index"]
+__all__ = [
+    "CLASSES",
+    "ConcurrencyLimiter",
+    "Permit",
+    "Refusal",
+    "check_queue_options",
+    "class_index",
+]
 
 #: Criticality classes, highest first (after Google's SRE book).
 CLASSES = ("critical-plus", "critical", "sheddable-plus", "sheddable")
@@ -52,6 +60,21 @@ def class_index(name: object) -> int:
         except ValueError:
             pass
     raise ConfigurationError(f"unknown priority class {name!r}: use one of {', '.join(CLASSES)}")
+
+
+def check_queue_options(max_queue: object, queue_timeout: object) -> None:
+    """Raise `ConfigurationError` unless ``max_queue`` is ``None`` or a whole number >= 0
+    and ``queue_timeout`` is ``None`` or a positive number of seconds, with a queue."""
+    if max_queue is not None and (
+        not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0
+    ):
+        raise ConfigurationError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
+    if queue_timeout is not None:
+        _check_seconds(queue_timeout, "queue_timeout")
+        if max_queue == 0:
+            raise ConfigurationError(
+                "queue_timeout without a queue: max_queue=0 means requests never wait"
+            )
 
 
 class _Waiter:

@@ -23,7 +23,7 @@ from ._paths import route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
 from ._record import SCOPE_KEY, get_record
-from ._shedding import ConcurrencyLimiter, class_index
+from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
     HeaderMode,
     RateLimitMiddleware,
@@ -283,14 +283,9 @@ class BulkheadDependency:
                 "bulkhead takes a whole number >= 1 of concurrent requests, "
                 f"got {max_concurrency!r}"
             )
-        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
-            raise ConfigurationError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
-        if queue_timeout is not None:
-            _check_seconds(queue_timeout, "queue_timeout")
-            if max_queue == 0:
-                raise ConfigurationError(
-                    "queue_timeout without a queue: give the bulkhead a max_queue"
-                )
+        if max_queue is None:
+            raise ConfigurationError("max_queue must be a whole number >= 0, got None")
+        check_queue_options(max_queue, queue_timeout)
         self.max_concurrency = max_concurrency
         self.limiter = ConcurrencyLimiter(
             Fixed(max_concurrency),

@@ -22,7 +22,13 @@ from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._paths import Exemptions, ExemptSpec, compile_template
 from ._problem import TEMPORARY_REDUCED_CAPACITY, Rejection, ResponseFactory, send_rejection
 from ._record import get_record
-from ._shedding import ConcurrencyLimiter, Permit, Refusal, class_index
+from ._shedding import (
+    ConcurrencyLimiter,
+    Permit,
+    Refusal,
+    check_queue_options,
+    class_index,
+)
 
 __all__ = ["DEFAULT_EXEMPT", "LoadSheddingMiddleware"]
 
@@ -130,16 +136,7 @@ class LoadSheddingMiddleware:
     ) -> None:
         self.app = app
         algorithm = Adaptive() if limit is None else as_algorithm(limit)
-        if max_queue is not None and (
-            not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0
-        ):
-            raise ConfigurationError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
-        if queue_timeout is not None:
-            _check_positive(queue_timeout, "queue_timeout")
-            if max_queue == 0:
-                raise ConfigurationError(
-                    "queue_timeout without a queue: max_queue=0 means requests never wait"
-                )
+        check_queue_options(max_queue, queue_timeout)
         _check_positive(codel_target, "codel_target")
         _check_positive(codel_interval, "codel_interval")
         if codel_target >= codel_interval:

@@ -292,6 +292,7 @@ class Watchdog:
         self._seen_tick = -1
         self._last_check = time.monotonic()
         self._cpu_clock: int | None = None
+        self._first_look = 0.0
         self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
 
     #: How far past the threshold the look at a step being timed is made.
@@ -319,6 +320,7 @@ class Watchdog:
         except (AttributeError, OSError):  # not on this platform: the GIL test is skipped
             self._cpu_clock = None
         self._cpu = self._cpu_times()
+        self._first_look = time.monotonic() + self.poll
         self._seen_tick = self.tick
         self._last_check = time.monotonic()
         self._stop.clear()
@@ -337,7 +339,9 @@ class Watchdog:
 
     def _run(self) -> None:
         poll = self.poll
-        expected = time.monotonic() + poll
+        # Scheduled by `start`, on the loop thread: if the loop holds the GIL before this
+        # thread first runs, the first look still knows it overslept.
+        expected = self._first_look
         # Looks on a fixed schedule (not ``poll`` after the previous look ended), plus one
         # look just past the threshold of a step that is being timed, so a stall is
         # reported at most ``threshold + poll`` after it began, however long looks take.

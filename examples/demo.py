@@ -7,6 +7,9 @@ Run it with ``python examples/demo.py`` and follow the curl commands it prints.
   rules; ``/health`` is exempt.
 * ``/items/{item_id}`` adds a ``rate_limit`` dependency after routing: 2 per minute for all
   items together, answered as problem+json by ``rejection_handler``.
+* ``LoadSheddingMiddleware`` lets 64 requests run at once (a fixed cap) and answers the rest
+  ``503`` with ``Retry-After``; ``/report`` has a ``bulkhead`` of one: a second report at the
+  same time is refused.
 * ``TimeoutMiddleware`` gives every request 5 seconds: ``/slow`` takes 10 and is answered
   ``504`` at the deadline; ``/slow?seconds=1`` is in time, and ``timeout(2.0)`` makes ``/search``
   tighter.
@@ -17,8 +20,22 @@ from __future__ import annotations
 import anyio
 from fastapi import Depends, FastAPI
 
-from asgi_guard import RateLimitMiddleware, RequestRejected, Rule, TimeoutMiddleware, remaining
-from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler, timeout
+from asgi_guard import (
+    LoadSheddingMiddleware,
+    RateLimitMiddleware,
+    RequestRejected,
+    Rule,
+    TimeoutMiddleware,
+    remaining,
+)
+from asgi_guard.fastapi import (
+    BulkheadDependency,
+    RateLimitDependency,
+    bulkhead,
+    rate_limit,
+    rejection_handler,
+    timeout,
+)
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -46,10 +63,15 @@ Rate-limited demo on http://{HOST}:{PORT} (Ctrl+C to stop). In another terminal:
 
   # /search has its own 2 s deadline (a timeout dependency)
   curl -si "http://{HOST}:{PORT}/search?seconds=3"
+
+  # /report runs one at a time (a bulkhead): a second one meanwhile is 503 with Retry-After
+  curl -s http://{HOST}:{PORT}/report > /dev/null & sleep 0.2; curl -si http://{HOST}:{PORT}/report
 """
 
 #: Tighter than the middleware's limits, checked after routing: per route, per client.
 items_limit: RateLimitDependency = rate_limit("2/minute")
+#: One report at a time, whoever asks.
+report_bulkhead: BulkheadDependency = bulkhead(1)
 
 app = FastAPI(title="asgi_guard demo")
 app.add_exception_handler(RequestRejected, rejection_handler)
@@ -62,6 +84,7 @@ app.add_middleware(
     ],
     exempt=["/health"],
 )
+app.add_middleware(LoadSheddingMiddleware, limit=64)
 # Added last, so outermost: the deadline counts from the request's arrival.
 app.add_middleware(TimeoutMiddleware, timeout=5.0)
 
@@ -91,6 +114,12 @@ async def slow(seconds: float = 10.0) -> dict[str, float | None]:
 async def search(seconds: float = 0.1) -> dict[str, float]:
     await anyio.sleep(seconds)
     return {"searched_for": seconds}
+
+
+@app.get("/report", dependencies=[Depends(report_bulkhead)])
+async def report() -> dict[str, str]:
+    await anyio.sleep(1.0)  # an expensive report
+    return {"report": "ready"}
 
 
 @app.get("/health")

@@ -121,6 +121,25 @@ async def test_demo_dependency_route_answers_through_the_handler() -> None:
     assert "retry-after" in r.headers, r.headers
 
 
+async def test_demo_report_bulkhead_refuses_a_second_report_meanwhile() -> None:
+    """The demo's last curl: a report while another runs is 503 problem+json."""
+    demo = load("demo")
+    async with client_for(demo.app) as http:
+        responses: list[httpx.Response] = []
+
+        async def get() -> None:
+            responses.append(await http.get("/report"))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(get)
+            await anyio.sleep(0.2)
+            group.start_soon(get)
+    assert sorted(r.status_code for r in responses) == [200, 503]
+    refused = next(r for r in responses if r.status_code == 503)
+    assert_problem(refused, 503)
+    assert refused.headers["retry-after"] == "1"
+
+
 async def test_demo_health_is_never_limited() -> None:
     """/health is exempt: far more requests than any limit, all 200, no RateLimit headers."""
     app = load("demo").app

@@ -289,8 +289,6 @@ class Watchdog:
         self._root_since = 0.0
         self._reported_root: FrameType | None = None
         self._reported_tick = -1
-        self._seen_tick = -1
-        self._last_check = time.monotonic()
         self._cpu_clock: int | None = None
         self._first_look = 0.0
         self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
@@ -321,8 +319,6 @@ class Watchdog:
             self._cpu_clock = None
         self._cpu = self._cpu_times()
         self._first_look = time.monotonic() + self.poll
-        self._seen_tick = self.tick
-        self._last_check = time.monotonic()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, name="asgi_guard-blocking-watchdog", daemon=True
@@ -381,14 +377,7 @@ class Watchdog:
         return _Sample(top, self.requests)
 
     def _check(self, now: float, expected: float) -> None:
-        try:
-            self._check_at(now, expected)
-        finally:
-            self._last_check = now
-
-    def _check_at(self, now: float, expected: float) -> None:
         tick = self.tick
-        self._seen_tick = tick
         sample = self._sample()
         root = sample.root
         (loop_before, all_before), self._cpu = self._cpu, self._cpu_times()

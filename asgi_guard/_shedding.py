@@ -271,10 +271,6 @@ class ConcurrencyLimiter:
             return Permit(priority, now, self.inflight, waited)
         return waiter.refusal or "queue_timeout"
 
-    def cancel(self, permit: Permit) -> None:
-        """Give back a permit of a request that never reached the application."""
-        self._free(permit.priority)
-
     def release(self, permit: Permit, *, dropped: bool = False) -> None:
         """The request has left the application: learn from it and admit the next."""
         now = self._clock()

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._adaptive import LimitAlgorithm
 from ._algorithms import Adaptive, as_algorithm
 from ._clock import Clock, MonotonicClock
-from ._deadline import current_loop, spawn_task
+from ._deadline import _check_seconds, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._paths import Exemptions, ExemptSpec, compile_template
@@ -137,8 +137,8 @@ class LoadSheddingMiddleware:
         self.app = app
         algorithm = Adaptive() if limit is None else as_algorithm(limit)
         check_queue_options(max_queue, queue_timeout)
-        _check_positive(codel_target, "codel_target")
-        _check_positive(codel_interval, "codel_interval")
+        _check_seconds(codel_target, "codel_target")
+        _check_seconds(codel_interval, "codel_interval")
         if codel_target >= codel_interval:
             raise ConfigurationError("codel_target must be shorter than codel_interval")
         self._default = class_index(default_priority)
@@ -183,12 +183,12 @@ class LoadSheddingMiddleware:
         if sum(shares.values()) >= 1:
             raise ConfigurationError("reserve shares must add up to less than the whole limit")
         if max_loop_lag is not None:
-            _check_positive(max_loop_lag, "max_loop_lag")
+            _check_seconds(max_loop_lag, "max_loop_lag")
         if max_memory is not None and (
             not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0
         ):
             raise ConfigurationError("max_memory is a number of bytes > 0")
-        _check_positive(retry_after, "retry_after")
+        _check_seconds(retry_after, "retry_after")
         self._exempt = Exemptions(exempt, logger, "shed")
         self._clock = clock or MonotonicClock()
         self.limiter = ConcurrencyLimiter(
@@ -472,11 +472,6 @@ class LoadSheddingMiddleware:
             guard="load_shedding",
         )
         await send_rejection(rejection, scope, receive, send, self._response)
-
-
-def _check_positive(value: object, name: str) -> None:
-    if not _number(value) or not 0 < value < math.inf:  # type: ignore[operator]
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _number(value: object) -> bool:

@@ -5,9 +5,11 @@
 one queue per priority class, the highest class served first. The queue is managed after
 Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter
 may wait up to ``interval`` (a burst is absorbed) and is served first in, first out; once
-a standing queue has formed (not empty for a whole interval), a waiter may wait only
-``target``, the newest is served first (adaptive LIFO: the oldest have the least time
-left and are likely given up on by their clients) and a full queue pushes out its oldest.
+a standing queue has formed (not empty for a whole interval, its first-in-first-out waits
+above the target), a waiter may wait only ``target``, the newest is served first (adaptive
+LIFO: the oldest have the least time left and are likely given up on by their clients) and
+a full queue pushes out its oldest. A standing queue that empties stays standing until
+more than twice the limit have been admitted without waiting (see `standing`).
 When lower classes arrive too (within the last interval), a class above them is spared
 those cuts: it keeps the whole queue, the longer wait and first in, first out, and the
 lower classes take the cuts, being served after it and pushed out for it.
@@ -149,7 +151,11 @@ class ConcurrencyLimiter:
         #: When each class last had to queue (or be refused), for `_spared`.
         self._arrivals = [-math.inf] * len(CLASSES)
         self.queued = 0
-        self._empty_since_or_at = clock()  # the last time the queue was empty
+        #: When the queue's current busy period began (see `standing`).
+        self._empty_since_or_at = clock()
+        #: When the queue last became empty, and how many had been admitted then.
+        self._emptied_at = -math.inf
+        self._admitted_at_empty = -1
         #: Smoothed time requests spend in the application (seconds), for scaling CoDel.
         self.rtt = 0.0
         #: Smoothed wait of admitted requests that queued (seconds).
@@ -174,8 +180,28 @@ class ConcurrencyLimiter:
         return self.algorithm.limit
 
     def standing(self, now: float) -> bool:
-        """Whether a standing queue has formed: not empty for a whole interval."""
-        return self.queued > 0 and now - self._empty_since_or_at > self._interval()
+        """Whether a standing queue has formed: not empty for a whole interval. A standing
+        queue that empties still stands until more requests than the limit have been
+        admitted without waiting: under overload, completions come in batches and leave
+        the short queue of a standing state empty with places free, which the next
+        arrivals fill; only a worker with room to spare admits more than that. (Ending it
+        at the first such admission began a new burst period, whose waiters were refused
+        after tens of milliseconds, several times a second at 2x capacity: measured.)"""
+        if self.queued > 0:
+            return now - self._empty_since_or_at > self._interval()
+        return self._still_standing()
+
+    def _still_standing(self) -> bool:
+        """The queue is empty, stood when it emptied, and no more than the limit were
+        admitted since."""
+        return (
+            self._emptied_at - self._empty_since_or_at > self._interval()
+            and self.counts["admitted"] - self._admitted_at_empty <= 2 * self.algorithm.limit
+        )
+
+    def _emptied(self, now: float) -> None:
+        self._emptied_at = now
+        self._admitted_at_empty = self.counts["admitted"]
 
     def _spared(self, priority: int, now: float) -> bool:
         """Whether a lower class than ``priority`` arrived within the last interval: the
@@ -240,7 +266,9 @@ class ConcurrencyLimiter:
         if capacity <= 0:
             self.counts["queue_full"] += 1
             return "queue_full"
-        empty = self.queued == 0  # a push-out below swaps waiters: the queue stays non-empty
+        # A push-out below swaps waiters: the queue stays non-empty. An empty queue that
+        # still stands goes on with its busy period.
+        empty = self.queued == 0 and not self._still_standing()
         if self.queued >= capacity and not self._make_room(priority, now):
             self.counts["queue_full"] += 1
             return "queue_full"
@@ -297,24 +325,35 @@ class ConcurrencyLimiter:
         limit = self.algorithm.limit
         now = self._clock()
         lifo = self.standing(now)
+        for index, queue in enumerate(self._queues):
+            share = self._shares[index] * limit  # below it, a class is admitted at the limit
+            newest_first = lifo and not self._spared(index, now)
+            while queue and (self.inflight < limit or self.inflight_by_class[index] < share):
+                if newest_first:
+                    self._hand_over(queue.pop())
+                    continue
+                waiter = queue.popleft()
+                self._hand_over(waiter)
+                if not lifo and now - waiter.enqueued < self._target():
+                    # Served first in, first out within the target: the queue drains as
+                    # it should, it is not standing (CoDel: a standing queue is one whose
+                    # waits stay above the target for an interval).
+                    self._empty_since_or_at = now
+            if self.inflight >= limit and not self._has_shares:
+                break
         if lifo:
-            # A standing queue: those kept past the target are refused now rather than
-            # served late, and the newest go first.
+            # A standing queue: the newest went first; those left that were kept past the
+            # target are refused now rather than served late. (Cut after the places are
+            # filled: cutting first could leave a place empty, and the next arrival,
+            # admitted at once, would end the standing state.)
             oldest = now - self._target()
             for index, queue in enumerate(self._queues):
                 if self._spared(index, now):
                     continue
                 while queue and queue[0].enqueued < oldest:
                     self._refuse(queue.popleft(), "queue_timeout")
-        for index, queue in enumerate(self._queues):
-            share = self._shares[index] * limit  # below it, a class is admitted at the limit
-            newest_first = lifo and not self._spared(index, now)
-            while queue and (self.inflight < limit or self.inflight_by_class[index] < share):
-                self._hand_over(queue.pop() if newest_first else queue.popleft())
-            if self.inflight >= limit and not self._has_shares:
-                break
         if self.queued == 0:
-            self._empty_since_or_at = now
+            self._emptied(now)
 
     def _hand_over(self, waiter: _Waiter) -> None:
         self.queued -= 1
@@ -340,7 +379,7 @@ class ConcurrencyLimiter:
             return
         self.queued -= 1
         if self.queued == 0:
-            self._empty_since_or_at = self._clock()
+            self._emptied(self._clock())
 
     def _make_room(self, priority: int, now: float) -> bool:
         """Push out a waiter for a newcomer of ``priority``: the oldest of the lowest class

@@ -1,0 +1,149 @@
+"""Load shedding: when a queue counts as standing, and what the standing state does.
+
+Measured on a one-worker uvicorn server at 2x its capacity: a standing queue whose short
+queue emptied for a moment (completions come in batches) was taken for a new burst, whose
+waiters were then refused after tens of milliseconds, several times a second. These tests
+pin the rules that keep the standing state through such moments and end it when the
+worker really has room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from asgi_guard._algorithms import Fixed
+from asgi_guard._shedding import ConcurrencyLimiter, Permit, Refusal
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait (at most 2 s) until ``check()`` holds."""
+    with anyio.fail_after(2.0):
+        while not check():  # noqa: ASYNC110 - polling state the limiter owns
+            await anyio.sleep(0.001)
+
+
+def limiter_at(now: list[float], limit: int, codel_target: float = 0.01) -> ConcurrencyLimiter:
+    return ConcurrencyLimiter(
+        Fixed(limit),
+        max_queue=8,
+        codel_target=codel_target,
+        codel_interval=1.0,
+        clock=lambda: now[0],
+    )
+
+
+def hold(limiter: ConcurrencyLimiter, n: int) -> list[Permit]:
+    permits = [limiter.try_acquire(1) for _ in range(n)]
+    assert all(permits)
+    return [p for p in permits if p is not None]
+
+
+def end(limiter: ConcurrencyLimiter, permit: Permit, now: float) -> None:
+    """Release ``permit`` as a request that took 10 ms (CoDel's interval scales with how
+    long requests take; the fake clock's jumps must not stretch it)."""
+    permit.admitted = now - 0.01
+    limiter.release(permit)
+
+
+async def test_a_standing_queue_that_empties_stands_until_the_worker_has_room() -> None:
+    """The queue stood, then its one waiter was admitted: the queue is empty, every place
+    is taken, and the next arrival must get the standing state's short wait (codel_target,
+    10 ms here), not a burst's (the 1 s interval). Only once more requests than twice the
+    limit have been admitted without waiting does the standing state end."""
+    now = [0.0]
+    limiter = limiter_at(now, 2)
+    permits = hold(limiter, 2)
+    outcomes: dict[str, Permit | Refusal] = {}
+
+    async def wait(name: str) -> None:
+        outcomes[name] = await limiter.acquire(1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, "first")
+        await until(lambda: limiter.queued == 1)
+        now[0] = 2.0  # non-empty for longer than the interval
+        assert limiter.standing(now[0])
+        end(limiter, permits.pop(), now[0])  # the waiter takes the place: the queue empties
+        await until(lambda: "first" in outcomes)
+    first = outcomes["first"]
+    assert isinstance(first, Permit)
+    assert limiter.queued == 0
+    assert limiter.standing(now[0]), "an empty moment ended the standing state"
+
+    with anyio.fail_after(0.5):  # a burst's wait would be the whole 1 s interval
+        refused = await limiter.acquire(1)
+    assert refused == "queue_timeout"
+    assert limiter.standing(now[0])
+
+    # The worker has room again: requests are admitted without waiting.
+    end(limiter, first, now[0])
+    end(limiter, permits.pop(), now[0])
+    for admitted in range(1, 2 * 2 + 2):
+        permit = limiter.try_acquire(1)
+        assert permit is not None
+        end(limiter, permit, now[0])
+        assert limiter.standing(now[0]) == (admitted <= 2 * 2), admitted
+    assert limiter.queue_capacity(now[0]) == 8
+
+
+async def test_a_queue_served_within_the_target_is_not_standing() -> None:
+    """A queue can stay non-empty for a whole interval while each waiter is served first
+    in, first out within the target: it drains as it should and is not standing (CoDel's
+    rule: waits above the target for an interval). A waiter served late starts the clock
+    that makes it standing."""
+    now = [0.0]
+    limiter = limiter_at(now, 1, codel_target=0.5)
+    (permit,) = hold(limiter, 1)
+    outcomes: dict[str, Permit | Refusal] = {}
+
+    async def wait(name: str) -> None:
+        outcomes[name] = await limiter.acquire(1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, "a")
+        await until(lambda: limiter.queued == 1)
+        group.start_soon(wait, "b")
+        await until(lambda: limiter.queued == 2)
+        now[0] = 0.2
+        end(limiter, permit, now[0])  # "a" is served after 0.2 s, within the 0.5 s target
+        await until(lambda: "a" in outcomes)
+        served = outcomes["a"]
+        assert isinstance(served, Permit)
+        now[0] = 1.1  # non-empty since 0, but served within the target at 0.2
+        assert limiter.queued == 1
+        assert not limiter.standing(now[0])
+        now[0] = 1.3  # "b" has waited above the target for a whole interval since
+        assert limiter.standing(now[0])
+        group.cancel_scope.cancel()
+
+
+async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters() -> None:
+    """In a standing queue, waiters kept past the target are refused rather than served
+    late, but not before the free places are filled, newest first: cutting first would
+    leave a place empty while requests wait."""
+    now = [0.0]
+    limiter = limiter_at(now, 2)
+    permits = hold(limiter, 2)
+    outcomes: dict[str, Permit | Refusal] = {}
+
+    async def wait(name: str) -> None:
+        outcomes[name] = await limiter.acquire(1)
+
+    async with anyio.create_task_group() as group:
+        for count, name in enumerate(("oldest", "middle", "newest"), start=1):
+            group.start_soon(wait, name)
+            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
+            now[0] += 0.1
+        now[0] = 2.0  # all three have waited past the target; the queue stands
+        assert limiter.standing(now[0])
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: len(outcomes) == 3)
+    assert isinstance(outcomes["newest"], Permit)
+    assert outcomes["oldest"] == outcomes["middle"] == "queue_timeout"
+    assert limiter.inflight == 2, "a place was left empty"
+    assert limiter.queued == 0

@@ -13,6 +13,7 @@ __all__ = [
     "QUOTA_EXCEEDED",
     "TEMPORARY_REDUCED_CAPACITY",
     "Rejection",
+    "encode_problem",
     "ResponseFactory",
     "rejection_detail",
     "send_rejection",
@@ -71,6 +72,11 @@ def _http_headers(
     return headers
 
 
+def encode_problem(rejection: Rejection) -> bytes:
+    """The ``application/problem+json`` body of ``rejection``, compact."""
+    return json.dumps(rejection.problem(), separators=(",", ":")).encode()
+
+
 def rejection_detail(retry: int) -> str:
     """The ``detail`` of a 429: when to retry, or (``retry`` 0) that retrying cannot help."""
     if not retry:
@@ -102,7 +108,7 @@ async def send_rejection(
             response = await response
         await response(scope, receive, send)
         return
-    body = json.dumps(rejection.problem(), separators=(",", ":")).encode()
+    body = encode_problem(rejection)
     if websocket:
         await send(
             {

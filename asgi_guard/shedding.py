@@ -20,7 +20,13 @@ from ._deadline import _check_seconds, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._paths import Exemptions, ExemptSpec, compile_template
-from ._problem import TEMPORARY_REDUCED_CAPACITY, Rejection, ResponseFactory, send_rejection
+from ._problem import (
+    TEMPORARY_REDUCED_CAPACITY,
+    Rejection,
+    ResponseFactory,
+    encode_problem,
+    send_rejection,
+)
 from ._record import get_record
 from ._shedding import (
     ConcurrencyLimiter,
@@ -462,16 +468,40 @@ class LoadSheddingMiddleware:
         # that the refused do not all come back at once.
         base = self._retry_after * (1.0 + 3.0 * self._refusal_ratio)
         retry = max(1, math.ceil(base + random.random() * self._retry_after))
-        rejection = Rejection(
-            status=503,
-            type=TEMPORARY_REDUCED_CAPACITY,
-            title="Service temporarily at capacity",
-            detail=_DETAILS[why],
-            headers=(("Retry-After", str(retry)),),
-            extensions={"reason": why},
-            guard="load_shedding",
-        )
-        await send_rejection(rejection, scope, receive, send, self._response)
+        if self._response is None and scope["type"] == "http":
+            # The common case, on the hot path of an overloaded worker: the body of each
+            # reason is encoded once (every refusal spends CPU the admitted need).
+            body = _BODIES[why]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/problem+json"),
+                        (b"content-length", b"%d" % len(body)),
+                        (b"retry-after", b"%d" % retry),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send_rejection(_rejection(why, retry), scope, receive, send, self._response)
+
+
+def _rejection(why: Refusal, retry: int) -> Rejection:
+    return Rejection(
+        status=503,
+        type=TEMPORARY_REDUCED_CAPACITY,
+        title="Service temporarily at capacity",
+        detail=_DETAILS[why],
+        headers=(("Retry-After", str(retry)),),
+        extensions={"reason": why},
+        guard="load_shedding",
+    )
+
+
+#: The problem+json body of each reason (``Retry-After`` is a header, not in the body).
+_BODIES: dict[Refusal, bytes] = {why: encode_problem(_rejection(why, 1)) for why in _DETAILS}
 
 
 def _number(value: object) -> bool:

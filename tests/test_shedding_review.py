@@ -155,3 +155,34 @@ async def test_a_raising_algorithm_does_not_stop_the_ticker(
         while algorithm.lag_calls < 5:  # noqa: ASYNC110 - polling the ticker's work
             await anyio.sleep(0.01)
     assert sum("ticker failed" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_refusals_encoded_once_match_the_general_problem_path() -> None:
+    """The 503 of every reason is encoded once (refusals are the hot path of an overloaded
+    worker): it must be byte for byte what the general problem+json path sends, and each
+    response must get a headers list of its own, so that an outer middleware appending to
+    one (as Starlette's CORS middleware does) never leaks into the next."""
+    from asgi_guard._problem import send_rejection
+    from asgi_guard.shedding import _rejection
+
+    shedder = LoadSheddingMiddleware(ok_app, limit=1, max_queue=0)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        raise AssertionError("the body of a refused request is never read")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    for why in ("queue_full", "queue_timeout", "pushed_out", "deadline", "trigger"):
+        sent.clear()
+        await shedder._refuse(why, http_scope("/a"), receive, send)
+        fast = list(sent)
+        retry = dict(fast[0]["headers"])[b"retry-after"]
+        sent.clear()
+        await send_rejection(_rejection(why, int(retry)), http_scope("/a"), receive, send)
+        assert fast == sent, why
+        fast[0]["headers"].append((b"access-control-allow-origin", b"*"))
+    sent.clear()
+    await shedder._refuse("queue_full", http_scope("/a"), receive, send)
+    assert len(sent[0]["headers"]) == 3

@@ -8,8 +8,9 @@ may wait up to ``interval`` (a burst is absorbed) and is served first in, first 
 a standing queue has formed (not empty for a whole interval, its first-in-first-out waits
 above the target), a waiter may wait only ``target``, the newest is served first (adaptive
 LIFO: the oldest have the least time left and are likely given up on by their clients) and
-a full queue pushes out its oldest. A standing queue that empties stays standing until
-more than twice the limit have been admitted without waiting (see `standing`).
+a full queue pushes out its oldest. Those that queued during the burst before it keep
+the wait they were allowed and go first. A standing queue that empties stays standing
+until more than twice the limit have been admitted without waiting (see `standing`).
 When lower classes arrive too (within the last interval), a class above them is spared
 those cuts: it keeps the whole queue, the longer wait and first in, first out, and the
 lower classes take the cuts, being served after it and pushed out for it.
@@ -80,11 +81,14 @@ def check_queue_options(max_queue: object, queue_timeout: object) -> None:
 
 
 class _Waiter:
-    __slots__ = ("admitted", "enqueued", "event", "gone", "priority", "refusal")
+    __slots__ = ("admitted", "burst", "enqueued", "event", "gone", "priority", "refusal")
 
-    def __init__(self, priority: int, now: float) -> None:
+    def __init__(self, priority: int, now: float, burst: bool) -> None:
         self.priority = priority
         self.enqueued = now
+        #: Queued while the queue absorbed a burst: it was allowed the long wait, and a
+        #: standing queue that forms behind it keeps that promise (first in, first out).
+        self.burst = burst
         self.event = anyio.Event()
         self.admitted = False
         self.gone = False  # left the queue (admitted, refused or cancelled)
@@ -272,7 +276,7 @@ class ConcurrencyLimiter:
         if self.queued >= capacity and not self._make_room(priority, now):
             self.counts["queue_full"] += 1
             return "queue_full"
-        waiter = _Waiter(priority, now)
+        waiter = _Waiter(priority, now, burst=not self.standing(now))
         if empty:
             self._empty_since_or_at = now
         self._queues[priority].append(waiter)
@@ -329,7 +333,7 @@ class ConcurrencyLimiter:
             share = self._shares[index] * limit  # below it, a class is admitted at the limit
             newest_first = lifo and not self._spared(index, now)
             while queue and (self.inflight < limit or self.inflight_by_class[index] < share):
-                if newest_first:
+                if newest_first and not queue[0].burst:
                     self._hand_over(queue.pop())
                     continue
                 waiter = queue.popleft()
@@ -346,12 +350,16 @@ class ConcurrencyLimiter:
             # target are refused now rather than served late. (Cut after the places are
             # filled: cutting first could leave a place empty, and the next arrival,
             # admitted at once, would end the standing state.)
+            # Those queued during the burst that preceded it keep the wait they were
+            # allowed, and go first (refusing them now, after tens of milliseconds, is the
+            # slowest refusal there is; newcomers are refused at arrival meanwhile).
             oldest = now - self._target()
             for index, queue in enumerate(self._queues):
-                if self._spared(index, now):
+                if self._spared(index, now) or not queue:
                     continue
-                while queue and queue[0].enqueued < oldest:
-                    self._refuse(queue.popleft(), "queue_timeout")
+                for waiter in [w for w in queue if not w.burst and w.enqueued < oldest]:
+                    queue.remove(waiter)
+                    self._refuse(waiter, "queue_timeout")
         if self.queued == 0:
             self._emptied(now)
 
@@ -388,9 +396,13 @@ class ConcurrencyLimiter:
             if self._queues[index]:
                 self._refuse(self._queues[index].popleft(), "pushed_out")
                 return True
-        if not self._spared(priority, now) and self.standing(now) and self._queues[priority]:
-            self._refuse(self._queues[priority].popleft(), "pushed_out")
-            return True
+        if not self._spared(priority, now) and self.standing(now):
+            queue = self._queues[priority]
+            for waiter in queue:
+                if not waiter.burst:  # those of the burst before keep their place
+                    queue.remove(waiter)
+                    self._refuse(waiter, "pushed_out")
+                    return True
         return False
 
     def _max_wait(self, now: float, deadline: float | None, priority: int) -> float:

@@ -127,7 +127,41 @@ async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters()
     late, but not before the free places are filled, newest first: cutting first would
     leave a place empty while requests wait."""
     now = [0.0]
-    limiter = limiter_at(now, 2)
+    limiter = limiter_at(now, 8, codel_target=0.5)  # standing: up to 4 wait, 0.5 s each
+    permits = hold(limiter, 8)
+    outcomes: dict[str, Permit | Refusal] = {}
+
+    async def wait(name: str) -> None:
+        outcomes[name] = await limiter.acquire(1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, "burst")
+        await until(lambda: limiter.queued == 1)
+        now[0] = 2.0  # the queue stands; its waiter is admitted, and it still stands
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: "burst" in outcomes)
+        assert limiter.standing(now[0])
+        for count, name in enumerate(("oldest", "middle", "newest"), start=1):
+            group.start_soon(wait, name)
+            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
+            now[0] += 0.1
+        now[0] = 3.0  # all three have waited past the target
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: len(outcomes) == 4)
+    assert isinstance(outcomes["burst"], Permit)
+    assert isinstance(outcomes["newest"], Permit)
+    assert outcomes["oldest"] == outcomes["middle"] == "queue_timeout"
+    assert limiter.inflight == 8, "a place was left empty"
+    assert limiter.queued == 0
+
+
+async def test_waiters_of_a_burst_keep_their_wait_when_the_queue_turns_standing() -> None:
+    """Requests that queued while the queue absorbed a burst were allowed the long wait:
+    when the queue turns standing they are served first in, first out, not cut or pushed
+    out after tens of milliseconds (the slowest refusal there is); a newcomer of their
+    class finds the short queue full and is refused at once."""
+    now = [0.0]
+    limiter = limiter_at(now, 2)  # standing: up to 2 wait
     permits = hold(limiter, 2)
     outcomes: dict[str, Permit | Refusal] = {}
 
@@ -135,15 +169,45 @@ async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters()
         outcomes[name] = await limiter.acquire(1)
 
     async with anyio.create_task_group() as group:
-        for count, name in enumerate(("oldest", "middle", "newest"), start=1):
+        for count, name in enumerate(("b1", "b2"), start=1):
             group.start_soon(wait, name)
             await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
             now[0] += 0.1
-        now[0] = 2.0  # all three have waited past the target; the queue stands
+        now[0] = 2.0  # standing; both have waited far past the target
         assert limiter.standing(now[0])
+        with anyio.fail_after(0.5):
+            assert await limiter.acquire(1) == "queue_full"  # at arrival, not after waiting
         end(limiter, permits.pop(), now[0])
-        await until(lambda: len(outcomes) == 3)
-    assert isinstance(outcomes["newest"], Permit)
-    assert outcomes["oldest"] == outcomes["middle"] == "queue_timeout"
-    assert limiter.inflight == 2, "a place was left empty"
-    assert limiter.queued == 0
+        await until(lambda: "b1" in outcomes)
+        assert "b2" not in outcomes, "a waiter of the burst was cut"
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: "b2" in outcomes)
+    assert isinstance(outcomes["b1"], Permit)
+    assert isinstance(outcomes["b2"], Permit)
+
+
+async def test_in_a_standing_queue_a_newcomer_pushes_out_the_oldest_of_its_class() -> None:
+    """Once standing, the short queue is newest first: a newcomer finding it full pushes
+    out the oldest waiter that joined during the standing state."""
+    now = [0.0]
+    limiter = limiter_at(now, 2, codel_target=0.5)  # standing: up to 2 wait, 0.5 s each
+    permits = hold(limiter, 2)
+    outcomes: dict[str, Permit | Refusal] = {}
+
+    async def wait(name: str) -> None:
+        outcomes[name] = await limiter.acquire(1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, "burst")
+        await until(lambda: limiter.queued == 1)
+        now[0] = 2.0
+        end(limiter, permits.pop(), now[0])  # "burst" is admitted; the queue still stands
+        await until(lambda: "burst" in outcomes)
+        for count, name in enumerate(("x", "y"), start=1):
+            group.start_soon(wait, name)
+            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
+        group.start_soon(wait, "z")
+        await until(lambda: "x" in outcomes)
+        assert outcomes["x"] == "pushed_out"
+        assert limiter.queued == 2
+        group.cancel_scope.cancel()

@@ -9,13 +9,18 @@ stalls the detector reported (through an ``on_block`` callback).
 
 ``fastapi_off`` / ``fastapi_on``: FastAPI, the detector added with ``add_middleware``
 (``threshold=0.1``, the default poll interval: 20 ms). ``starlette_off`` / ``starlette_on``:
-the same with Starlette.
+the same with Starlette. ``breakdown_*`` (built on first use): the FastAPI app with parts of
+the detector, for ``--breakdown``.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -44,7 +49,7 @@ def _stats() -> dict[str, Any]:
     return {"watchdog": "asgi_guard-blocking-watchdog" in names, **REPORTED}
 
 
-def _fastapi(detector: bool) -> FastAPI:
+def _fastapi(detector: bool, middleware: type[BlockingDetectorMiddleware] | None = None) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/")
@@ -63,6 +68,8 @@ def _fastapi(detector: bool) -> FastAPI:
 
     if detector:
         app.add_middleware(BlockingDetectorMiddleware, threshold=THRESHOLD, on_block=_count)
+    elif middleware is not None:
+        app.add_middleware(middleware, threshold=THRESHOLD, on_block=_count)
     return app
 
 
@@ -93,3 +100,80 @@ fastapi_off = _fastapi(False)
 fastapi_on = _fastapi(True)
 starlette_off = _starlette(False)
 starlette_on = _starlette(True)
+
+
+# -- where the cost comes from (``blocking_overhead.py --breakdown``) -------------------------
+
+
+class _RequestsOnly(BlockingDetectorMiddleware):
+    """The detector's per-request work only: no heartbeat, no threads."""
+
+    def _start_threads(self) -> None:
+        pass
+
+    async def _heartbeat(self) -> None:
+        await anyio.sleep_forever()
+
+
+class _HeartbeatOnly(BlockingDetectorMiddleware):
+    """Per-request work and the heartbeat task, no watchdog thread."""
+
+    def _start_threads(self) -> None:
+        pass
+
+
+class _SleepingThread(_HeartbeatOnly):
+    """As ``_HeartbeatOnly``, plus a Python thread that never wakes: what a second thread
+    costs by merely existing (a process with threads takes locks a single-threaded one
+    skips, in its C library among others)."""
+
+    def _start_threads(self) -> None:
+        threading.Thread(target=threading.Event().wait, name="sleeper", daemon=True).start()
+
+
+class _IdleThread(_HeartbeatOnly):
+    """As ``_HeartbeatOnly``, plus a Python thread that wakes every poll interval and does
+    nothing else: what the watchdog's wake-ups cost by themselves."""
+
+    def _start_threads(self) -> None:
+        stop = threading.Event()
+        poll = self.poll_interval
+
+        def wake() -> None:
+            while not stop.wait(poll):
+                pass
+
+        threading.Thread(target=wake, name="idle-waker", daemon=True).start()
+
+
+class _IdleProcess(_HeartbeatOnly):
+    """As ``_HeartbeatOnly``, plus a child process that wakes every poll interval (and
+    exits with its parent): the same wake-ups, without sharing the server's GIL."""
+
+    def _start_threads(self) -> None:
+        code = (
+            "import os, time\n"
+            f"parent = {os.getpid()}\n"
+            f"while os.getppid() == parent: time.sleep({self.poll_interval})\n"
+        )
+        subprocess.Popen([sys.executable, "-c", code])
+
+
+_BREAKDOWN: dict[str, Callable[[], FastAPI]] = {
+    "breakdown_off": lambda: _fastapi(False),
+    "breakdown_requests": lambda: _fastapi(False, _RequestsOnly),
+    "breakdown_heartbeat": lambda: _fastapi(False, _HeartbeatOnly),
+    "breakdown_sleeper": lambda: _fastapi(False, _SleepingThread),
+    "breakdown_thread": lambda: _fastapi(False, _IdleThread),
+    "breakdown_process": lambda: _fastapi(False, _IdleProcess),
+    "breakdown_on": lambda: _fastapi(True),
+}
+
+
+def __getattr__(name: str) -> FastAPI:
+    """Build a breakdown variant on first use (uvicorn's ``getattr`` of the module)."""
+    if name not in _BREAKDOWN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = _BREAKDOWN[name]()
+    globals()[name] = app
+    return app

@@ -33,7 +33,13 @@ load shedding:
   every client (the benchmark is the gateway), ``sheddable`` without one.
 
 Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds) and
-``SHED_MAX_LOOP_LAG`` (seconds) when set; otherwise the middleware's defaults.
+``SHED_MAX_LOOP_LAG`` (seconds) when set; otherwise the middleware's defaults. With
+``SHED_TIMINGS=<file>``, the middleware also times each refusal on the server, from its
+call to the 503, by reason, and rewrites ``<file>.<pid>`` with the quantiles every 200
+refusals (the client's refusal latency adds the wait for the event loop before the call):
+
+    python bench/overload.py --capacity 408 --variants default --scenarios rates \
+        --rates 2,4 --server-env SHED_TIMINGS=/tmp/refusals
 """
 
 from __future__ import annotations
@@ -43,10 +49,13 @@ import math
 import os
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI, Request, Response
+
+if TYPE_CHECKING:
+    from asgi_guard import LoadSheddingMiddleware
 
 #: CPU seconds one ``GET /work`` spends in its loop, and its await.
 WORK_CPU = 0.002
@@ -152,11 +161,49 @@ def _env_options() -> dict[str, Any]:
     return options
 
 
+def _timed(path: str) -> type[LoadSheddingMiddleware]:
+    """`LoadSheddingMiddleware` timing its refusals by reason (``SHED_TIMINGS``)."""
+    from starlette.types import Receive, Scope, Send
+
+    from asgi_guard import LoadSheddingMiddleware
+    from asgi_guard._shedding import Refusal
+
+    times: dict[str, list[float]] = {}
+
+    def write() -> None:
+        with open(f"{path}.{os.getpid()}", "w") as out:
+            for why, values in sorted(times.items()):
+                xs = sorted(values)
+                n = len(xs)
+                out.write(
+                    f"{why:14} n={n:6}  p50 {xs[n // 2] * 1e3:6.1f}  p90 "
+                    f"{xs[int(n * 0.9)] * 1e3:6.1f}  p99 {xs[int(n * 0.99)] * 1e3:6.1f}  "
+                    f"max {xs[-1] * 1e3:6.1f} ms\n"
+                )
+
+    class Timed(LoadSheddingMiddleware):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            scope["bench.called"] = time.monotonic()
+            await super().__call__(scope, receive, send)
+
+        async def _refuse(self, why: Refusal, scope: Scope, receive: Receive, send: Send) -> None:
+            took = time.monotonic() - scope["bench.called"]
+            times.setdefault(why, []).append(took)
+            if sum(map(len, times.values())) % 200 == 0:
+                write()
+            await super()._refuse(why, scope, receive, send)
+
+    return Timed
+
+
 def build_guarded(**options: Any) -> FastAPI:
     """The app behind ``LoadSheddingMiddleware(**options)``, plus ``GET /state``."""
     from asgi_guard import LoadSheddingMiddleware
 
     app = build_app()
+    middleware = LoadSheddingMiddleware
+    if os.environ.get("SHED_TIMINGS"):
+        middleware = _timed(os.environ["SHED_TIMINGS"])
 
     @app.get("/state")
     async def state(request: Request) -> Response:
@@ -167,7 +214,7 @@ def build_guarded(**options: Any) -> FastAPI:
         return Response(json.dumps(body), media_type="application/json")
 
     app.add_middleware(
-        LoadSheddingMiddleware,
+        middleware,
         exempt=("/health", "/state"),
         **{**_env_options(), **options},
     )

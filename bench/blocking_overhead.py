@@ -36,6 +36,14 @@ does too): a 1% difference needs many pairs to resolve; the range column shows t
     python bench/blocking_overhead.py --loop uvloop   # uvloop instead of asyncio
     python bench/blocking_overhead.py --app starlette # Starlette instead of FastAPI
     python bench/blocking_overhead.py --quick         # ~40 s smoke run (2 short pairs)
+    python bench/blocking_overhead.py --breakdown     # where the cost comes from (~5 min)
+
+``--breakdown`` measures only the fixed-rate CPU per request and p99, over ``--rounds``
+rounds (default 5, alternating order) of seven servers: no detector; the detector's
+per-request work alone (no heartbeat, no thread); plus its heartbeat task; plus, instead of
+the watchdog, a Python thread that never wakes, or one that wakes every poll interval and
+does nothing else; the same wake-ups from a child process (no shared GIL); and the whole
+detector.
 """
 
 from __future__ import annotations
@@ -332,6 +340,58 @@ def idle_cost(s: Settings, seconds: float) -> tuple[dict[str, tuple[float, float
 # -- reporting -------------------------------------------------------------------------------
 
 
+BREAKDOWN = (
+    ("off", "no detector"),
+    ("requests", "the per-request work alone"),
+    ("heartbeat", "+ the heartbeat task (every 25 ms)"),
+    ("sleeper", "+ a thread that never wakes"),
+    ("thread", "+ a thread waking every 20 ms, doing nothing"),
+    ("process", "+ a child process waking every 20 ms instead"),
+    ("on", "the detector (watchdog every 20 ms)"),
+)
+
+
+def breakdown(s: Settings, rounds: int) -> None:
+    """Fixed-rate CPU per request and p99 of each ``BREAKDOWN`` variant, medians."""
+    runs: dict[str, list[Run]] = {name: [] for name, _ in BREAKDOWN}
+    watch = Watch.start()
+    for r in range(rounds):
+        for name, _ in BREAKDOWN if r % 2 == 0 else BREAKDOWN[::-1]:
+            server = Server(mode=name, target=f"bench._blocking_apps:breakdown_{name}")
+            try:
+                server.start(server.target, s.loop, s.http)
+                server.wait_ready()
+                server.get("/")
+                if s.warmup:
+                    wrk(server.port, s.sat_script, s.threads, s.connections, s.warmup)
+                run = server.measure_run(s.fixed_script, 1, s.fixed_connections, s.fixed_duration)
+            finally:
+                server.stop(timeout=5)
+            runs[name].append(run)
+            print(
+                f"  round {r + 1} {name:9}: CPU {run.cpu_us:6.1f} µs/req (loop thread "
+                f"{run.loop_us:.1f}, other threads {run.threads_us:.2f}), p99 {run.p99:.3f} ms, "
+                f"{run.rps:,.0f} req/s {run.errors}"
+            )
+    base_cpu = _med([r.cpu_us for r in runs["off"]])
+    base_p99 = _med([r.p99 for r in runs["off"]])
+    rows = [["variant", "", "CPU µs/req", "vs off", "loop thread", "other threads", "p99 ms",
+             "p99 vs off", "runs"]]  # fmt: skip
+    for name, what in BREAKDOWN:
+        cpu = _med([r.cpu_us for r in runs[name]])
+        p99 = _med([r.p99 for r in runs[name]])
+        rows.append([
+            name, what, f"{cpu:.1f}", f"{cpu / base_cpu:.3f}",
+            f"{_med([r.loop_us for r in runs[name]]):.1f}",
+            f"{_med([r.threads_us for r in runs[name]]):.2f}",
+            f"{p99:.3f}", f"{p99 / base_p99:.3f}",
+            " ".join(f"{r.cpu_us:.0f}" for r in runs[name]),
+        ])  # fmt: skip
+    print(f"\nmedians over {rounds} rounds (fixed rate; CPU per request of all threads):")
+    print_table(rows, left=2)
+    print(watch.summary())
+
+
 def _med(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -416,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=2, help="extra pairs for unclean ones")
     parser.add_argument("--wait", type=float, default=5.0, help="s to wait after an unclean pair")
     parser.add_argument("--quick", action="store_true", help="~40 s smoke run (2 short pairs)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="where the cost comes from (fixed rate only)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --breakdown")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.fixed_duration, args.duration, args.idle = 2, 3, 2, 3.0
@@ -448,12 +512,18 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"python {platform.python_version()}, nproc {os.cpu_count()}, "
             f"load {os.getloadavg()[0]:.2f}, app {args.app}, loop {args.loop}, http {args.http}; "
-            f"detector threshold 0.1 s, default poll (0.02 s); {args.pairs} pairs, "
-            "fresh server per run; "
+            f"detector threshold 0.1 s, default poll (0.02 s); "
+            + (f"breakdown, {args.rounds} rounds" if args.breakdown else f"{args.pairs} pairs")
+            + ", fresh server per run; "
             f"fixed rate: wrk -t1 -c{args.fixed_connections} -d{args.fixed_duration}s, "
             f"0-{args.think} ms between requests; saturation: wrk -t{args.threads} "
             f"-c{args.connections} -d{args.duration}s"
         )
+        if args.breakdown:
+            if not 1 <= args.rounds <= 50:
+                parser.error("--rounds: 1..50")
+            breakdown(settings, args.rounds)
+            return 0
         started = time.monotonic()
         machine = Watch.start()
         pairs: list[Pair] = []

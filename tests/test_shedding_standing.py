@@ -10,6 +10,7 @@ worker really has room.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import pytest
@@ -48,6 +49,37 @@ def end(limiter: ConcurrencyLimiter, permit: Permit, now: float) -> None:
     long requests take; the fake clock's jumps must not stretch it)."""
     permit.admitted = now - 0.01
     limiter.release(permit)
+
+
+class Waiters:
+    """Named requests waiting in ``limiter``, their outcomes by name."""
+
+    def __init__(self, limiter: ConcurrencyLimiter, now: list[float]) -> None:
+        self.limiter = limiter
+        self.now = now
+        self.outcomes: dict[str, Permit | Refusal] = {}
+
+    async def _wait(self, name: str) -> None:
+        self.outcomes[name] = await self.limiter.acquire(1)
+
+    async def queue(self, group: anyio.abc.TaskGroup, *names: str, step: float = 0.0) -> None:
+        """Queue ``names`` in order, ``step`` seconds of the fake clock apart."""
+        for name in names:
+            group.start_soon(self._wait, name)
+            await until(partial(self._queued, self.limiter.queued + 1))
+            self.now[0] += step
+
+    def _queued(self, n: int) -> bool:
+        return self.limiter.queued == n
+
+    async def stand_then_empty(self, group: anyio.abc.TaskGroup, permits: list[Permit]) -> None:
+        """A queue that stands (one waiter, "burst", for longer than the interval), then
+        empties (the waiter takes a place that ends): it still stands."""
+        await self.queue(group, "burst")
+        self.now[0] = 2.0
+        end(self.limiter, permits.pop(), self.now[0])
+        await until(lambda: "burst" in self.outcomes)
+        assert self.limiter.standing(self.now[0])
 
 
 async def test_a_standing_queue_that_empties_stands_until_the_worker_has_room() -> None:
@@ -129,25 +161,14 @@ async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters()
     now = [0.0]
     limiter = limiter_at(now, 8, codel_target=0.5)  # standing: up to 4 wait, 0.5 s each
     permits = hold(limiter, 8)
-    outcomes: dict[str, Permit | Refusal] = {}
-
-    async def wait(name: str) -> None:
-        outcomes[name] = await limiter.acquire(1)
-
+    waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
-        group.start_soon(wait, "burst")
-        await until(lambda: limiter.queued == 1)
-        now[0] = 2.0  # the queue stands; its waiter is admitted, and it still stands
-        end(limiter, permits.pop(), now[0])
-        await until(lambda: "burst" in outcomes)
-        assert limiter.standing(now[0])
-        for count, name in enumerate(("oldest", "middle", "newest"), start=1):
-            group.start_soon(wait, name)
-            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
-            now[0] += 0.1
+        await waiters.stand_then_empty(group, permits)
+        await waiters.queue(group, "oldest", "middle", "newest", step=0.1)
         now[0] = 3.0  # all three have waited past the target
         end(limiter, permits.pop(), now[0])
-        await until(lambda: len(outcomes) == 4)
+        await until(lambda: len(waiters.outcomes) == 4)
+    outcomes = waiters.outcomes
     assert isinstance(outcomes["burst"], Permit)
     assert isinstance(outcomes["newest"], Permit)
     assert outcomes["oldest"] == outcomes["middle"] == "queue_timeout"
@@ -163,16 +184,10 @@ async def test_waiters_of_a_burst_keep_their_wait_when_the_queue_turns_standing(
     now = [0.0]
     limiter = limiter_at(now, 2)  # standing: up to 2 wait
     permits = hold(limiter, 2)
-    outcomes: dict[str, Permit | Refusal] = {}
-
-    async def wait(name: str) -> None:
-        outcomes[name] = await limiter.acquire(1)
-
+    waiters = Waiters(limiter, now)
+    outcomes = waiters.outcomes
     async with anyio.create_task_group() as group:
-        for count, name in enumerate(("b1", "b2"), start=1):
-            group.start_soon(wait, name)
-            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
-            now[0] += 0.1
+        await waiters.queue(group, "b1", "b2", step=0.1)
         now[0] = 2.0  # standing; both have waited far past the target
         assert limiter.standing(now[0])
         with anyio.fail_after(0.5):
@@ -192,22 +207,12 @@ async def test_in_a_standing_queue_a_newcomer_pushes_out_the_oldest_of_its_class
     now = [0.0]
     limiter = limiter_at(now, 2, codel_target=0.5)  # standing: up to 2 wait, 0.5 s each
     permits = hold(limiter, 2)
-    outcomes: dict[str, Permit | Refusal] = {}
-
-    async def wait(name: str) -> None:
-        outcomes[name] = await limiter.acquire(1)
-
+    waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
-        group.start_soon(wait, "burst")
-        await until(lambda: limiter.queued == 1)
-        now[0] = 2.0
-        end(limiter, permits.pop(), now[0])  # "burst" is admitted; the queue still stands
-        await until(lambda: "burst" in outcomes)
-        for count, name in enumerate(("x", "y"), start=1):
-            group.start_soon(wait, name)
-            await until(lambda count=count: limiter.queued == count)  # type: ignore[misc]
-        group.start_soon(wait, "z")
-        await until(lambda: "x" in outcomes)
-        assert outcomes["x"] == "pushed_out"
+        await waiters.stand_then_empty(group, permits)
+        await waiters.queue(group, "x", "y")
+        group.start_soon(waiters._wait, "z")
+        await until(lambda: "x" in waiters.outcomes)
+        assert waiters.outcomes["x"] == "pushed_out"
         assert limiter.queued == 2
         group.cancel_scope.cancel()

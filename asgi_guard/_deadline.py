@@ -533,6 +533,11 @@ def httpx_timeout(
     return httpx.Timeout(total, connect=connect_timeout)
 
 
+def _is_number(value: object) -> bool:
+    """An int or a float (not a bool), and not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _check_seconds(value: Any, name: str, *, allow_zero: bool = False) -> None:
     if (
         isinstance(value, bool)

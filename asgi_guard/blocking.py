@@ -16,7 +16,7 @@ import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
-from ._deadline import current_loop, spawn_task
+from ._deadline import _check_seconds, _is_number, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
@@ -85,13 +85,12 @@ class BlockingDetectorMiddleware:
         follow_tasks: bool = False,
     ) -> None:
         self.app = app
-        poll = threshold / 5 if poll_interval is None and _number(threshold) else poll_interval
+        poll = threshold / 5 if poll_interval is None and _is_number(threshold) else poll_interval
         check_settings(threshold, poll)
         handlers = (on_block,) if callable(on_block) else tuple(on_block)
         if not all(callable(h) for h in handlers):
             raise ConfigurationError("on_block takes callables (event) -> None")
-        if not _number(log_interval) or log_interval < 0:
-            raise ConfigurationError("log_interval must be a non-negative number of seconds")
+        _check_seconds(log_interval, "log_interval", allow_zero=True)
         self.threshold = float(threshold)
         self.poll_interval = float(poll)  # type: ignore[arg-type]
         self._dispatcher = Dispatcher(handlers, float(log_interval))
@@ -277,7 +276,3 @@ def _stop_at_exit(ref: weakref.ref[BlockingDetectorMiddleware]) -> None:
     middleware = ref()
     if middleware is not None:
         middleware.stop()
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._adaptive import LimitAlgorithm
 from ._algorithms import Adaptive, as_algorithm
 from ._clock import Clock, MonotonicClock
-from ._deadline import _check_seconds, current_loop, spawn_task
+from ._deadline import _check_seconds, _is_number, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._paths import Exemptions, ExemptSpec, compile_template
@@ -183,7 +183,7 @@ class LoadSheddingMiddleware:
         )
         shares: dict[int, float] = {}
         for name, share in (reserve or {}).items():
-            if not _number(share) or not 0 < share < 1:
+            if not _is_number(share) or not 0 < share < 1:
                 raise ConfigurationError(f"reserve shares are fractions in (0, 1), got {share!r}")
             shares[class_index(name)] = float(share)
         if sum(shares.values()) >= 1:
@@ -502,10 +502,6 @@ def _rejection(why: Refusal, retry: int) -> Rejection:
 
 #: The problem+json body of each reason (``Retry-After`` is a header, not in the body).
 _BODIES: dict[Refusal, bytes] = {why: encode_problem(_rejection(why, 1)) for why in _DETAILS}
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _rss() -> int:

@@ -280,6 +280,7 @@ async def test_a_raising_or_blocking_callback_never_breaks_the_watchdog(
         {"threshold": 0.1, "poll_interval": 0},
         {"threshold": 0.1, "poll_interval": math.nan},
         {"log_interval": -1},
+        {"log_interval": math.nan},
         {"on_block": ["not callable"]},
     ],
 )

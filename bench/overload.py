@@ -374,6 +374,13 @@ class Run:
     def busy(self) -> bool:
         return self.others > NOISY
 
+    def report(self, line: str) -> None:
+        """Print ``line`` with the machine's state over the run, then the loads' warnings."""
+        print(f"  {line}; {self.watch}" + ("  [BUSY]" if self.busy else ""))
+        for result in self.results:
+            for warning in result.warnings:
+                print(f"    WARNING: {warning}")
+
     def limit(self) -> str:
         """The limit at the end, after its range over the run: ``lo-hi>end``."""
         if self.variant == "uvicorn":
@@ -695,14 +702,11 @@ def run_rates(c: float, s: Settings) -> dict[tuple[str, float], Run]:
             r = execute(variant, f"{x:g}x", [Load(_poisson(x * c, s.duration, s))], s)
             runs[variant, x] = r
             m = measured(r, s)
-            print(
-                f"  {x:g}x ({x * c:.0f}/s): goodput {m.goodput:.0f}/s "
+            r.report(
+                f"{x:g}x ({x * c:.0f}/s): goodput {m.goodput:.0f}/s "
                 f"({m.goodput / c:.2f} C), 2xx p99 {_ms(m.ok_latency.p99)} ms, rejected "
-                f"{_pct(m.share(m.rejected))}%, timeouts {m.timeouts}, limit {r.limit()}; "
-                f"{r.watch}" + ("  [BUSY]" if r.busy else "")
+                f"{_pct(m.share(m.rejected))}%, timeouts {m.timeouts}, limit {r.limit()}"
             )
-            for warning in r.result.warnings:
-                print(f"    WARNING: {warning}")
     return runs
 
 
@@ -715,12 +719,10 @@ def run_step(c: float, s: Settings) -> dict[str, Run]:
         r = execute(variant, "step", [Load(schedule)], s)
         runs[variant] = r
         up, down, down_p99 = step_figures(r.result, s)
-        print(
-            f"  up: {_secs(up)} s, down: {_secs(down)} s (p99: {_secs(down_p99)} s), limit "
-            f"{r.limit()}; {r.watch}" + ("  [BUSY]" if r.busy else "")
+        r.report(
+            f"up: {_secs(up)} s, down: {_secs(down)} s (p99: {_secs(down_p99)} s), limit "
+            f"{r.limit()}"
         )
-        for warning in r.result.warnings:
-            print(f"    WARNING: {warning}")
     return runs
 
 
@@ -732,10 +734,7 @@ def run_priority(c: float, s: Settings) -> dict[str, Run]:
         print(f"\n== priority, 4x C, 25% critical: {variant}")
         r = execute(variant, "priority", [critical, sheddable], s)
         runs[variant] = r
-        print(f"  limit {r.limit()}; {r.watch}" + ("  [BUSY]" if r.busy else ""))
-        for result in r.results:
-            for warning in result.warnings:
-                print(f"    WARNING: {warning}")
+        r.report(f"limit {r.limit()}")
     return runs
 
 

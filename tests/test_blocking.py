@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from asgi_guard import BlockingDetectorMiddleware, BlockingEvent, ConfigurationError
@@ -290,6 +290,25 @@ def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -
         BlockingDetectorMiddleware(PlainTextResponse("ok"), **options)
 
 
+async def report_of_dropped_coroutine(
+    app: ASGIApp, path: str, **options: Any
+) -> tuple[BlockingEvent, BlockingDetectorMiddleware]:
+    """Serve ``path`` once through a detector around ``app``, which drops a coroutine
+    unawaited; the one event reported, and the detector."""
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(
+        app, threshold=THRESHOLD, on_block=events.append, **options
+    )
+    try:
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            await drive(detector, http_scope(path))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    return event, detector
+
+
 async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
     """A coroutine called without await is reported with the request and the line."""
 
@@ -300,15 +319,7 @@ async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
         save()  # type: ignore[unused-coroutine]  # forgot the await
         await PlainTextResponse("ok")(scope, receive, send)
 
-    events: list[BlockingEvent] = []
-    detector = BlockingDetectorMiddleware(forgetful, threshold=THRESHOLD, on_block=events.append)
-    try:
-        with pytest.warns(RuntimeWarning, match="was never awaited"):
-            await drive(detector, http_scope("/orders"))
-        await settle(events)
-    finally:
-        detector.stop()
-    (event,) = events
+    event, detector = await report_of_dropped_coroutine(forgetful, "/orders")
     assert event.kind == "never_awaited"
     assert (event.method, event.path) == ("GET", "/orders")
     assert event.location is not None
@@ -333,17 +344,7 @@ async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_reque
             group.start_soon(child)
         await PlainTextResponse("ok")(scope, receive, send)
 
-    events: list[BlockingEvent] = []
-    detector = BlockingDetectorMiddleware(
-        spawner, threshold=THRESHOLD, on_block=events.append, follow_tasks=True
-    )
-    try:
-        with pytest.warns(RuntimeWarning, match="was never awaited"):
-            await drive(detector, http_scope("/spawned"))
-        await settle(events)
-    finally:
-        detector.stop()
-    (event,) = events
+    event, _ = await report_of_dropped_coroutine(spawner, "/spawned", follow_tasks=True)
     assert (event.kind, event.method, event.path) == ("never_awaited", "GET", "/spawned")
     assert event.location is not None
     assert event.location.lineno == line_of("# forgot it in a child")
@@ -365,15 +366,7 @@ async def test_without_follow_tasks_a_spawned_task_is_reported_without_its_reque
             group.start_soon(child)
         await PlainTextResponse("ok")(scope, receive, send)
 
-    events: list[BlockingEvent] = []
-    detector = BlockingDetectorMiddleware(spawner, threshold=THRESHOLD, on_block=events.append)
-    try:
-        with pytest.warns(RuntimeWarning, match="was never awaited"):
-            await drive(detector, http_scope("/unfollowed"))
-        await settle(events)
-    finally:
-        detector.stop()
-    (event,) = events
+    event, _ = await report_of_dropped_coroutine(spawner, "/unfollowed")
     assert (event.kind, event.method) == ("never_awaited", None)
     assert event.location is not None
     assert event.location.lineno == line_of("# dropped in a child, unfollowed")

@@ -1,8 +1,13 @@
 """The blocking-call watchdog: a thread that notices when one step holds the event loop.
 
-The loop publishes a heartbeat (a tick counter a task bumps every quarter threshold). A
-watchdog thread wakes every poll interval, looks at the loop thread's stack and finds the
-*step* running on it: the frames inward of the innermost frame of loop, task-runner or
+The loop publishes a heartbeat (a tick counter it bumps every half poll interval) and, at
+each beat, pushes back a kernel timer (Linux ``timerfd``) set one poll interval ahead. The
+watchdog thread sleeps on that timer: while the loop goes round it never wakes (each wake-up
+of a thread of this process costs the busy loop thread far more than the wake-up itself:
+the GIL changes hands twice). When the loop misses a beat, the timer expires and the
+watchdog wakes, then looks every poll interval until the loop beats again. Where there is
+no ``timerfd`` it simply looks every poll interval. A look reads the loop thread's stack and
+finds the *step* running on it: the frames inward of the innermost frame of loop, task-runner or
 server machinery (the task's coroutine and what it calls). When the same step has been on
 the thread, with the tick unchanged, for longer than the threshold, the loop is blocked:
 the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
@@ -19,7 +24,9 @@ overslept, and reports the stall then, labelled ``holds_gil``, with the stack it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import gc
 import hashlib
 import itertools
@@ -249,12 +256,83 @@ class _Sample:
         self.root = lines[-1][0] if lines else None
 
 
+class _Alarm:
+    """A one-shot kernel timer (Linux ``timerfd``) the loop pushes ``delay`` ahead at every
+    beat, and the watchdog thread sleeps on: reading it releases the GIL and returns only
+    once the loop has not beaten for ``delay``, or when `ring` is called. Pushing it back
+    is one system call (under a microsecond) and wakes no thread."""
+
+    def __init__(
+        self, fd: int, delay: float, push: Callable[[], object], ring: Callable[[], object]
+    ) -> None:
+        self.fd = fd
+        self.delay = delay
+        self.push = push
+        self.ring = ring
+
+    def wait(self) -> None:
+        with contextlib.suppress(OSError):  # interrupted: the caller looks early, no harm
+            os.read(self.fd, 8)  # the number of expiries since the last read
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def make_alarm(delay: float) -> _Alarm | None:
+    """An `_Alarm`, or ``None`` where the platform has no ``timerfd`` (the watchdog then
+    looks every poll interval)."""
+    if sys.version_info >= (3, 13):
+        try:
+            fd = os.timerfd_create(time.CLOCK_MONOTONIC, flags=os.TFD_CLOEXEC)
+        except (AttributeError, OSError):  # not Linux
+            return None
+
+        def push() -> None:
+            os.timerfd_settime(fd, initial=delay)
+
+        def ring() -> None:
+            os.timerfd_settime(fd, initial=1e-6)
+
+        return _Alarm(fd, delay, push, ring)
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (AttributeError, OSError):  # pragma: no cover - an unusual C library
+        return None
+    create.argtypes = [ctypes.c_int, ctypes.c_int]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Itimerspec), ctypes.c_void_p]
+    fd = create(time.CLOCK_MONOTONIC, os.O_CLOEXEC)  # TFD_CLOEXEC is O_CLOEXEC
+    if fd < 0:  # pragma: no cover
+        return None
+    seconds = int(delay)
+    ahead = Itimerspec(Timespec(0, 0), Timespec(seconds, int((delay - seconds) * 1e9)))
+    at_once = Itimerspec(Timespec(0, 0), Timespec(0, 1000))
+    # Arguments prepared once: a push is a single foreign call.
+    return _Alarm(
+        fd,
+        delay,
+        functools.partial(settime, fd, 0, ctypes.byref(ahead), None),
+        functools.partial(settime, fd, 0, ctypes.byref(at_once), None),
+    )
+
+
 class Watchdog:
     """Watches one event loop thread; reports stalls to ``report``.
 
-    ``beat()`` is called by the loop every poll interval; ``register``/``unregister`` map
-    a request's middleware frame to its scope. Thread-safe by the GIL: the loop thread
-    writes, the watchdog thread reads.
+    ``beat()`` is called by the loop every `beat_period`; the middleware maps a request's
+    frame to its scope in `requests`. Thread-safe by the GIL: the loop thread writes, the
+    watchdog thread reads.
     """
 
     def __init__(
@@ -292,6 +370,17 @@ class Watchdog:
         self._cpu_clock: int | None = None
         self._first_look = 0.0
         self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
+        #: The loop thread's and the process's CPU time at the last beat (with an alarm).
+        self.beat_cpu = (0.0, 0.0)
+        self._alarm: _Alarm | None = None
+        #: How many times the watchdog has looked at the loop thread (for tests).
+        self.looks = 0
+        #: Whether to sleep on an alarm where the platform has one (tests turn it off).
+        self.use_alarm = True
+        #: How often the loop beats (set by `start`): twice per poll interval with an
+        #: alarm (the watchdog wakes when a beat is half a poll interval late), else every
+        #: quarter threshold.
+        self.beat_period = threshold / 4
 
     #: How far past the threshold the look at a step being timed is made.
     _MARGIN = 0.001
@@ -301,6 +390,13 @@ class Watchdog:
     def beat(self) -> None:
         self.tick += 1
         self.beat_at = time.monotonic()
+        alarm = self._alarm
+        if alarm is not None:
+            try:
+                alarm.push()
+            except OSError:  # pragma: no cover - closed by a stop from another thread
+                return
+            self.beat_cpu = (time.thread_time(), time.process_time())
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -320,20 +416,33 @@ class Watchdog:
         self._cpu = self._cpu_times()
         self._first_look = time.monotonic() + self.poll
         self._stop.clear()
+        alarm = make_alarm(self.poll) if self.use_alarm else None
+        self._alarm = alarm
+        self.beat_period = self.poll / 2 if alarm is not None else self.threshold / 4
         self._thread = threading.Thread(
-            target=self._run, name="asgi_guard-blocking-watchdog", daemon=True
+            target=self._run, args=(alarm,), name="asgi_guard-blocking-watchdog", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        alarm, self._alarm = self._alarm, None
+        if alarm is not None:
+            alarm.ring()  # the thread closes it on its way out
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=max(1.0, 5 * self.poll))
 
     # -- the watchdog thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, alarm: _Alarm | None) -> None:
+        try:
+            self._watch(alarm)
+        finally:
+            if alarm is not None:
+                alarm.close()
+
+    def _watch(self, alarm: _Alarm | None) -> None:
         poll = self.poll
         # Scheduled by `start`, on the loop thread: if the loop holds the GIL before this
         # thread first runs, the first look still knows it overslept.
@@ -341,7 +450,23 @@ class Watchdog:
         # Looks on a fixed schedule (not ``poll`` after the previous look ended), plus one
         # look just past the threshold of a step that is being timed, so a stall is
         # reported at most ``threshold + poll`` after it began, however long looks take.
+        # With an alarm, no looks while the loop beats on time: a step that holds the
+        # loop began after the last beat, so the alarm's look, one poll interval after
+        # that beat, is as early as the schedule's would have been.
         while True:
+            if alarm is not None and time.monotonic() - self.beat_at < alarm.delay:
+                alarm.wait()
+                if self._stop.is_set():
+                    return
+                now = time.monotonic()
+                # The CPU times at the last beat: the GIL test compares the time since then.
+                self._cpu = self.beat_cpu
+                try:
+                    self._check(now, self.beat_at + alarm.delay)
+                except Exception:  # pragma: no cover - a bug here must not kill the watchdog
+                    logger.exception("asgi_guard: the blocking watchdog failed a check")
+                expected = now + poll
+                continue
             target = min(expected, self._due())
             if self._stop.wait(max(0.0, target - time.monotonic())):
                 return
@@ -377,6 +502,7 @@ class Watchdog:
         return _Sample(top, self.requests)
 
     def _check(self, now: float, expected: float) -> None:
+        self.looks += 1
         tick = self.tick
         sample = self._sample()
         root = sample.root

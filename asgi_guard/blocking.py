@@ -125,13 +125,12 @@ class BlockingDetectorMiddleware:
 
     async def _heartbeat(self) -> None:
         watchdog = self._watchdog
-        # A beat every quarter threshold tells a coroutine resumed again and again from
-        # one step that never ends, at a few dozen wake-ups a second.
-        period = self.threshold / 4
         try:
             while True:
                 watchdog.beat()
-                await anyio.sleep(period)
+                # A task, not a bare timer callback: a beat one loop iteration later after
+                # a stall leaves the watchdog, waiting for the GIL, time to look first.
+                await anyio.sleep(watchdog.beat_period)
         finally:
             # The loop is shutting down (or lifespan ended): without a heartbeat the
             # watchdog would take any long step of a later loop for a stall.

@@ -3,8 +3,9 @@
 One uvicorn worker (127.0.0.1, a free port, ``--lifespan on``, no access log) serves a small
 FastAPI app (``bench/_blocking_apps.py``: ``GET /`` awaits 1 ms and answers a small JSON)
 without the detector ("off") and with ``BlockingDetectorMiddleware(threshold=0.1)`` ("on":
-the default poll interval, 20 ms: the watchdog thread wakes 50 times a second and the
-heartbeat task, every 25 ms, 40 times). Only one server runs at a time, a fresh process for
+the default poll interval, 20 ms: on Linux the heartbeat task beats every 10 ms and the
+watchdog thread sleeps until a beat is late; elsewhere it wakes 50 times a second and the
+heartbeat beats every 25 ms). Only one server runs at a time, a fresh process for
 every run, so that neither an idle neighbour nor one process's memory layout tilts the comparison.
 
 A pair is one run of each, off then on or on then off (alternating pair after pair). Each

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from typing import Any
@@ -144,19 +145,19 @@ async def test_well_behaved_code_is_never_reported() -> None:
     assert events == []
 
 
+async def regex_app(scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.monotonic()
+    size = 16
+    while time.monotonic() - started < 3 * THRESHOLD:
+        re.match(r"(a+)+$", "a" * size + "b")  # holds the GIL, longer each time
+        size += 1
+    await PlainTextResponse("ok")(scope, receive, send)
+
+
 async def test_a_gil_holding_call_is_reported_when_it_returns() -> None:
     """A C call that holds the GIL is seen once it returns, labelled holds_gil."""
-
-    async def backtracks(scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.monotonic()
-        size = 16
-        while time.monotonic() - started < 3 * THRESHOLD:
-            re.match(r"(a+)+$", "a" * size + "b")  # holds the GIL, longer each time
-            size += 1
-        await PlainTextResponse("ok")(scope, receive, send)
-
     events: list[BlockingEvent] = []
-    detector = BlockingDetectorMiddleware(backtracks, threshold=THRESHOLD, on_block=events.append)
+    detector = BlockingDetectorMiddleware(regex_app, threshold=THRESHOLD, on_block=events.append)
     try:
         await drive(detector, http_scope("/regex"))
         await settle(events)
@@ -165,7 +166,7 @@ async def test_a_gil_holding_call_is_reported_when_it_returns() -> None:
     assert events, "the stall went unreported"
     assert events[0].path == "/regex"
     assert events[0].location is not None
-    assert events[0].location.name == "backtracks"
+    assert events[0].location.name == "regex_app"
 
 
 async def test_websocket_sessions_are_watched_too() -> None:
@@ -193,6 +194,45 @@ async def test_blocking_outside_any_request_is_reported_without_one() -> None:
     (event,) = events
     assert (event.method, event.path, event.route) == (None, None, None)
     assert "outside requests" in event.describe()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
+async def test_the_watchdog_sleeps_while_the_loop_beats_on_time() -> None:
+    """On Linux the watchdog thread looks only when a beat is late: none in an idle second."""
+    detector, events = make()
+    async with LifespanManager(detector) as manager:
+        watchdog = detector._watchdog
+        assert watchdog.beat_period == detector.poll_interval / 2
+        await anyio.sleep(0.1)  # the first look, before the first beat, is behind us
+        looks = watchdog.looks
+        await anyio.sleep(1.0)
+        assert watchdog.looks - looks <= 1, "the watchdog kept waking up"  # not 50
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/users/1")).status_code == 200
+        await settle(events)
+    assert [e.route for e in events] == ["/users/{user_id}"]
+
+
+@pytest.mark.parametrize("path", ["/users/7", "/compute", "/regex"])
+async def test_without_the_alarm_the_watchdog_polls_and_still_reports(path: str) -> None:
+    """Where there is no timerfd the watchdog looks every poll interval: same reports."""
+    detector, events = make()
+    if path == "/regex":
+        detector.app = regex_app
+    detector._watchdog.use_alarm = False
+    try:
+        await drive(detector, http_scope(path))
+        await settle(events)
+        assert detector._watchdog.beat_period == THRESHOLD / 4
+    finally:
+        detector.stop()
+    (event,) = events
+    assert event.path == path
+    assert event.location is not None
+    assert event.location.filename == __file__
+    names = {"/users/7": "sleepy", "/compute": "computing", "/regex": "regex_app"}
+    assert event.location.name == names[path]
 
 
 async def test_lifespan_starts_and_stops_the_watchdog() -> None:

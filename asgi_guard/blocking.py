@@ -168,6 +168,13 @@ class BlockingDetectorMiddleware:
     def stop(self) -> None:
         """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
         self._unhook_unawaited()
+        heartbeat, self._heartbeat_task = self._heartbeat_task, None
+        if (
+            isinstance(heartbeat, asyncio.Task)
+            and threading.get_ident() == self._watchdog.loop_thread
+            and not heartbeat.done()
+        ):
+            heartbeat.cancel()  # a lazily started heartbeat would beat on until its loop ends
         self._watchdog.stop()
         self._dispatcher.stop()
         self._loop = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -233,6 +234,20 @@ async def test_without_the_alarm_the_watchdog_polls_and_still_reports(path: str)
     assert event.location.filename == __file__
     names = {"/users/7": "sleepy", "/compute": "computing", "/regex": "regex_app"}
     assert event.location.name == names[path]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stop_ends_a_lazily_started_heartbeat() -> None:
+    """Started by a request (no lifespan), the heartbeat task ends with stop()."""
+    detector, events = make()
+    await drive(detector, http_scope("/polite"))
+    heartbeat = detector._heartbeat_task
+    assert isinstance(heartbeat, asyncio.Task)
+    assert not heartbeat.done()
+    detector.stop()
+    await anyio.sleep(0.01)
+    assert heartbeat.done()
+    assert events == []
 
 
 async def test_lifespan_starts_and_stops_the_watchdog() -> None:

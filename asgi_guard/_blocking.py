@@ -17,13 +17,18 @@ registered when the request began; a step in a task the request spawned (a task 
 child, a streaming body Starlette runs in a task of its own) never meets that frame, so its
 task is looked up and the request read from the context the task inherited.
 
-When a C call holds the GIL, the watchdog cannot run at all: it notices on waking that it
-overslept, and reports the stall then, labelled ``holds_gil``, with the stack it finds.
+When a C call holds the GIL, the watchdog cannot run at all. On Linux, with the loop on the
+main thread, a *tap* (`_Tap`) makes the loop thread sample itself where such a call returns:
+a POSIX timer, pushed back at each beat, signals the watchdog thread, and CPython runs the
+handler on the main thread at its next bytecode boundary, before any other thread can take
+the GIL. A late handler's sample is reported, labelled ``holds_gil``. Without a tap the
+watchdog notices on waking that it overslept, and reports the stall with the stack it finds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -34,6 +39,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import sys
 import sysconfig
 import threading
@@ -224,7 +230,7 @@ class _Sample:
     loop thread run.
     """
 
-    __slots__ = ("lines", "request", "root", "top")
+    __slots__ = ("lines", "request", "root", "top", "via_tap")
 
     def __init__(self, top: FrameType | None, requests: dict[FrameType, Scope]) -> None:
         self.top = top
@@ -254,6 +260,8 @@ class _Sample:
         self.lines = lines
         self.request = request
         self.root = lines[-1][0] if lines else None
+        #: Taken while the loop thread ran the tap's handler (see `_Tap`).
+        self.via_tap = False
 
 
 class _Alarm:
@@ -279,6 +287,28 @@ class _Alarm:
             os.close(self.fd)
 
 
+@functools.cache
+def _itimerspec() -> Any:
+    """The C ``struct itimerspec`` (ctypes is imported only where a timer is made)."""
+    import ctypes
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    return Itimerspec
+
+
+def _once_in(delay: float) -> Any:
+    """An ``itimerspec`` that fires once, ``delay`` seconds from when it is set."""
+    seconds = int(delay)
+    spec = _itimerspec()()
+    spec.it_value.tv_sec, spec.it_value.tv_nsec = seconds, int((delay - seconds) * 1e9)
+    return spec
+
+
 def make_alarm(delay: float) -> _Alarm | None:
     """An `_Alarm`, or ``None`` where the platform has no ``timerfd`` (the watchdog then
     looks every poll interval)."""
@@ -299,31 +329,125 @@ def make_alarm(delay: float) -> _Alarm | None:
         return None
     import ctypes
 
-    class Timespec(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-    class Itimerspec(ctypes.Structure):
-        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         create, settime = libc.timerfd_create, libc.timerfd_settime
     except (AttributeError, OSError):  # pragma: no cover - an unusual C library
         return None
     create.argtypes = [ctypes.c_int, ctypes.c_int]
-    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Itimerspec), ctypes.c_void_p]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_itimerspec()), ctypes.c_void_p]
     fd = create(time.CLOCK_MONOTONIC, os.O_CLOEXEC)  # TFD_CLOEXEC is O_CLOEXEC
     if fd < 0:  # pragma: no cover
         return None
-    seconds = int(delay)
-    ahead = Itimerspec(Timespec(0, 0), Timespec(seconds, int((delay - seconds) * 1e9)))
-    at_once = Itimerspec(Timespec(0, 0), Timespec(0, 1000))
+    ahead, at_once = _once_in(delay), _once_in(1e-6)
     # Arguments prepared once: a push is a single foreign call.
     return _Alarm(
         fd,
         delay,
         functools.partial(settime, fd, 0, ctypes.byref(ahead), None),
         functools.partial(settime, fd, 0, ctypes.byref(at_once), None),
+    )
+
+
+class _Tap:
+    """A POSIX timer whose signal is delivered to the watchdog thread only, so that no
+    system call of the loop thread is ever interrupted. The signal still makes CPython run
+    the Python handler on the main thread (the loop's) at its next bytecode boundary, which
+    after a C call holding the GIL comes right when it returns, before any other thread can
+    take the GIL: the loop thread samples itself exactly where it went on."""
+
+    def __init__(
+        self,
+        signum: int,
+        previous: Any,
+        arm: Callable[[Any], object],
+        delete: Callable[[], object],
+        spec: Callable[[float], Any],
+    ) -> None:
+        self.signum = signum
+        self._previous = previous
+        self._arm = arm
+        self._delete = delete
+        self._spec = spec
+        self._specs: dict[float, Any] = {}
+
+    def arm(self, delay: float) -> None:
+        spec = self._specs.get(delay)
+        if spec is None:
+            spec = self._specs[delay] = self._spec(delay)
+        self._arm(spec)
+
+    def close(self) -> None:
+        """Delete the timer and give the signal back (SIG_IGN first: it discards one still
+        pending, whose default action would end the process)."""
+        self._delete()
+        with contextlib.suppress(ValueError, OSError):  # not on the main thread: keep ours
+            signal.signal(self.signum, signal.SIG_IGN)
+            signal.signal(self.signum, self._previous)
+
+
+def make_tap(thread_id: int, handler: Callable[[int, FrameType | None], None]) -> _Tap | None:
+    """A `_Tap` aimed at ``thread_id`` (a native thread id) running ``handler`` on the main
+    thread, or ``None``: not Linux, not called on the main thread, or no free real-time
+    signal."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+    signum = next(
+        (
+            n
+            for n in range(signal.SIGRTMAX - 1, signal.SIGRTMIN + 1, -1)
+            if signal.getsignal(n) == signal.SIG_DFL
+        ),
+        None,
+    )
+    if signum is None:
+        return None
+    import ctypes
+
+    pad = (64 - 2 * ctypes.sizeof(ctypes.c_int) - ctypes.sizeof(ctypes.c_void_p)) // 4 - 1
+
+    class Sigevent(ctypes.Structure):
+        _fields_ = [
+            ("sigev_value", ctypes.c_void_p),
+            ("sigev_signo", ctypes.c_int),
+            ("sigev_notify", ctypes.c_int),
+            ("sigev_notify_thread_id", ctypes.c_int),
+            ("pad", ctypes.c_int * pad),
+        ]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "timer_create"):  # pragma: no cover - glibc before 2.34
+        try:
+            libc = ctypes.CDLL("librt.so.1", use_errno=True)
+        except OSError:
+            return None
+    create, settime, delete = libc.timer_create, libc.timer_settime, libc.timer_delete
+    create.argtypes = [ctypes.c_int, ctypes.POINTER(Sigevent), ctypes.POINTER(ctypes.c_void_p)]
+    settime.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.POINTER(_itimerspec()),
+        ctypes.c_void_p,
+    ]
+    delete.argtypes = [ctypes.c_void_p]
+    previous = signal.signal(signum, handler)
+    event = Sigevent()
+    event.sigev_signo = signum
+    event.sigev_notify = 4  # SIGEV_THREAD_ID
+    event.sigev_notify_thread_id = thread_id
+    timer = ctypes.c_void_p()
+    if create(time.CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
+        signal.signal(signum, previous)  # pragma: no cover
+        return None
+
+    return _Tap(
+        signum,
+        previous,
+        lambda value: settime(timer, 0, value, None),
+        functools.partial(delete, timer),
+        lambda delay: ctypes.byref(_once_in(delay)),
     )
 
 
@@ -375,8 +499,20 @@ class Watchdog:
         self._alarm: _Alarm | None = None
         #: How many times the watchdog has looked at the loop thread (for tests).
         self.looks = 0
+        self._tap: _Tap | None = None
+        #: Late taps, appended by the loop thread: (when, tick, how late, sample).
+        self._taps: collections.deque[tuple[float, int, float, _Sample]] = collections.deque(
+            maxlen=64
+        )
+        self._tap_last: tuple[int, float, tuple[float, float]] | None = None
+        self._last_look_at = -math.inf
+        #: When the stall being reported was last seen (tests match reports to stalls).
+        self.seen_at = 0.0
         #: Whether to sleep on an alarm where the platform has one (tests turn it off).
         self.use_alarm = True
+        #: Whether to have the loop thread sample itself after late beats (main thread,
+        #: Linux; tests turn it off).
+        self.use_tap = True
         #: How often the loop beats (set by `start`): twice per poll interval with an
         #: alarm (the watchdog wakes when a beat is half a poll interval late), else every
         #: quarter threshold.
@@ -393,10 +529,40 @@ class Watchdog:
         alarm = self._alarm
         if alarm is not None:
             try:
-                alarm.push()
+                # A push resets a ring the tap's handler made and the watchdog has not
+                # woken to yet: while taps wait to be looked at, ring again instead.
+                alarm.ring() if self._taps else alarm.push()
+                tap = self._tap
+                if tap is not None:
+                    tap.arm(self.poll)
             except OSError:  # pragma: no cover - closed by a stop from another thread
                 return
             self.beat_cpu = (time.thread_time(), time.process_time())
+
+    def _tapped(self, signum: int, frame: FrameType | None) -> None:
+        """The tap's handler, on the loop (main) thread at a bytecode boundary, a poll
+        interval after the last beat (or the last tap): how late is it? Late by more than
+        the threshold, with the loop thread using the time itself, means a call that let
+        no bytecode run (a C call holding the GIL) has just returned here."""
+        now = time.monotonic()
+        cpu = (time.thread_time(), time.process_time())
+        tick, last = self.tick, self._tap_last
+        if last is not None and last[0] == tick:
+            due, before = last[1] + self.poll, last[2]
+        else:
+            due, before = self.beat_at + self.poll, self.beat_cpu
+        self._tap_last = (tick, now, cpu)
+        late = now - due
+        if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
+            self._taps.append((now, tick, late, _Sample(frame, self.requests)))
+            alarm = self._alarm
+            if alarm is not None:
+                with contextlib.suppress(OSError):
+                    alarm.ring()  # the watchdog may be asleep: have it look at this
+        tap = self._tap
+        if tap is not None:
+            with contextlib.suppress(OSError):
+                tap.arm(self.poll)  # again, while the loop does not beat
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -423,10 +589,22 @@ class Watchdog:
             target=self._run, args=(alarm,), name="asgi_guard-blocking-watchdog", daemon=True
         )
         self._thread.start()
+        if alarm is not None and self.use_tap and self._thread.native_id is not None:
+            try:
+                self._tap = make_tap(self._thread.native_id, self._tapped)
+            except (OSError, ValueError, AttributeError):  # pragma: no cover
+                self._tap = None
+            if self._tap is not None:
+                # Armed from now, as if a beat: a stall before the first beat is tapped too.
+                self._tap_last = (self.tick, time.monotonic(), self._cpu)
+                self._tap.arm(self.poll)
 
     def stop(self) -> None:
         self._stop.set()
         alarm, self._alarm = self._alarm, None
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.close()
         if alarm is not None:
             alarm.ring()  # the thread closes it on its way out
         thread, self._thread = self._thread, None
@@ -454,7 +632,11 @@ class Watchdog:
         # loop began after the last beat, so the alarm's look, one poll interval after
         # that beat, is as early as the schedule's would have been.
         while True:
-            if alarm is not None and time.monotonic() - self.beat_at < alarm.delay:
+            if (
+                alarm is not None
+                and time.monotonic() - self.beat_at < alarm.delay
+                and not self._taps  # a tap the loop recorded is looked at first
+            ):
                 alarm.wait()
                 if self._stop.is_set():
                     return
@@ -499,12 +681,51 @@ class Watchdog:
     def _sample(self) -> _Sample:
         thread = self.loop_thread
         top = sys._current_frames().get(thread) if thread is not None else None
+        if self._tap is not None:
+            # In the tap's handler (its bytecode let this thread in): the loop thread's
+            # own code is the frame the handler interrupted.
+            frame = top
+            for _ in range(8):
+                if frame is None:
+                    break
+                if frame.f_code is _TAPPED_CODE:
+                    sample = _Sample(frame.f_back, self.requests)
+                    sample.via_tap = True
+                    return sample
+                frame = frame.f_back
         return _Sample(top, self.requests)
 
+    def _report_taps(self, previous_look: float) -> None:
+        """Report the GIL-holding calls the loop thread's late taps found, each where it
+        ended (never where the loop went on after it)."""
+        taps = self._taps
+        while taps:
+            at, tick, late, sample = taps.popleft()
+            root = sample.root
+            if root is None or (root is self._reported_root and tick == self._reported_tick):
+                continue
+            switch = sys.getswitchinterval()
+            if at - late + 2 * switch < previous_look < at - 2 * switch:
+                continue  # this thread looked meanwhile: the GIL was free, not held
+            self._reported_root, self._reported_tick = root, tick
+            self.seen_at = at
+            self._emit(sample, late, holds_gil=True, kind="blocking_call")
+
     def _check(self, now: float, expected: float) -> None:
+        # Read first: once this thread runs Python it may hand the GIL back, and a tap's
+        # handler it came in through would then go on and change them.
+        tap_last, tick = self._tap_last, self.tick
+        tapped = self._tap is not None
         self.looks += 1
-        tick = self.tick
+        self.seen_at = now
+        if tapped:
+            self._report_taps(self._last_look_at)
+            self.seen_at = now
         sample = self._sample()
+        if not sample.via_tap:
+            # A look from outside the handler: the GIL was free then (`_report_taps`). The
+            # clock is read again: `now` may be older than a handler that ran meanwhile.
+            self._last_look_at = time.monotonic()
         root = sample.root
         (loop_before, all_before), self._cpu = self._cpu, self._cpu_times()
         overslept = now - expected
@@ -516,6 +737,26 @@ class Watchdog:
             if self._cpu_clock is not None and others >= overslept / 2:
                 # The loop was starved, not blocked by its own code: the step is timed
                 # again from now, the time it could not run does not count against it.
+                self._root, self._root_tick, self._root_since = root, tick, now
+                return
+            if tapped:
+                # Only what the loop thread's taps saw is reported: where it stood when
+                # the tap's handler let this thread in (right where a GIL-holding call
+                # returned), or what a late tap recorded (above). Any other stack may be
+                # the next step's. Whatever runs now is timed from now.
+                if (
+                    sample.via_tap
+                    and root is not None
+                    and not (root is self._reported_root and tick == self._reported_tick)
+                ):
+                    due = (
+                        tap_last[1] + self.poll
+                        if tap_last is not None and tap_last[0] == tick
+                        else self.beat_at + self.poll
+                    )
+                    if now - due > self.threshold:
+                        self._emit(sample, now - due, holds_gil=True, kind="blocking_call")
+                        self._reported_root, self._reported_tick = root, tick
                 self._root, self._root_tick, self._root_since = root, tick, now
                 return
             if (
@@ -551,17 +792,20 @@ class Watchdog:
         time.sleep(pause)
         second = self._sample()
         gil_wait = time.monotonic() - started - pause
+        via_tap = sample.via_tap and second.via_tap
         if second.root is not root or self.tick != tick:
             return  # it has just ended: never blame the frame that follows
         self._reported_root, self._reported_tick = root, tick
         # Python code computing holds the GIL until the interpreter's switch interval
-        # ends; a call that waits, or computes in C, lets this thread in at once.
+        # ends; a call that waits, or computes in C, lets this thread in at once. A C call
+        # holding the GIL lets it in only from the tap's handler, which it runs when it
+        # checks for signals (as json's encoder does): both looks came in that way.
         computing = gil_wait > sys.getswitchinterval() / 2
         self._emit(
             second,
             time.monotonic() - self._root_since,
-            holds_gil=False,
-            kind="cpu_bound" if computing else "blocking_call",
+            holds_gil=via_tap,
+            kind="blocking_call" if via_tap or not computing else "cpu_bound",
         )
 
     def never_awaited(self, frame: FrameType | None) -> None:
@@ -592,6 +836,9 @@ class Watchdog:
             kind=kind,
         )
         self._report(event)
+
+
+_TAPPED_CODE = Watchdog._tapped.__code__
 
 
 class Dispatcher:

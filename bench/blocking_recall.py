@@ -156,7 +156,7 @@ async def mixed_round(app: ASGIApp, lab: Lab, results: Results, seed: int) -> No
     results.mixed_reported += sum(
         path in blamed for path, case in zip(paths, cases, strict=True) if case.blocking
     )
-    results.wrong += misattributed(stalls, watched.emitted)
+    results.wrong += misattributed(stalls, watched.seen)
 
 
 async def run_backend(app: ASGIApp, lab: Lab, results: Results, passes: int, rounds: int) -> None:

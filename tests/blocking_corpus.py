@@ -1282,11 +1282,12 @@ def case_of(path: str | None) -> Case | None:
 def misattributed(
     stalls: Sequence[Stall], emitted: Sequence[tuple[float, BlockingEvent]]
 ) -> list[str]:
-    """Reports (with the time the watchdog emitted them) that name another request than the
-    one blocking the loop in the middle of the stall they measured, or a wrong route."""
+    """Reports (with the time the watchdog last saw their stall, `Watched.seen`) that name
+    another request than the one blocking the loop in the middle of the stall they
+    measured, or a wrong route."""
     wrong = []
-    for emitted_at, event in emitted:
-        guilty = culprit(stalls, emitted_at - event.duration / 2)
+    for seen_at, event in emitted:
+        guilty = culprit(stalls, seen_at - event.duration / 2)
         case = case_of(event.path)
         if guilty is None or guilty.path != event.path:
             wrong.append(f"blamed {event.path} ({event.route}), guilty {guilty and guilty.path}")
@@ -1341,11 +1342,15 @@ class Watched:
             app, threshold=THRESHOLD, on_block=self._on, follow_tasks=True
         )
         self.emitted: list[tuple[float, BlockingEvent]] = []
+        #: When the watchdog last saw each reported stall (for a GIL-holding call the loop
+        #: thread's own tap: its end), to match reports to stalls.
+        self.seen: list[tuple[float, BlockingEvent]] = []
         watchdog = self.detector._watchdog
         report = watchdog._report
 
         def stamped(event: BlockingEvent) -> None:
             self.emitted.append((time.monotonic(), event))
+            self.seen.append((watchdog.seen_at, event))
             report(event)
 
         watchdog._report = stamped

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import re
+import signal
 import sys
 import threading
 import time
@@ -248,6 +249,86 @@ async def test_stop_ends_a_lazily_started_heartbeat() -> None:
     await anyio.sleep(0.01)
     assert heartbeat.done()
     assert events == []
+
+
+def hold_the_gil(seconds: float) -> None:
+    """A C call that holds the GIL for about ``seconds`` (sum over a range, fitted with
+    calls far shorter than the threshold)."""
+    size = 100_000
+    while True:
+        started = time.perf_counter()
+        sum(range(size))
+        took = time.perf_counter() - started
+        if took >= THRESHOLD / 10:
+            break
+        size *= 2
+    sum(range(int(size * seconds / took)))  # the gil line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX timers are Linux's")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_tap_samples_where_a_gil_holding_call_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop thread samples itself right after a C call that held the GIL returns."""
+    detector, _ = make()
+    watchdog = detector._watchdog
+    # The watchdog looks at nothing, and keeps what the tap recorded.
+    monkeypatch.setattr(watchdog, "_check", lambda now, expected: None)
+    try:
+        await drive(detector, http_scope("/polite"))  # starts it; the tap is armed
+        assert watchdog._tap is not None
+        signum = watchdog._tap.signum
+        await anyio.sleep(3 * THRESHOLD)
+        hold_the_gil(4 * THRESHOLD)
+        await anyio.sleep(0)
+    finally:
+        detector.stop()
+    assert signal.getsignal(signum) == signal.SIG_DFL, "the signal was given back"
+    ((_, _, late, sample),) = watchdog._taps
+    assert late > THRESHOLD
+    frame, line = sample.lines[0]
+    assert frame.f_code.co_name == "hold_the_gil"
+    assert line in (line_of("# the gil line"), line_of("# the gil line") + 1)
+
+
+def test_no_tap_off_the_main_thread() -> None:
+    """Signal handlers run on the main thread only: a loop on another thread has no tap."""
+    from asgi_guard._blocking import make_tap
+
+    made: list[object] = []
+    thread = threading.Thread(target=lambda: made.append(make_tap(1, lambda s, f: None)))
+    thread.start()
+    thread.join()
+    assert made == [None]
+
+
+@pytest.mark.parametrize("use_tap", [True, False])
+async def test_gil_holding_calls_are_reported_with_and_without_the_tap(use_tap: bool) -> None:
+    """A C call holding the GIL for 4 thresholds: one report at its line, labelled."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        hold_the_gil(4 * THRESHOLD)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=events.append)
+    detector._watchdog.use_tap = use_tap
+    try:
+        await drive(detector, http_scope("/sum"))
+        await settle(events)
+        assert (detector._watchdog._tap is not None) == (
+            use_tap
+            and sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        )
+    finally:
+        detector.stop()
+    (event,) = events
+    assert event.holds_gil
+    assert event.path == "/sum"
+    assert event.location is not None
+    assert event.location.name == "hold_the_gil"
 
 
 async def test_lifespan_starts_and_stops_the_watchdog() -> None:

@@ -544,25 +544,29 @@ class Watchdog:
         interval after the last beat (or the last tap): how late is it? Late by more than
         the threshold, with the loop thread using the time itself, means a call that let
         no bytecode run (a C call holding the GIL) has just returned here."""
-        now = time.monotonic()
-        cpu = (time.thread_time(), time.process_time())
-        tick, last = self.tick, self._tap_last
-        if last is not None and last[0] == tick:
-            due, before = last[1] + self.poll, last[2]
-        else:
-            due, before = self.beat_at + self.poll, self.beat_cpu
-        self._tap_last = (tick, now, cpu)
-        late = now - due
-        if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
-            self._taps.append((now, tick, late, _Sample(frame, self.requests)))
-            alarm = self._alarm
-            if alarm is not None:
+        # It runs inside whatever code the loop thread was running: it must never raise.
+        try:
+            now = time.monotonic()
+            cpu = (time.thread_time(), time.process_time())
+            tick, last = self.tick, self._tap_last
+            if last is not None and last[0] == tick:
+                due, before = last[1] + self.poll, last[2]
+            else:
+                due, before = self.beat_at + self.poll, self.beat_cpu
+            self._tap_last = (tick, now, cpu)
+            late = now - due
+            if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
+                self._taps.append((now, tick, late, _Sample(frame, self.requests)))
+                alarm = self._alarm
+                if alarm is not None:
+                    with contextlib.suppress(OSError):
+                        alarm.ring()  # the watchdog may be asleep: have it look at this
+            tap = self._tap
+            if tap is not None:
                 with contextlib.suppress(OSError):
-                    alarm.ring()  # the watchdog may be asleep: have it look at this
-        tap = self._tap
-        if tap is not None:
-            with contextlib.suppress(OSError):
-                tap.arm(self.poll)  # again, while the loop does not beat
+                    tap.arm(self.poll)  # again, while the loop does not beat
+        except Exception:  # pragma: no cover - a bug here must not reach the app
+            return
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -292,6 +292,30 @@ async def test_the_tap_samples_where_a_gil_holding_call_returned(
     assert line in (line_of("# the gil line"), line_of("# the gil line") + 1)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX timers are Linux's")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_failing_tap_never_reaches_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tap's handler runs inside the app's code: an error in it is swallowed there."""
+    import asgi_guard._blocking as blocking
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        hold_the_gil(4 * THRESHOLD)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    class Broken:
+        def __init__(self, *args: object) -> None:
+            raise RuntimeError("a bug in the tap")
+
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD)
+    monkeypatch.setattr(detector._watchdog, "_check", lambda now, expected: None)
+    monkeypatch.setattr(blocking, "_Sample", Broken)
+    try:
+        response = await drive(detector, http_scope("/sum"))
+    finally:
+        detector.stop()
+    assert response.status == 200, response.body
+
+
 def test_no_tap_off_the_main_thread() -> None:
     """Signal handlers run on the main thread only: a loop on another thread has no tap."""
     from asgi_guard._blocking import make_tap

@@ -571,11 +571,6 @@ class Watchdog:
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
-    def tapped(self) -> bool:
-        """Whether the loop thread samples itself after late beats (see `_Tap`)."""
-        return self._tap is not None
-
-    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -125,29 +125,12 @@ class BlockingDetectorMiddleware:
 
     async def _heartbeat(self) -> None:
         watchdog = self._watchdog
-        loop = asyncio._get_running_loop()
         try:
-            if loop is None or not watchdog.tapped:
-                # A task that sleeps between beats (trio; or asyncio without a tap, where
-                # a beat one loop iteration later, after a stall, leaves the watchdog
-                # waiting for the GIL time to look before it).
-                while True:
-                    watchdog.beat()
-                    await anyio.sleep(watchdog.beat_period)
-            # asyncio with a tap: a timer callback, cheaper than a task waking up.
-            handle: asyncio.TimerHandle | None = None
-
-            def beat() -> None:
-                nonlocal handle
+            while True:
                 watchdog.beat()
-                handle = loop.call_later(watchdog.beat_period, beat)
-
-            beat()
-            try:
-                await anyio.sleep_forever()
-            finally:
-                if handle is not None:
-                    handle.cancel()
+                # A task, not a bare timer callback: a beat one loop iteration later after
+                # a stall leaves the watchdog, waiting for the GIL, time to look first.
+                await anyio.sleep(watchdog.beat_period)
         finally:
             # The loop is shutting down (or lifespan ended): without a heartbeat the
             # watchdog would take any long step of a later loop for a stall.

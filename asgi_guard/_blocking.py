@@ -360,22 +360,14 @@ class _Tap:
         self,
         signum: int,
         previous: Any,
-        arm: Callable[[Any], object],
+        arm: Callable[[], object],
         delete: Callable[[], object],
-        spec: Callable[[float], Any],
     ) -> None:
         self.signum = signum
         self._previous = previous
-        self._arm = arm
+        #: Sets the timer to fire once, its delay from now (one prepared foreign call).
+        self.arm = arm
         self._delete = delete
-        self._spec = spec
-        self._specs: dict[float, Any] = {}
-
-    def arm(self, delay: float) -> None:
-        spec = self._specs.get(delay)
-        if spec is None:
-            spec = self._specs[delay] = self._spec(delay)
-        self._arm(spec)
 
     def close(self) -> None:
         """Delete the timer and give the signal back (SIG_IGN first: it discards one still
@@ -386,10 +378,12 @@ class _Tap:
             signal.signal(self.signum, self._previous)
 
 
-def make_tap(thread_id: int, handler: Callable[[int, FrameType | None], None]) -> _Tap | None:
+def make_tap(
+    thread_id: int, handler: Callable[[int, FrameType | None], None], delay: float
+) -> _Tap | None:
     """A `_Tap` aimed at ``thread_id`` (a native thread id) running ``handler`` on the main
-    thread, or ``None``: not Linux, not called on the main thread, or no free real-time
-    signal."""
+    thread, armed ``delay`` ahead each time, or ``None``: not Linux, not called on the main
+    thread, or no free real-time signal."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not (
         threading.main_thread()
     ):
@@ -445,9 +439,8 @@ def make_tap(thread_id: int, handler: Callable[[int, FrameType | None], None]) -
     return _Tap(
         signum,
         previous,
-        lambda value: settime(timer, 0, value, None),
+        functools.partial(settime, timer, 0, ctypes.byref(_once_in(delay)), None),
         functools.partial(delete, timer),
-        lambda delay: ctypes.byref(_once_in(delay)),
     )
 
 
@@ -534,10 +527,16 @@ class Watchdog:
                 alarm.ring() if self._taps else alarm.push()
                 tap = self._tap
                 if tap is not None:
-                    tap.arm(self.poll)
+                    tap.arm()
             except OSError:  # pragma: no cover - closed by a stop from another thread
                 return
             self.beat_cpu = (time.thread_time(), time.process_time())
+
+    def _tap_due(self, last: tuple[int, float, tuple[float, float]] | None, tick: int) -> float:
+        """When the tap was due to run: a poll interval after its last run in this tick,
+        else after the last beat."""
+        start = last[1] if last is not None and last[0] == tick else self.beat_at
+        return start + self.poll
 
     def _tapped(self, signum: int, frame: FrameType | None) -> None:
         """The tap's handler, on the loop (main) thread at a bytecode boundary, a poll
@@ -549,10 +548,8 @@ class Watchdog:
             now = time.monotonic()
             cpu = (time.thread_time(), time.process_time())
             tick, last = self.tick, self._tap_last
-            if last is not None and last[0] == tick:
-                due, before = last[1] + self.poll, last[2]
-            else:
-                due, before = self.beat_at + self.poll, self.beat_cpu
+            due = self._tap_due(last, tick)
+            before = last[2] if last is not None and last[0] == tick else self.beat_cpu
             self._tap_last = (tick, now, cpu)
             late = now - due
             if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
@@ -564,7 +561,7 @@ class Watchdog:
             tap = self._tap
             if tap is not None:
                 with contextlib.suppress(OSError):
-                    tap.arm(self.poll)  # again, while the loop does not beat
+                    tap.arm()  # again, while the loop does not beat
         except Exception:  # pragma: no cover - a bug here must not reach the app
             return
 
@@ -595,13 +592,13 @@ class Watchdog:
         self._thread.start()
         if alarm is not None and self.use_tap and self._thread.native_id is not None:
             try:
-                self._tap = make_tap(self._thread.native_id, self._tapped)
+                self._tap = make_tap(self._thread.native_id, self._tapped, self.poll)
             except (OSError, ValueError, AttributeError):  # pragma: no cover
                 self._tap = None
             if self._tap is not None:
                 # Armed from now, as if a beat: a stall before the first beat is tapped too.
                 self._tap_last = (self.tick, time.monotonic(), self._cpu)
-                self._tap.arm(self.poll)
+                self._tap.arm()
 
     def stop(self) -> None:
         self._stop.set()
@@ -721,10 +718,9 @@ class Watchdog:
         tap_last, tick = self._tap_last, self.tick
         tapped = self._tap is not None
         self.looks += 1
-        self.seen_at = now
         if tapped:
             self._report_taps(self._last_look_at)
-            self.seen_at = now
+        self.seen_at = now
         sample = self._sample()
         if not sample.via_tap:
             # A look from outside the handler: the GIL was free then (`_report_taps`). The
@@ -753,11 +749,7 @@ class Watchdog:
                     and root is not None
                     and not (root is self._reported_root and tick == self._reported_tick)
                 ):
-                    due = (
-                        tap_last[1] + self.poll
-                        if tap_last is not None and tap_last[0] == tick
-                        else self.beat_at + self.poll
-                    )
+                    due = self._tap_due(tap_last, tick)
                     if now - due > self.threshold:
                         self._emit(sample, now - due, holds_gil=True, kind="blocking_call")
                         self._reported_root, self._reported_tick = root, tick

@@ -43,8 +43,10 @@ class BlockingDetectorMiddleware:
     Args:
         app: The ASGI app to watch.
         threshold: Report steps that hold the loop longer than this many seconds.
-        poll_interval: How often the watchdog looks (default: a fifth of ``threshold``).
-            A stall is reported within ``threshold + poll_interval`` of its start.
+        poll_interval: How late a heartbeat may be before the watchdog looks, and how
+            often it looks until the loop beats again (default: a fifth of ``threshold``;
+            where there is no Linux ``timerfd``, how often it looks). A stall is reported
+            within ``threshold + poll_interval`` of its start.
         on_block: Callbacks receiving every `BlockingEvent`, on a thread of their own
             (never the event loop's); one that raises is logged once, one that blocks
             delays only other callbacks.

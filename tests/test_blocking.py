@@ -321,7 +321,7 @@ def test_no_tap_off_the_main_thread() -> None:
     from asgi_guard._blocking import make_tap
 
     made: list[object] = []
-    thread = threading.Thread(target=lambda: made.append(make_tap(1, lambda s, f: None)))
+    thread = threading.Thread(target=lambda: made.append(make_tap(1, lambda s, f: None, 0.02)))
     thread.start()
     thread.join()
     assert made == [None]

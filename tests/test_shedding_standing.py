@@ -90,14 +90,11 @@ async def test_a_standing_queue_that_empties_stands_until_the_worker_has_room() 
     now = [0.0]
     limiter = limiter_at(now, 2)
     permits = hold(limiter, 2)
-    outcomes: dict[str, Permit | Refusal] = {}
-
-    async def wait(name: str) -> None:
-        outcomes[name] = await limiter.acquire(1)
+    waiters = Waiters(limiter, now)
+    outcomes = waiters.outcomes
 
     async with anyio.create_task_group() as group:
-        group.start_soon(wait, "first")
-        await until(lambda: limiter.queued == 1)
+        await waiters.queue(group, "first")
         now[0] = 2.0  # non-empty for longer than the interval
         assert limiter.standing(now[0])
         end(limiter, permits.pop(), now[0])  # the waiter takes the place: the queue empties
@@ -131,16 +128,11 @@ async def test_a_queue_served_within_the_target_is_not_standing() -> None:
     now = [0.0]
     limiter = limiter_at(now, 1, codel_target=0.5)
     (permit,) = hold(limiter, 1)
-    outcomes: dict[str, Permit | Refusal] = {}
-
-    async def wait(name: str) -> None:
-        outcomes[name] = await limiter.acquire(1)
+    waiters = Waiters(limiter, now)
+    outcomes = waiters.outcomes
 
     async with anyio.create_task_group() as group:
-        group.start_soon(wait, "a")
-        await until(lambda: limiter.queued == 1)
-        group.start_soon(wait, "b")
-        await until(lambda: limiter.queued == 2)
+        await waiters.queue(group, "a", "b")
         now[0] = 0.2
         end(limiter, permit, now[0])  # "a" is served after 0.2 s, within the 0.5 s target
         await until(lambda: "a" in outcomes)

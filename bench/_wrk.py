@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +115,12 @@ class Served:
     user_us: list[float] = field(default_factory=list)
     sys_us: list[float] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)
+    #: wrk's voluntary context switches per request: how often the client went idle and had
+    #: to be woken by a response.
+    client_wakes: list[float] = field(default_factory=list)
+    #: With ``measure(..., profile=True)``: the server's CPU µs per request spent in the
+    #: kernel waking the reader of its responses (samples under ``sock_def_readable``).
+    waking_us: list[float] = field(default_factory=list)
 
     if TYPE_CHECKING:
         # A field or a property of the subclass (not declared here: a dataclass would take
@@ -170,12 +179,24 @@ class Served:
     def run_wrk(self, threads: int, connections: int, duration: int) -> WrkRun:
         return run_wrk(self.label, self.port, threads, connections, duration, self.script)
 
-    def measure(self, threads: int, connections: int, duration: int) -> WrkRun:
-        """One wrk run, recorded, with the server's CPU time per request from /proc around it."""
+    def measure(
+        self, threads: int, connections: int, duration: int, *, profile: bool = False
+    ) -> WrkRun:
+        """One wrk run, recorded, with the server's CPU time per request from /proc around it
+        (and, with ``profile``, a ``perf record`` of the server during the run)."""
         assert self.proc is not None
+        recorder = _Recorder(self.proc.pid) if profile else None
         user0, sys0 = cpu_seconds(self.proc.pid)
-        run = self.run_wrk(threads, connections, duration)
-        user1, sys1 = cpu_seconds(self.proc.pid)
+        wakes0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
+        try:
+            run = self.run_wrk(threads, connections, duration)
+        finally:
+            wakes1 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
+            user1, sys1 = cpu_seconds(self.proc.pid)
+            share = recorder.finish() if recorder is not None else None
+        self.client_wakes.append((wakes1 - wakes0) / run.requests)
+        if share is not None:
+            self.waking_us.append(share * (user1 - user0 + sys1 - sys0) / run.requests * 1e6)
         self.rps.append(run.rps)
         self.p50.append(run.p50)
         self.p99.append(run.p99)
@@ -192,6 +213,41 @@ class Served:
             f"{self.user_us[-1]:.1f} user + {self.sys_us[-1]:.1f} sys µs/req, "
             f"{self.busy[-1]:.0f}% busy  {run.errors}".rstrip()
         )
+
+
+class _Recorder:
+    """``perf record`` of one process (call stacks, the software CPU clock), from creation
+    to ``finish()``, which returns the share of its samples spent waking the reader of a
+    socket it wrote to (``sock_def_readable`` on the stack)."""
+
+    def __init__(self, pid: int) -> None:
+        if shutil.which("perf") is None:
+            raise RuntimeError("perf is not on PATH (Debian: linux-perf)")
+        self.data = tempfile.NamedTemporaryFile(suffix=".perf")  # noqa: SIM115 - closed in finish()
+        self.proc = subprocess.Popen(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
+             "-o", self.data.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def finish(self) -> float:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        try:
+            script = subprocess.run(
+                ["perf", "script", "-i", self.data.name, "-F", "ip,sym"],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+        finally:
+            self.data.close()
+        samples = waking = 0
+        for stack in script.stdout.split("\n\n"):
+            if stack.strip():
+                samples += 1
+                waking += "sock_def_readable" in stack
+        if not samples:
+            raise RuntimeError(f"perf recorded nothing: {err.decode(errors='replace')[-500:]}")
+        return waking / samples
 
 
 def print_table(rows: list[list[str]], left: int = 1) -> None:

@@ -13,6 +13,12 @@ also on errors and Ctrl-C.
     python bench/ratelimit_wrk.py --app fastapi     # FastAPI instead of Starlette
     python bench/ratelimit_wrk.py --breakdown -d 5  # raw app: pass-through, headers, guard
     python bench/ratelimit_wrk.py --quick           # ~10 s smoke run
+    python bench/ratelimit_wrk.py --wakes           # also: the server's CPU spent waking wrk
+
+Every run also reports how often wrk had to be woken per request (its voluntary context
+switches). ``--wakes`` records each server with ``perf record`` during its runs and reports
+the server's CPU per request spent in the kernel waking wrk: when wrk shares the machine,
+a slower server leaves wrk idle more often, and waking an idle CPU costs the writer.
 """
 
 from __future__ import annotations
@@ -106,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="where the guarded server's time goes: five raw-app variants (use -d 5)",
     )
+    parser.add_argument(
+        "--wakes",
+        action="store_true",
+        help="perf record each server: CPU spent waking wrk (needs perf)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 2, 2, 1
@@ -113,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 1 and --duration between 1 and 60 seconds")
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH")
+    if args.wakes and shutil.which("perf") is None:
+        parser.error("--wakes needs perf on PATH")
 
     if args.breakdown:
         servers = [Server(label, target, headers) for label, target, headers in BREAKDOWN]
@@ -142,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 server.run_wrk(args.threads, args.connections, args.warmup)
         for r in range(args.rounds):
             for server in servers if r % 2 == 0 else servers[::-1]:
-                run = server.measure(args.threads, args.connections, args.duration)
+                run = server.measure(
+                    args.threads, args.connections, args.duration, profile=args.wakes
+                )
                 print(server.round_line(r, run, 24))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(timeout=5)
 
     print()
-    report(servers)
+    report(servers, wakes=args.wakes)
     base, last = servers[0], servers[-1]
     ratio = statistics.median(last.rps) / statistics.median(base.rps)
     added_user = statistics.median(last.user_us) - statistics.median(base.user_us)
@@ -170,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def report(servers: list[Server]) -> None:
+def report(servers: list[Server], *, wakes: bool) -> None:
     base = statistics.median(servers[0].rps)
     base_user = statistics.median(servers[0].user_us)
     rows = [
         ["server", "median req/s", "min", "max", f"/{servers[0].label}", "µs/req", "p50 ms",
          "p99 ms", "CPU user µs/req", f"user vs {servers[0].label}", "CPU sys µs/req",
-         "busy %", "runs"],
+         "busy %", "wrk wakes/req", *(["waking wrk µs/req"] if wakes else []), "runs"],
         *[
             [s.label, f"{statistics.median(s.rps):,.0f}", f"{min(s.rps):,.0f}",
              f"{max(s.rps):,.0f}", f"{statistics.median(s.rps) / base:.3f}",
@@ -185,7 +200,8 @@ def report(servers: list[Server]) -> None:
              f"{statistics.median(s.user_us):.1f}",
              f"{statistics.median(s.user_us) - base_user:+.1f}",
              f"{statistics.median(s.sys_us):.1f}",
-             f"{statistics.median(s.busy):.0f}", str(len(s.rps))]
+             f"{statistics.median(s.busy):.0f}", f"{statistics.median(s.client_wakes):.3f}",
+             *([f"{statistics.median(s.waking_us):.1f}"] if wakes else []), str(len(s.rps))]
             for s in servers
         ],
     ]  # fmt: skip

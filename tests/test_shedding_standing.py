@@ -149,15 +149,19 @@ async def test_a_queue_served_within_the_target_is_not_standing() -> None:
 async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters() -> None:
     """In a standing queue, waiters kept past the target are refused rather than served
     late, but not before the free places are filled, newest first: cutting first would
-    leave a place empty while requests wait."""
+    leave a place empty while requests wait. (Several wait in a standing queue only when
+    they queued while a lower class spared theirs, which keeps the whole queue.)"""
     now = [0.0]
-    limiter = limiter_at(now, 8, codel_target=0.5)  # standing: up to 4 wait, 0.5 s each
+    limiter = limiter_at(now, 8, codel_target=0.5)
     permits = hold(limiter, 8)
     waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
         await waiters.stand_then_empty(group, permits)
+        limiter._arrivals[3] = now[0]  # a sheddable request arrives: class 1 is spared
+        assert limiter.queue_capacity(now[0], 1) == 8
         await waiters.queue(group, "oldest", "middle", "newest", step=0.1)
-        now[0] = 3.0  # all three have waited past the target
+        now[0] = 4.0  # past the target, and no sheddable request for an interval
+        assert limiter.queue_capacity(now[0], 1) == 1
         end(limiter, permits.pop(), now[0])
         await until(lambda: len(waiters.outcomes) == 4)
     outcomes = waiters.outcomes
@@ -193,18 +197,23 @@ async def test_waiters_of_a_burst_keep_their_wait_when_the_queue_turns_standing(
     assert isinstance(outcomes["b2"], Permit)
 
 
-async def test_in_a_standing_queue_a_newcomer_pushes_out_the_oldest_of_its_class() -> None:
-    """Once standing, the short queue is newest first: a newcomer finding it full pushes
-    out the oldest waiter that joined during the standing state."""
+async def test_in_a_standing_queue_one_waits_and_newcomers_are_refused_at_arrival() -> None:
+    """Once standing, the queue keeps one waiter, ready for the next place that frees; a
+    newcomer of its class is refused at once instead of pushing it out (a waiter pushed
+    out is refused only when the next request comes, and a loop iteration later)."""
     now = [0.0]
-    limiter = limiter_at(now, 2, codel_target=0.5)  # standing: up to 2 wait, 0.5 s each
+    limiter = limiter_at(now, 2, codel_target=0.5)
     permits = hold(limiter, 2)
     waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
         await waiters.stand_then_empty(group, permits)
-        await waiters.queue(group, "x", "y")
-        group.start_soon(waiters._wait, "z")
+        assert limiter.queue_capacity(now[0], 1) == 1
+        await waiters.queue(group, "x")
+        with anyio.fail_after(0.5):
+            assert await limiter.acquire(1) == "queue_full"  # at arrival, not after waiting
+        assert limiter.queued == 1
+        assert "x" not in waiters.outcomes
+        end(limiter, permits.pop(), now[0])
         await until(lambda: "x" in waiters.outcomes)
-        assert waiters.outcomes["x"] == "pushed_out"
-        assert limiter.queued == 2
-        group.cancel_scope.cancel()
+    assert isinstance(waiters.outcomes["x"], Permit)
+    assert limiter.counts["pushed_out"] == 0

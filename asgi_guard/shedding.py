@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from ._clock import Clock, MonotonicClock
 from ._deadline import _check_seconds, _is_number, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
+from ._pacing import Pacer
 from ._paths import Exemptions, ExemptSpec, compile_template
 from ._problem import (
     TEMPORARY_REDUCED_CAPACITY,
@@ -104,6 +106,10 @@ class LoadSheddingMiddleware:
         retry_after: The base of ``Retry-After`` in seconds.
         response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
         on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request).
+        pace: While other requests are in the application, start an admitted request in
+            an event-loop iteration of its own, after the requests that arrived
+            meanwhile: those are refused (or queued) first, instead of waiting behind a
+            batch of handlers (asyncio; trio is not paced).
         clock: The clock (tests).
 
     Raises:
@@ -138,9 +144,12 @@ class LoadSheddingMiddleware:
         response: ResponseFactory | None = None,
         on_event: Callable[[LoadSheddingEvent], None]
         | Sequence[Callable[[LoadSheddingEvent], None]] = (),
+        pace: bool = True,
         clock: Clock | None = None,
     ) -> None:
         self.app = app
+        if not isinstance(pace, bool):
+            raise ConfigurationError(f"pace is True or False, got {pace!r}")
         algorithm = Adaptive() if limit is None else as_algorithm(limit)
         check_queue_options(max_queue, queue_timeout)
         _check_seconds(codel_target, "codel_target")
@@ -227,13 +236,16 @@ class LoadSheddingMiddleware:
         self._reported_limit = algorithm.limit
         self._loop: object = None
         self._ticker: object = None
+        self._pace = pace
+        self._pacer: Pacer | None = None
 
     # -- state --------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """What the guard knows now, for metrics and tests: ``limit``, ``inflight``,
         ``queued``, ``queue_delay`` (s), ``loop_lag`` (s), ``rtt`` (s), ``shedding``,
-        ``trigger``, the algorithm's own state, and counts of admissions and refusals."""
+        ``trigger``, the algorithm's own state, counts of admissions and refusals, and
+        ``paced``: how many starts were held for an iteration of their own."""
         limiter = self.limiter
         return {
             "limit": limiter.limit,
@@ -246,6 +258,7 @@ class LoadSheddingMiddleware:
             "trigger": self._triggered,
             "algorithm": dict(limiter.algorithm.state()),
             "counts": dict(limiter.counts),
+            "paced": self._pacer.paced if self._pacer is not None else 0,
         }
 
     # -- the ticker ---------------------------------------------------------------------------
@@ -324,8 +337,14 @@ class LoadSheddingMiddleware:
         )
         emit(event, self._handlers, self._callback_guard, level, message)
 
-    def _start(self, loop: object) -> None:
+    def _bind(self, loop: object) -> None:
+        """Serve on ``loop`` (with a pacer of its own, on asyncio)."""
         self._loop = loop
+        asyncio_loop = loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+        self._pacer = Pacer(asyncio_loop) if self._pace and asyncio_loop is not None else None
+
+    def _start(self, loop: object) -> None:
+        self._bind(loop)
 
         async def tick_until_the_loop_ends() -> None:
             try:
@@ -339,7 +358,7 @@ class LoadSheddingMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         error: Exception | None = None
         async with anyio.create_task_group() as group:
-            self._loop = current_loop()
+            self._bind(current_loop())
             group.start_soon(self._tick)
             try:
                 await self.app(scope, receive, send)
@@ -422,6 +441,9 @@ class LoadSheddingMiddleware:
             return
         dropped = False
         try:
+            pacer = self._pacer
+            if pacer is not None and limiter.inflight > 1:
+                await pacer.start()  # others are in the application: an iteration of its own
             await self.app(scope, receive, send)
         except BaseException:
             record = scope.get("asgi_guard")

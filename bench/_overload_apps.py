@@ -26,6 +26,7 @@ for them (a module ``__getattr__``), so ``unguarded`` imports without ``asgi_gua
 load shedding:
 
 * ``shed_default``: ``limit=None``, the default adaptive algorithm;
+* ``shed_unpaced``: the same with ``pace=False`` (admitted requests start unpaced);
 * ``shed_fixed``: ``limit=N``, ``N`` from ``SHED_FIXED_LIMIT`` (default 8);
 * ``shed_aimd``, ``shed_vegas``, ``shed_gradient2``: ``limit=AIMD(**kw)`` and so on, ``kw``
   a JSON object from ``SHED_ALGORITHM_KWARGS`` (default ``{}``: the algorithm's defaults);
@@ -239,6 +240,7 @@ def _shed_priority() -> FastAPI:
 
 _GUARDED = {
     "shed_default": lambda: build_guarded(limit=None),
+    "shed_unpaced": lambda: build_guarded(limit=None, pace=False),
     "shed_fixed": lambda: build_guarded(limit=int(os.environ.get("SHED_FIXED_LIMIT") or 8)),
     "shed_aimd": lambda: build_guarded(limit=_algorithm("AIMD")),
     "shed_vegas": lambda: build_guarded(limit=_algorithm("Vegas")),

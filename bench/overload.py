@@ -28,7 +28,8 @@ Variants: ``none`` (no guard); ``uvicorn`` (``--limit-concurrency N``, the N amo
 ``--uvicorn-limits`` with the best goodput at 4x C; uvicorn counts open connections as well
 as tasks, and its 503 closes the connection, so each refusal costs the client a new one);
 ``fixed`` (``LoadSheddingMiddleware(limit=8)``, default
-queue); ``default`` (``limit=None``); ``aimd``, ``vegas``, ``gradient2`` (those algorithms
+queue); ``default`` (``limit=None``); ``unpaced`` (the default with ``pace=False``);
+``aimd``, ``vegas``, ``gradient2`` (those algorithms
 with their defaults). Scenarios, each variant in turn:
 
 * rates: 0.5x, 0.8x, 1x, 2x, 4x and 8x C for ``--duration`` s (7), the first second left
@@ -116,19 +117,20 @@ from loadgen import (
 )
 
 RATES = (0.5, 0.8, 1.0, 2.0, 4.0, 8.0)
-VARIANTS = ("none", "uvicorn", "fixed", "default", "aimd", "vegas", "gradient2")
+VARIANTS = ("none", "uvicorn", "fixed", "default", "unpaced", "aimd", "vegas", "gradient2")
 SCENARIOS = ("rates", "step", "priority", "overhead")
 TARGETS = {
     "none": "bench._overload_apps:unguarded",
     "uvicorn": "bench._overload_apps:unguarded",
     "fixed": "bench._overload_apps:shed_fixed",
     "default": "bench._overload_apps:shed_default",
+    "unpaced": "bench._overload_apps:shed_unpaced",
     "aimd": "bench._overload_apps:shed_aimd",
     "vegas": "bench._overload_apps:shed_vegas",
     "gradient2": "bench._overload_apps:shed_gradient2",
     "priority": "bench._overload_apps:shed_priority",
 }
-GUARDED = frozenset({"fixed", "default", "aimd", "vegas", "gradient2", "priority"})
+GUARDED = frozenset({"fixed", "default", "unpaced", "aimd", "vegas", "gradient2", "priority"})
 
 #: The targets (for the default configuration).
 GOODPUT_4X = 0.85  # of C

@@ -106,10 +106,10 @@ class LoadSheddingMiddleware:
         retry_after: The base of ``Retry-After`` in seconds.
         response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
         on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request).
-        pace: While other requests are in the application, start an admitted request in
-            an event-loop iteration of its own, after the requests that arrived
-            meanwhile: those are refused (or queued) first, instead of waiting behind a
-            batch of handlers (asyncio; trio is not paced).
+        pace: While other requests are in the application, start admitted requests one
+            per event-loop iteration (every other iteration), after the requests that
+            arrived meanwhile: those are refused (or queued) first, instead of waiting
+            behind a batch of handlers (asyncio; trio is not paced).
         clock: The clock (tests).
 
     Raises:

@@ -106,10 +106,10 @@ class LoadSheddingMiddleware:
         retry_after: The base of ``Retry-After`` in seconds.
         response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
         on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request).
-        pace: While other requests are in the application, start admitted requests one
-            per event-loop iteration (every other iteration), after the requests that
-            arrived meanwhile: those are refused (or queued) first, instead of waiting
-            behind a batch of handlers (asyncio; trio is not paced).
+        pace: At the limit, start admitted requests one per event-loop iteration (every
+            other iteration), after the requests that arrived meanwhile: those are
+            refused (or queued) first, instead of waiting behind a batch of handlers
+            (asyncio; trio is not paced).
         clock: The clock (tests).
 
     Raises:
@@ -442,8 +442,9 @@ class LoadSheddingMiddleware:
         dropped = False
         try:
             pacer = self._pacer
-            if pacer is not None and limiter.inflight > 1:
-                await pacer.start()  # others are in the application: an iteration of its own
+            if pacer is not None and limiter.inflight >= limiter.limit > 1:
+                # It took the last place: others may be refused meanwhile. They go first.
+                await pacer.start()
             await self.app(scope, receive, send)
         except BaseException:
             record = scope.get("asgi_guard")

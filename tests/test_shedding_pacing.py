@@ -60,62 +60,52 @@ async def drive_together(app: Any, *paths: str) -> list[Driven]:
     return list(await asyncio.gather(*(drive(app, http_scope(path)) for path in paths)))
 
 
-@pytest.mark.parametrize("lifespan", [True, False], ids=["lifespan", "lazy"])
-async def test_admitted_requests_start_one_per_iteration_while_others_run(lifespan: bool) -> None:
+async def test_a_start_that_takes_the_last_place_is_held_an_iteration() -> None:
+    """Limit 2, two requests at once: "/a" starts; "/b" takes the last place and starts
+    in a later iteration (unpaced, both would start back to back)."""
     recorder = Recorder()
-    shedder = LoadSheddingMiddleware(recorder, limit=4, max_queue=0)
-    if lifespan:
-        async with LifespanManager(shedder):
-            results = await drive_together(shedder, "/a", "/b", "/c")
-    else:
-        results = await drive_together(shedder, "/a", "/b", "/c")
-    assert [r.status for r in results] == [200, 200, 200]
+    shedder = LoadSheddingMiddleware(recorder, limit=2)
+    results = await drive_together(shedder, "/a", "/b")
+    assert [r.status for r in results] == [200, 200]
     assert recorder.events == [
         ("start", "/a"),
         ("next iteration", "/a"),
         ("start", "/b"),
         ("next iteration", "/b"),
-        ("start", "/c"),
-        ("next iteration", "/c"),
     ]
-    assert shedder.state()["paced"] == 2  # "/a" was alone: not held
+    assert shedder.state()["paced"] == 1
 
 
-async def test_between_two_held_starts_an_iteration_runs_without_one() -> None:
-    """After a held start, the next waits an iteration more: a start runs before the I/O
-    of its iteration, and the requests that arrived during it must be scheduled (in the
-    next iteration) ahead of the next start."""
-    events: list[tuple[str, str]] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        name = scope["path"]
-        events.append(("start", name))
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, events.append, ("two iterations later", name))
-        await asyncio.sleep(0.01)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    shedder = LoadSheddingMiddleware(app, limit=4, max_queue=0)
-    await drive_together(shedder, "/a", "/b", "/c")
-    assert events.index(("two iterations later", "/b")) < events.index(("start", "/c")), events
-
-
-async def test_without_pacing_the_starts_run_back_to_back() -> None:
+async def test_below_the_limit_nothing_is_held() -> None:
     recorder = Recorder()
-    shedder = LoadSheddingMiddleware(recorder, limit=4, max_queue=0, pace=False)
+    shedder = LoadSheddingMiddleware(recorder, limit=4)
     await drive_together(shedder, "/a", "/b", "/c")
     assert [e for e, _ in recorder.events[:3]] == ["start"] * 3
     assert shedder.state()["paced"] == 0
 
 
-async def test_a_request_that_arrives_meanwhile_is_refused_before_a_held_start() -> None:
-    """Limit 2, no queue: "/a" and "/b" are admitted together, "/b" is held; "/c",
-    created while "/a" starts, is refused in the next iteration, before "/b" starts."""
+async def test_without_pacing_starts_at_the_limit_run_back_to_back() -> None:
+    recorder = Recorder()
+    shedder = LoadSheddingMiddleware(recorder, limit=2, pace=False)
+    await drive_together(shedder, "/a", "/b")
+    assert [e for e, _ in recorder.events[:2]] == ["start"] * 2
+    assert shedder.state()["paced"] == 0
+
+
+@pytest.mark.parametrize("lifespan", [True, False], ids=["lifespan", "lazy"])
+async def test_a_request_that_arrives_meanwhile_is_refused_before_a_held_start(
+    lifespan: bool,
+) -> None:
+    """Limit 2, no queue: "/a" and "/b" are admitted together, "/b" (the last place) is
+    held; "/c", created while "/a" starts, is refused in the next iteration, before "/b"
+    starts. (With or without lifespan: both give the middleware its loop.)"""
     events: list[str] = []
     tasks: list[asyncio.Task[Driven]] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await Recorder()(scope, receive, send)
+            return
         events.append(f"start {scope['path']}")
         if scope["path"] == "/a":
             tasks.append(asyncio.get_running_loop().create_task(refused_c()))
@@ -130,10 +120,37 @@ async def test_a_request_that_arrives_meanwhile_is_refused_before_a_held_start()
         events.append(f"{driven.status} /c")
         return driven
 
-    await drive_together(shedder, "/a", "/b")
+    if lifespan:
+        async with LifespanManager(shedder):
+            await drive_together(shedder, "/a", "/b")
+    else:
+        await drive_together(shedder, "/a", "/b")
     (c,) = await asyncio.gather(*tasks)
     assert c.status == 503
     assert events.index("503 /c") < events.index("start /b"), events
+    assert shedder.state()["paced"] == 1
+
+
+async def test_held_starts_go_one_per_iteration_with_an_iteration_between() -> None:
+    """Each timer lets one start through, and after it one iteration passes without a
+    start: a start runs before the I/O of its iteration, and the requests that arrived
+    during it must be scheduled (in the next iteration) ahead of the next start."""
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(loop)
+    events: list[str] = []
+
+    async def held(name: str) -> None:
+        await pacer.start()
+        events.append(f"start {name}")
+        loop.call_soon(events.append, f"1 iteration after {name}")
+        loop.call_soon(loop.call_soon, events.append, f"2 iterations after {name}")
+
+    await asyncio.gather(held("a"), held("b"), held("c"))
+    assert events.index("1 iteration after a") < events.index("start b")
+    assert events.index("2 iterations after a") < events.index("start b")
+    assert events.index("2 iterations after b") < events.index("start c")
+    assert pacer.paced == 3
+    assert pacer.waiting == 0
 
 
 async def test_a_held_start_that_is_cancelled_leaves_nothing_behind() -> None:

@@ -31,6 +31,13 @@ from collections import deque
 
 __all__ = ["Pacer"]
 
+#: The most starts held at once; past it the oldest goes at once. Pacing is for a few
+#: expensive starts at a time (a CPU-bound worker's limit is small); an I/O-bound app at a
+#: large limit frees many places per iteration, and holding them all, one start per two
+#: iterations, would cut its throughput several times over (a review measured, in process,
+#: limit 64 and 30 µs handlers with 256 clients: 7.5k -> 1.5k requests/s before this cap).
+MAX_HELD = 4
+
 
 class Pacer:
     """One per middleware and event loop: `start` holds an admitted request until an
@@ -55,7 +62,10 @@ class Pacer:
         """Return in a later iteration, after that iteration's new arrivals, and after the
         starts held before this one (one per iteration)."""
         future = self._loop.create_future()
-        self._waiting.append(future)
+        waiting = self._waiting
+        if len(waiting) >= MAX_HELD:
+            self._release(waiting)  # the oldest goes now
+        waiting.append(future)
         self.paced += 1
         if not self._scheduled:
             self._schedule()
@@ -90,11 +100,19 @@ class Pacer:
 
     def _let_one_through(self) -> None:
         waiting = self._waiting
-        while waiting:
-            future = waiting.popleft()
-            if not future.done():  # a cancelled one is skipped
-                future.set_result(None)
-                self._rest = True
-                break
+        if self._release(waiting):
+            self._rest = True
+        else:
+            self._rest = False  # nobody held: the next start needs no pause before it
         if waiting and not self._scheduled:
             self._schedule()
+
+    @staticmethod
+    def _release(waiting: deque[asyncio.Future[None]]) -> bool:
+        """Let the oldest held start go (skipping cancelled ones); whether one went."""
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+                return True
+        return False

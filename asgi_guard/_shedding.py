@@ -189,7 +189,7 @@ class ConcurrencyLimiter:
 
     def standing(self, now: float) -> bool:
         """Whether a standing queue has formed: not empty for a whole interval. A standing
-        queue that empties still stands until more requests than the limit have been
+        queue that empties still stands until more requests than twice the limit have been
         admitted without waiting: under overload, completions come in batches and leave
         the short queue of a standing state empty with places free, which the next
         arrivals fill; only a worker with room to spare admits more than that. (Ending it
@@ -200,7 +200,7 @@ class ConcurrencyLimiter:
         return self._still_standing()
 
     def _still_standing(self) -> bool:
-        """The queue is empty, stood when it emptied, and no more than the limit were
+        """The queue is empty, stood when it emptied, and no more than twice the limit were
         admitted since."""
         return (
             self._emptied_at - self._empty_since_or_at > self._interval()
@@ -307,8 +307,17 @@ class ConcurrencyLimiter:
             return Permit(priority, now, self.inflight, waited)
         return waiter.refusal or "queue_timeout"
 
-    def release(self, permit: Permit, *, dropped: bool = False) -> None:
-        """The request has left the application: learn from it and admit the next."""
+    def started(self, permit: Permit) -> None:
+        """The request reaches the application now (after a wait of its own since it was
+        admitted): its time in the application counts from here."""
+        permit.admitted = self._clock()
+
+    def release(self, permit: Permit, *, dropped: bool = False, learn: bool = True) -> None:
+        """The request has left the application: learn from it (unless ``learn`` is false:
+        it never reached the application) and admit the next."""
+        if not learn:
+            self._free(permit.priority)
+            return
         now = self._clock()
         rtt = now - permit.admitted
         # Quick to follow slower requests (CoDel's waits scale with them), slow to forget.

@@ -440,11 +440,15 @@ class LoadSheddingMiddleware:
             await self._websocket(permit, scope, receive, send)
             return
         dropped = False
+        reached = True
         try:
             pacer = self._pacer
             if pacer is not None and limiter.inflight >= limiter.limit > 1:
                 # It took the last place: others may be refused meanwhile. They go first.
+                reached = False
                 await pacer.start()
+                limiter.started(permit)  # the hold is not time in the application
+                reached = True
             await self.app(scope, receive, send)
         except BaseException:
             record = scope.get("asgi_guard")
@@ -452,7 +456,7 @@ class LoadSheddingMiddleware:
             dropped = budget is not None and budget.fired == "deadline"
             raise
         finally:
-            limiter.release(permit, dropped=dropped)
+            limiter.release(permit, dropped=dropped, learn=reached)
 
     async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket counts only until its handshake is answered: a long-lived

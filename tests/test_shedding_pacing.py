@@ -17,8 +17,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
 
-from asgi_guard import ConfigurationError, LoadSheddingMiddleware
-from asgi_guard._pacing import Pacer
+from asgi_guard import ConfigurationError, LoadSheddingMiddleware, ManualClock
+from asgi_guard._pacing import MAX_HELD, Pacer
 
 from .asgi_driver import Driven, drive, http_scope
 
@@ -150,6 +150,73 @@ async def test_held_starts_go_one_per_iteration_with_an_iteration_between() -> N
     assert events.index("2 iterations after a") < events.index("start b")
     assert events.index("2 iterations after b") < events.index("start c")
     assert pacer.paced == 3
+    assert pacer.waiting == 0
+
+
+class Recording:
+    """A fixed limit of 2 that records the samples it is given."""
+
+    def __init__(self) -> None:
+        self.limit = 2
+        self.samples: list[float] = []
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> None:
+        self.samples.append(rtt)
+
+    def on_lag(self, now: float, lag: float) -> None:
+        pass
+
+    def state(self) -> dict[str, float]:
+        return {"limit": self.limit}
+
+
+async def test_the_hold_is_not_time_in_the_application() -> None:
+    """The algorithms learn from time in the application: a held start's clock starts
+    when it is let through (the manual clock jumps 1 s while "/b" is held)."""
+    clock = ManualClock()
+    algorithm = Recording()
+    shedder = LoadSheddingMiddleware(Recorder(), limit=algorithm, clock=clock)
+    both = asyncio.gather(*(drive(shedder, http_scope(p)) for p in ("/a", "/b")))
+    await asyncio.sleep(0)  # both admitted; "/b", at the limit, is held
+    assert shedder._pacer is not None
+    assert shedder._pacer.waiting == 1
+    clock.advance(1.0)
+    await both
+    assert sorted(algorithm.samples) == [0.0, 1.0]  # "/b": 0 s in the app, "/a": 1 s
+
+
+async def test_a_request_cancelled_while_held_teaches_nothing_and_frees_its_place() -> None:
+    algorithm = Recording()
+    shedder = LoadSheddingMiddleware(Recorder(), limit=algorithm)
+    first = asyncio.ensure_future(drive(shedder, http_scope("/a")))
+    held = asyncio.ensure_future(drive(shedder, http_scope("/b")))
+    await asyncio.sleep(0)
+    assert shedder._pacer is not None
+    assert shedder._pacer.waiting == 1
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    await first
+    assert len(algorithm.samples) == 1  # "/a" only
+    assert shedder.limiter.inflight == 0
+    assert shedder._pacer.waiting == 0
+
+
+async def test_at_most_a_few_starts_are_held_at_once() -> None:
+    """Past `MAX_HELD` held starts, the oldest goes at once (an I/O-bound app at a large
+    limit frees many places per iteration; holding them all would cut its throughput)."""
+    pacer = Pacer(asyncio.get_running_loop())
+    order: list[int] = []
+
+    async def held(n: int) -> None:
+        await pacer.start()
+        order.append(n)
+
+    tasks = [asyncio.ensure_future(held(n)) for n in range(MAX_HELD + 1)]
+    await asyncio.sleep(0)  # all have asked
+    assert pacer.waiting == MAX_HELD
+    await asyncio.gather(*tasks)
+    assert order == list(range(MAX_HELD + 1))
     assert pacer.waiting == 0
 
 

@@ -53,14 +53,17 @@ with their defaults). Scenarios, each variant in turn:
   2.2 ms a request varies by a few percent from one process to the next (more than the
   30 µs looked for, even with the same rounds and ``PYTHONHASHSEED=0`` in every server).
 
-Per run: goodput (2xx within the SLO per second) and goodput/C, 2xx p50/p99, rejection
-(503) p50/p99 and the share answered within 5 ms, the rejected share, client timeouts by
-phase (connecting, waiting for a pool connection, waiting for the response), other errors,
-new connections, late sends (dispatched > 1 ms after their time; over 1%: INVALID), the
-server's CPU per response and in all (% of a core: 100% is saturation), the guard's limit (polled
+Per run: goodput (2xx within the SLO per second) and goodput/C, 2xx p50/p99, rejection (503)
+p50/p99 and the share answered within 5 ms, the rejected share, client timeouts by phase
+(connecting, waiting for a pool connection, waiting for the response), other errors, new
+connections, late sends (dispatched > 1 ms after their time; over 1%: INVALID), the server's
+CPU per response and in all (% of a core: 100% is saturation), the guard's limit (polled
 from ``GET /state`` twice a second: its range, and where it ended) and its refusals by
-reason, and the CPU other processes used (a run where they used over 10% of a core is
-flagged "busy"). Targets, PASS/FAIL for ``default`` (a check matrix for every
+reason, the CPU other processes used (a run where they used over 10% of a core is flagged
+"busy"), and the machine's speed over the run against the calibration's (a canary loop timed
+twice a second, ``bench/_machine.py``; off by more than 25%: "DRIFT", since the capacity C
+no longer holds: these VMs have run the same loop at half speed for seconds at a time, with
+nothing else running). Targets, PASS/FAIL for ``default`` (a check matrix for every
 variant): at 4x C goodput >= 85% of C and 2xx p99 <= SLO; at 2x goodput >= 90% of C;
 rejection p99 <= 5 ms (the worst over the runs with at least 20 rejections); rejections at
 0.8x < 0.1%; step up: back within the SLO in <= 2 s; step down: failures < 1% within 3 s;
@@ -95,7 +98,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _machine import Watch
+from _machine import DRIFT, Watch, drift
 from _wrk import print_table
 from loadgen import (
     REJECTIONS,
@@ -174,6 +177,9 @@ class Settings:
     server_env: dict[str, str]
     wait_others: float
     capacity_note: str = ""
+    #: The canary's median CPU seconds during the calibration (or the first run): what the
+    #: machine's speed over each run is compared with (``_machine``).
+    canary: float = math.nan
 
 
 @dataclass(kw_only=True)
@@ -367,6 +373,13 @@ class Run:
     note: str = ""
     #: (seconds into the run, approximately, state) from ``GET /state`` during the run
     samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    #: The machine's speed over the run against the calibration's (1: the same)
+    speed: float = math.nan
+
+    @property
+    def drifted(self) -> str:
+        """A flag if the machine ran this run at another speed than its calibration."""
+        return drift(self.speed)
 
     @property
     def result(self) -> LoadResult:
@@ -378,7 +391,8 @@ class Run:
 
     def report(self, line: str) -> None:
         """Print ``line`` with the machine's state over the run, then the loads' warnings."""
-        print(f"  {line}; {self.watch}" + ("  [BUSY]" if self.busy else ""))
+        flags = ("  [BUSY]" if self.busy else "") + (f"  [{self.drifted}]" if self.drifted else "")
+        print(f"  {line}; {self.watch}; speed x{self.speed:.2f}{flags}")
         for result in self.results:
             for warning in result.warnings:
                 print(f"    WARNING: {warning}")
@@ -466,6 +480,9 @@ def execute(
         cpu = server.cpu() - cpu0
         summary = watch.summary()
         others = watch.percent()
+        if math.isnan(s.canary):
+            s.canary = watch.canary()  # no calibration: the first run is the reference
+        speed = watch.speed(s.canary)
         state = server.state() if variant in GUARDED else None
         worked_on = _wait_idle(server.proc.pid, limit=5.0)
     finally:
@@ -483,6 +500,7 @@ def execute(
         worked_on,
         note=f"{n}" if variant == "uvicorn" else "",
         samples=samples,
+        speed=speed,
     )
 
 
@@ -634,11 +652,13 @@ def calibrate(s: Settings) -> float:
         closed_loop(server.port, 1)  # warm-up
         throughput, latency = closed_loop(server.port, 5)
         others = watch.percent()
+        s.canary = watch.canary()
     finally:
         server.stop(timeout=5)
     print(
         f"closed loop (wrk -t1 -c8, 5 s): T = {throughput:.0f} requests/s; latency avg/stdev/"
-        f"max {latency}; other processes {others:.0f}% of a core"
+        f"max {latency}; other processes {others:.0f}% of a core; canary "
+        f"{s.canary * 1e3:.2f} ms (the reference for every run's speed)"
         + ("  [BUSY]" if others > NOISY else "")
     )
     rows = [["rate/s", "of T", "goodput/s", "in SLO %", "2xx p99", "t/o", "verdict"]]
@@ -652,7 +672,8 @@ def calibrate(s: Settings) -> float:
         rows.append(
             [f"{rate}", f"{fraction:.0%}", f"{m.goodput:.0f}", _pct(in_slo),
              _ms(m.ok_latency.p99), f"{m.timeouts}",
-             ("ok" if good else "no") + (f" (busy: others {r.others:.0f}%)" if r.busy else "")]
+             ("ok" if good else "no") + (f" (busy: others {r.others:.0f}%)" if r.busy else "")
+             + (f" ({r.drifted})" if r.drifted else "")]
         )  # fmt: skip
         if good:
             chosen = rate
@@ -736,7 +757,8 @@ def run_priority(c: float, s: Settings) -> dict[str, Run]:
         print(f"\n== priority, 4x C, 25% critical: {variant}")
         r = execute(variant, "priority", [critical, sheddable], s)
         runs[variant] = r
-        r.report(f"limit {r.limit()}")
+        cpu = r.server_cpu / max(r.result.wall, 1e-9)
+        r.report(f"limit {r.limit()}, refusals {r.refusals()}, server CPU {cpu:.0%} of a core")
     return runs
 
 
@@ -788,7 +810,7 @@ def report_rates(runs: dict[tuple[str, float], Run], c: float, s: Settings) -> N
         ["rate", "variant", "goodput/s", "/C", "2xx p50", "2xx p99", "rej p50", "rej p99",
          "rej %", "rej <=5ms %", "t/o conn", "t/o pool", "t/o resp", "err", "new conn",
          "late %", "valid", "µs/resp", "srv CPU %", "limit lo-hi>end", "refusals (whole run)",
-         "others %"],
+         "others %", "speed"],
     ]  # fmt: skip
     for x in s.rates:
         for variant in s.variants:
@@ -807,7 +829,8 @@ def report_rates(runs: dict[tuple[str, float], Run], c: float, s: Settings) -> N
                  "yes" if r.result.valid else "NO",
                  f"{r.server_cpu / max(responses, 1) * 1e6:.0f}",
                  f"{r.server_cpu / r.result.wall:.0%}", r.limit(),
-                 r.refusals(), f"{r.others:.0f}" + (" BUSY" if r.busy else "")]
+                 r.refusals(), f"{r.others:.0f}" + (" BUSY" if r.busy else ""),
+                 f"{r.speed:.2f}" + (" DRIFT" if r.drifted else "")]
             )  # fmt: skip
     print_table(rows, left=2)
     print(
@@ -815,7 +838,9 @@ def report_rates(runs: dict[tuple[str, float], Run], c: float, s: Settings) -> N
         "µs/resp: the server's CPU over the run per response; srv CPU %: the server's CPU "
         "over the run (its end included), % of a core; limit: the range polled from /state twice a "
         "second > at the end; refusals: full = queue full, qto = queue timeout, push = "
-        "pushed out by a higher class, dl = deadline, trig = loop lag/memory trigger"
+        "pushed out by a higher class, dl = deadline, trig = loop lag/memory trigger; "
+        "speed: the machine's speed over the run against the calibration's (a canary loop; "
+        f"DRIFT: off by more than {DRIFT:.0%})"
     )
     metrics: list[tuple[str, Callable[[Stats], str]]] = [
         ("goodput / C", lambda m: f"{m.goodput / c:.2f}"),
@@ -1215,6 +1240,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if busy:
         print(f"\nruns where other processes used > {NOISY:g}% of a core: {', '.join(busy)}")
+    drifted = [
+        f"{r.variant} {r.scenario} ({r.drifted})"
+        for r in [*rates.values(), *step.values(), *priority.values()]
+        if r.drifted
+    ]
+    if drifted:
+        print(
+            "\nruns the machine ran at another speed than its calibration (a canary loop, "
+            f"timed twice a second; see bench/_machine.py): {', '.join(drifted)}"
+        )
     return 0
 
 

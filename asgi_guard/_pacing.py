@@ -103,8 +103,10 @@ class Pacer:
         if self._release(waiting):
             self._rest = True
         else:
-            self._rest = False  # nobody held: the next start needs no pause before it
-        if waiting and not self._scheduled:
+            self._rest = False  # the pause has passed: the next start needs none
+        if (waiting or self._rest) and not self._scheduled:
+            # With nobody held, the timer still marks the end of the pause, so that a
+            # start asked for later does not wait out a pause that has long passed.
             self._schedule()
 
     @staticmethod

@@ -153,6 +153,36 @@ async def test_held_starts_go_one_per_iteration_with_an_iteration_between() -> N
     assert pacer.waiting == 0
 
 
+async def iterations_to_start(pacer: Pacer) -> int:
+    """How many loop iterations ``pacer.start()`` takes to return."""
+    loop = asyncio.get_running_loop()
+    count = [0]
+    done = False
+
+    def tick() -> None:
+        if not done:
+            count[0] += 1
+            loop.call_soon(tick)
+
+    loop.call_soon(tick)
+    await pacer.start()
+    done = True
+    return count[0]
+
+
+async def test_the_pause_after_a_start_does_not_outlive_it() -> None:
+    """The iteration left without a start after a start passes even when nothing is held
+    then: a start asked for long after it waits no longer than a first one (the pause
+    used to stay owed until the next start, one more iteration)."""
+    fresh = await iterations_to_start(Pacer(asyncio.get_running_loop()))
+    pacer = Pacer(asyncio.get_running_loop())
+    await pacer.start()
+    for _ in range(20):  # idle iterations
+        await asyncio.sleep(0)
+    assert await iterations_to_start(pacer) == fresh
+    assert pacer.waiting == 0
+
+
 class Recording:
     """A fixed limit of 2 that records the samples it is given."""
 

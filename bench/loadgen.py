@@ -95,6 +95,7 @@ from _machine import Watch
 from _wrk import Served, cpu_seconds, print_table
 
 __all__ = [
+    "AppServer",
     "Latencies",
     "LoadResult",
     "Phase",
@@ -108,6 +109,7 @@ __all__ = [
     "run",
     "run_load",
     "step_schedule",
+    "wait_idle",
 ]
 
 T = TypeVar("T")
@@ -1072,7 +1074,10 @@ def print_result(result: LoadResult, *, series: bool = True) -> None:
 
 
 @dataclass(kw_only=True)
-class _AppServer(Served):
+class AppServer(Served):
+    """A uvicorn serving an app of ``bench/_overload_apps.py``; ready when ``/health`` answers
+    (the self-check's server, and the base of ``overload.py``'s)."""
+
     label: str = "bench._overload_apps:unguarded"
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
@@ -1091,7 +1096,7 @@ class _AppServer(Served):
         raise RuntimeError(f"port {self.port} did not answer within {timeout} s")
 
 
-def _wait_idle(pid: int, limit: float) -> float:
+def wait_idle(pid: int, limit: float) -> float:
     """Wait (at most ``limit`` s) until ``pid`` uses under 10% of a core; return the wait.
 
     An overloaded server goes on working through requests whose clients have gone."""
@@ -1106,7 +1111,7 @@ def _wait_idle(pid: int, limit: float) -> float:
 
 def _self_check(args: argparse.Namespace) -> int:
     """Serve ``bench._overload_apps:unguarded`` and run the generator at ``args.rates``."""
-    server = _AppServer()
+    server = AppServer()
     server.start(server.label, args.server_loop, "auto")
     try:
         health = server.wait_ready()
@@ -1151,7 +1156,7 @@ def _self_check(args: argparse.Namespace) -> int:
                  f"{result.new_connections}", f"{result.late}",
                  f"{result.cpu / result.wall:.0%}", f"{server_cpu / result.wall:.0%}"]
             )  # fmt: skip
-            waited = _wait_idle(server.proc.pid, limit=60.0)
+            waited = wait_idle(server.proc.pid, limit=60.0)
             if waited > 1:
                 print(f"(the server worked on for {waited:.0f} s after the run)")
             if args.pause:

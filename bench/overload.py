@@ -106,17 +106,17 @@ from loadgen import (
     TIMEOUT_POOL,
     TIMEOUT_RESPONSE,
     TIMEOUTS,
+    AppServer,
     Latencies,
     LoadResult,
     Record,
     Schedule,
-    _AppServer,
-    _wait_idle,
     make_schedule,
     realtime,
     run,
     run_load,
     step_schedule,
+    wait_idle,
 )
 
 RATES = (0.5, 0.8, 1.0, 2.0, 4.0, 8.0)
@@ -183,7 +183,7 @@ class Settings:
 
 
 @dataclass(kw_only=True)
-class Server(_AppServer):
+class Server(AppServer):
     """One uvicorn process serving one variant."""
 
     label: str = "server"
@@ -484,7 +484,7 @@ def execute(
             s.canary = watch.canary()  # no calibration: the first run is the reference
         speed = watch.speed(s.canary)
         state = server.state() if variant in GUARDED else None
-        worked_on = _wait_idle(server.proc.pid, limit=5.0)
+        worked_on = wait_idle(server.proc.pid, limit=5.0)
     finally:
         server.stop(timeout=5)
     samples = [] if poller is None else [(t - t0, st) for t, st in poller.samples]

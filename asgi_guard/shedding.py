@@ -45,8 +45,13 @@ logger = logging.getLogger("asgi_guard.shedding")
 #: Paths never shed nor counted unless ``exempt=`` says otherwise: health checks, metrics.
 DEFAULT_EXEMPT = ("/health", "/healthz", "/livez", "/readyz", "/ping", "/metrics")
 
-#: How often the ticker measures the event loop's lag (seconds).
+#: How often the ticker measures the event loop's lag while the worker is busy (seconds).
 TICK = 0.02
+#: How often it does while the worker is idle: no request came since the last tick and
+#: none is in flight (seconds). The lag says nothing then, and each tick wakes an idle
+#: loop, which costs a small VM about 0.2 ms of CPU (measured: at 50 ticks a second an
+#: idle worker spent 11-12 ms of CPU a second on them, against 2.5 for uvicorn's own).
+IDLE_TICK = 0.25
 #: Shedding has stopped when nothing was refused for this long (seconds).
 CALM = 1.0
 
@@ -236,6 +241,10 @@ class LoadSheddingMiddleware:
         self._reported_limit = algorithm.limit
         self._loop: object = None
         self._ticker: object = None
+        #: Set by a request that finds the worker busy while the ticker runs slowly.
+        self._hurry: anyio.Event | None = None
+        #: How many had been admitted at the ticker's last tick.
+        self._admitted_seen = 0
         self._pace = pace
         self._pacer: Pacer | None = None
 
@@ -263,23 +272,64 @@ class LoadSheddingMiddleware:
 
     # -- the ticker ---------------------------------------------------------------------------
 
+    def _busy(self, admitted: int) -> bool:
+        """Whether the ticker must run at ``TICK``: requests were admitted since the last
+        tick (``admitted``: how many so far), some are in flight or wait, some are
+        refused, or a lag trigger watches the loop."""
+        limiter = self.limiter
+        return (
+            admitted != self._admitted_seen
+            or limiter.inflight > 0
+            or limiter.queued > 0
+            or self._shedding
+            or self._triggered is not None
+            or self._max_loop_lag is not None
+        )
+
+    def _wake_ticker(self) -> None:
+        hurry = self._hurry
+        if hurry is not None:
+            self._hurry = None
+            hurry.set()
+
     async def _tick(self) -> None:
         """Measures the loop's lag, feeds it to the algorithm and the lag trigger, and
-        reports state changes; every ``TICK`` seconds while the loop lives."""
+        reports state changes; every ``TICK`` seconds while the worker is busy, every
+        ``IDLE_TICK`` seconds otherwise (a request that finds it busy wakes the ticker),
+        while the loop lives."""
         clock = self._clock
         algorithm = self.limiter.algorithm
-        ticks = 0
+        ticks = reported = measured = 0  # in TICKs
         while True:
             before = clock.now()
-            await anyio.sleep(TICK)
+            admitted = self.limiter.counts["admitted"]
+            busy = self._busy(admitted)
+            self._admitted_seen = admitted
+            if busy:
+                period, steps = TICK, 1
+                await anyio.sleep(TICK)
+            else:
+                period, steps = IDLE_TICK, round(IDLE_TICK / TICK)
+                hurry = self._hurry = anyio.Event()
+                try:
+                    with anyio.move_on_after(IDLE_TICK):
+                        await hurry.wait()
+                finally:
+                    self._hurry = None
+                if hurry.is_set():
+                    continue  # cut short: no lag to read; from now on at TICK
             now = clock.now()
-            lag = max(0.0, now - before - TICK)
+            lag = max(0.0, now - before - period)
             self.loop_lag = lag
-            ticks += 1
+            ticks += steps
             try:
                 algorithm.on_lag(now, lag)
-                self._check_triggers(now, lag, memory=ticks % 50 == 0)
-                if ticks % 5 == 0:
+                memory = ticks - measured >= 50
+                if memory:
+                    measured = ticks
+                self._check_triggers(now, lag, memory=memory)
+                if ticks - reported >= 5:
+                    reported = ticks
                     self._report(now)
             except Exception:
                 # A custom algorithm's bug must not stop the ticker (nor, on trio, the run).
@@ -436,6 +486,8 @@ class LoadSheddingMiddleware:
                 await self._refuse(outcome, scope, receive, send)
                 return
             permit = outcome
+        if self._hurry is not None and 2 * limiter.inflight >= limiter.limit:
+            self._wake_ticker()  # the lag matters now: the algorithm may grow the limit
         if kind == "websocket":
             await self._websocket(permit, scope, receive, send)
             return
@@ -482,6 +534,7 @@ class LoadSheddingMiddleware:
         self._refused_since += 1
         self._last_refusal = now
         if not self._shedding:
+            self._wake_ticker()
             self._shedding = True
             self._refused_since = 1
             self._event(

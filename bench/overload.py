@@ -49,9 +49,11 @@ with their defaults). Scenarios, each variant in turn:
   a fresh server for each, 1 s of warm-up, then 5 s of ``GET /light`` (``/work`` without
   its CPU loop) and 5 s of ``GET /work`` (``--overhead-rounds`` rounds, order rotated);
   medians, and the overhead = median - median of ``none``. The middleware's ticker (50
-  wake-ups a second) counts in it. The target is checked on ``/light``: on ``/work`` the
-  2.2 ms a request varies by a few percent from one process to the next (more than the
-  30 µs looked for, even with the same rounds and ``PYTHONHASHSEED=0`` in every server).
+  wake-ups a second while requests come) counts in it. The target is checked on ``/light``:
+  on ``/work`` the 2.2 ms a request varies by a few percent from one process to the next
+  (more than the 30 µs looked for, even with the same rounds and ``PYTHONHASHSEED=0`` in
+  every server). Then, 1 s after the loads, the server's CPU over 4 s with no traffic at
+  all (ms per second): what an idle worker pays for the guard.
 
 Per run: goodput (2xx within the SLO per second) and goodput/C, 2xx p50/p99, rejection (503)
 p50/p99 and the share answered within 5 ms, the rejected share, client timeouts by phase
@@ -763,12 +765,17 @@ def run_priority(c: float, s: Settings) -> dict[str, Run]:
 
 
 OVERHEAD_PATHS = ("/light", "/work")
+#: After the overhead's loads: seconds to settle, then seconds of no traffic at all.
+IDLE_SETTLE, IDLE_SECONDS = 1.0, 4.0
 
 
 def run_overhead(c: float, s: Settings) -> dict[str, dict[str, list[float]]]:
-    """Server CPU µs per response at 0.5x C: path -> variant -> one value per round."""
+    """Server CPU µs per response at 0.5x C: path -> variant -> one value per round; and
+    under ``"idle"``, the server's CPU ms per second with no traffic, after the loads."""
     variants = ["none", "fixed", "default"]
-    per: dict[str, dict[str, list[float]]] = {p: {v: [] for v in variants} for p in OVERHEAD_PATHS}
+    per: dict[str, dict[str, list[float]]] = {
+        p: {v: [] for v in variants} for p in (*OVERHEAD_PATHS, "idle")
+    }
     for k in range(s.overhead_rounds):
         order = variants[k % 3 :] + variants[: k % 3]
         print(f"\n== overhead at 0.5x C, round {k + 1}: {', '.join(order)}")
@@ -791,6 +798,12 @@ def run_overhead(c: float, s: Settings) -> dict[str, dict[str, list[float]]]:
                         f"{path} {us:.1f} µs/response ({responses}, {cpu / result.wall:.0%} "
                         f"of a core)"
                     )
+                time.sleep(IDLE_SETTLE)
+                cpu0 = server.cpu()
+                time.sleep(IDLE_SECONDS)
+                idle = (server.cpu() - cpu0) / IDLE_SECONDS * 1e3
+                per["idle"][variant].append(idle)
+                cells.append(f"idle {idle:.2f} ms/s")
                 others = watch.percent()
             finally:
                 server.stop(timeout=5)
@@ -939,7 +952,14 @@ def report_overhead(per: dict[str, dict[str, list[float]]]) -> dict[str, dict[st
     """Tables per path; path -> variant -> overhead (median - median of none), µs."""
     out: dict[str, dict[str, float]] = {}
     for path, by_variant in per.items():
-        print(f"\n## Overhead: server CPU per response at 0.5x C, GET {path} (µs, all threads)")
+        if path == "idle":
+            print(
+                f"\n## Idle: server CPU with no traffic, {IDLE_SECONDS:g} s from "
+                f"{IDLE_SETTLE:g} s after the overhead's loads (ms per second, all threads)"
+            )
+        else:
+            print(f"\n## Overhead: server CPU per response at 0.5x C, GET {path} (µs, all threads)")
+        digits, each = (2, 2) if path == "idle" else (1, 0)
         base = statistics.median(by_variant["none"])
         rows = [["variant", "rounds", "median", "overhead vs none", "per round vs none", "ratio"]]
         out[path] = {}
@@ -948,9 +968,9 @@ def report_overhead(per: dict[str, dict[str, list[float]]]) -> dict[str, dict[st
             out[path][variant] = med - base
             diffs = [v - n for v, n in zip(values, by_variant["none"], strict=True)]
             rows.append(
-                [variant, " ".join(f"{v:.0f}" for v in values), f"{med:.1f}",
-                 "-" if variant == "none" else f"{med - base:+.1f}",
-                 "-" if variant == "none" else " ".join(f"{d:+.0f}" for d in diffs),
+                [variant, " ".join(f"{v:.{each}f}" for v in values), f"{med:.{digits}f}",
+                 "-" if variant == "none" else f"{med - base:+.{digits}f}",
+                 "-" if variant == "none" else " ".join(f"{d:+.{each}f}" for d in diffs),
                  f"{med / base:.3f}"]
             )  # fmt: skip
         print_table(rows)
@@ -1110,7 +1130,9 @@ def estimate(s: Settings) -> float:
     if "priority" in s.scenarios:
         total += 2 * (s.duration + per_run)
     if "overhead" in s.scenarios:
-        total += s.overhead_rounds * 3 * (11 + 2 * s.timeout + RUN_OVERHEAD)
+        total += (
+            s.overhead_rounds * 3 * (11 + IDLE_SETTLE + IDLE_SECONDS + 2 * s.timeout + RUN_OVERHEAD)
+        )
     return total
 
 

@@ -15,7 +15,7 @@ nothing else running in the guest (the host's other tenants; the guest reports n
 time). So at every read the sampler also times a *canary*: a fixed pure-Python loop, in its
 own thread's CPU time (time the guest ran it, which is where a slower host shows). A
 benchmark compares the canary's median over a run with the one over its calibration
-(:meth:`Watch.speed`) and flags the runs the machine ran them at another speed.
+(:meth:`Watch.speed`) and flags the runs that the machine ran at another speed.
 """
 
 from __future__ import annotations

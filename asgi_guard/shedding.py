@@ -243,8 +243,6 @@ class LoadSheddingMiddleware:
         self._ticker: object = None
         #: Set by a request that finds the worker busy while the ticker runs slowly.
         self._hurry: anyio.Event | None = None
-        #: How many had been admitted at the ticker's last tick.
-        self._admitted_seen = 0
         self._pace = pace
         self._pacer: Pacer | None = None
 
@@ -272,14 +270,12 @@ class LoadSheddingMiddleware:
 
     # -- the ticker ---------------------------------------------------------------------------
 
-    def _busy(self, admitted: int) -> bool:
-        """Whether the ticker must run at ``TICK``: requests were admitted since the last
-        tick (``admitted``: how many so far), some are in flight or wait, some are
-        refused, or a lag trigger watches the loop."""
+    def _busy(self) -> bool:
+        """Whether the ticker must run at ``TICK`` (besides requests admitted since its last
+        tick): some are in flight or wait, some are refused, or a lag trigger watches."""
         limiter = self.limiter
         return (
-            admitted != self._admitted_seen
-            or limiter.inflight > 0
+            limiter.inflight > 0
             or limiter.queued > 0
             or self._shedding
             or self._triggered is not None
@@ -299,13 +295,13 @@ class LoadSheddingMiddleware:
         while the loop lives."""
         clock = self._clock
         algorithm = self.limiter.algorithm
+        counts = self.limiter.counts
         ticks = reported = measured = 0  # in TICKs
+        seen = counts["admitted"]  # admissions at the last tick
         while True:
             before = clock.now()
-            admitted = self.limiter.counts["admitted"]
-            busy = self._busy(admitted)
-            self._admitted_seen = admitted
-            if busy:
+            previous, seen = seen, counts["admitted"]
+            if seen != previous or self._busy():
                 period, steps = TICK, 1
                 await anyio.sleep(TICK)
             else:

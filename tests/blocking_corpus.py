@@ -92,8 +92,11 @@ THRESHOLD = 0.1
 STALL = 2 * THRESHOLD
 #: How long the legitimate cases take: longer than the threshold, so a report is possible.
 LONG = 1.5 * STALL
-#: What the calibration aims at: a little above `STALL`, as machine noise cuts both ways.
-_AIM = 1.5 * STALL
+#: What the calibration aims at: above `STALL`, as machine noise cuts both ways. Twice it:
+#: a case must block 1.5 thresholds, and on these shared VMs the same loop has run twice as
+#: fast a few seconds after its calibration (at 1.5 times `STALL`, CI runs failed on cases
+#: that blocked too briefly).
+_AIM = 2 * STALL
 
 MARK = "# BLOCKS"
 

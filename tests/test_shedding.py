@@ -24,6 +24,10 @@ from .asgi_driver import Driven, drive, http_scope
 
 pytestmark = pytest.mark.anyio
 
+#: The queue wait of tests whose waiters must outlast their own setup: longer than any
+#: stall of a loaded CI machine (the default, 100 ms, is not; one such run refused them).
+SETUP = 5.0
+
 
 class Gate:
     """An app whose requests stay in it until the test opens the gate."""
@@ -105,7 +109,7 @@ async def test_requests_beyond_the_limit_and_queue_get_503_problem_json() -> Non
 async def test_a_bounded_queue_absorbs_a_burst_first_in_first_out() -> None:
     """Limit 1, queue 3: all four are served, in arrival order."""
     gate = Gate()
-    shedder = LoadSheddingMiddleware(gate, limit=1, max_queue=3)
+    shedder = LoadSheddingMiddleware(gate, limit=1, max_queue=3, queue_timeout=SETUP)
     results: dict[str, Driven] = {}
     async with anyio.create_task_group() as group:
         for n, path in enumerate(("/1", "/2", "/3", "/4")):
@@ -143,7 +147,11 @@ async def test_a_higher_class_pushes_the_lowest_out_of_a_full_queue() -> None:
     """A full queue of sheddable requests makes room for a critical one."""
     gate = Gate()
     shedder = LoadSheddingMiddleware(
-        gate, limit=1, max_queue=1, priority={"/batch": "sheddable", "/pay": "critical"}
+        gate,
+        limit=1,
+        max_queue=1,
+        queue_timeout=SETUP,
+        priority={"/batch": "sheddable", "/pay": "critical"},
     )
     results: dict[str, Driven] = {}
     async with anyio.create_task_group() as group:
@@ -163,7 +171,9 @@ async def test_higher_classes_leave_the_queue_first() -> None:
     """When a place frees up, the most critical waiter gets it, whatever the order."""
     gate = Gate()
     rules = {"/s": "sheddable", "/sp": "sheddable-plus", "/c": "critical", "/cp": "critical_plus"}
-    shedder = LoadSheddingMiddleware(gate, limit=1, max_queue=8, priority=rules)
+    shedder = LoadSheddingMiddleware(
+        gate, limit=1, max_queue=8, queue_timeout=SETUP, priority=rules
+    )
     results: dict[str, Driven] = {}
     async with anyio.create_task_group() as group:
         await start(group, shedder, "/first", results)
@@ -187,6 +197,7 @@ async def test_a_priority_header_counts_only_when_trusted() -> None:
         gate,
         limit=1,
         max_queue=1,
+        queue_timeout=SETUP,
         default_priority="sheddable",
         priority_header="X-Priority",
         trust_priority_header=lambda scope: scope["client"][0] in trusted,

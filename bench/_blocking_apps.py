@@ -105,6 +105,16 @@ starlette_on = _starlette(True)
 # -- where the cost comes from (``blocking_overhead.py --breakdown``) -------------------------
 
 
+class _PassThrough:
+    """A middleware that only passes each call on: what any middleware costs."""
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 class _RequestsOnly(BlockingDetectorMiddleware):
     """The detector's per-request work only: no heartbeat, no threads."""
 
@@ -159,13 +169,32 @@ class _IdleProcess(_HeartbeatOnly):
         subprocess.Popen([sys.executable, "-c", code])
 
 
+class _NoTap(BlockingDetectorMiddleware):
+    """The detector without its tap (the watchdog sleeps on its alarm alone)."""
+
+    def _start_threads(self) -> None:
+        self._watchdog.use_tap = False
+        super()._start_threads()
+
+
+class _Polling(BlockingDetectorMiddleware):
+    """The detector as where there is no ``timerfd``: the watchdog looks every poll interval."""
+
+    def _start_threads(self) -> None:
+        self._watchdog.use_alarm = False
+        super()._start_threads()
+
+
 _BREAKDOWN: dict[str, Callable[[], FastAPI]] = {
     "breakdown_off": lambda: _fastapi(False),
+    "breakdown_pass": lambda: _fastapi(False, _PassThrough),  # type: ignore[arg-type]
     "breakdown_requests": lambda: _fastapi(False, _RequestsOnly),
     "breakdown_heartbeat": lambda: _fastapi(False, _HeartbeatOnly),
     "breakdown_sleeper": lambda: _fastapi(False, _SleepingThread),
     "breakdown_thread": lambda: _fastapi(False, _IdleThread),
     "breakdown_process": lambda: _fastapi(False, _IdleProcess),
+    "breakdown_notap": lambda: _fastapi(False, _NoTap),
+    "breakdown_polling": lambda: _fastapi(False, _Polling),
     "breakdown_on": lambda: _fastapi(True),
 }
 

@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,8 @@ APPS = {
     "starlette": ("bench._blocking_apps:starlette_off", "bench._blocking_apps:starlette_on"),
 }
 MODES = ("off", "on")
+#: The servers (``MODES`` and ``--breakdown`` variants) that run a watchdog thread.
+WATCHING = ("on", "notap", "polling")
 CPU_TARGET = 1.01  # on/off, server CPU per request at the fixed rate
 RPS_TARGET = 0.99  # on/off, requests/s at saturation
 P99_TARGET = 1.02  # on/off, p99 latency at the fixed rate
@@ -202,7 +205,7 @@ class Server(Served):
         ``block``, a 150 ms stall is reported once (on) or not at all (off)."""
         self.get("/")
         stats = self.get("/_stats")
-        if stats["watchdog"] != (self.mode == "on"):
+        if stats["watchdog"] != (self.mode in WATCHING):
             raise RuntimeError(f"{self.label}: watchdog thread alive: {stats['watchdog']}")
         if not block:
             return
@@ -343,12 +346,15 @@ def idle_cost(s: Settings, seconds: float) -> tuple[dict[str, tuple[float, float
 
 BREAKDOWN = (
     ("off", "no detector"),
+    ("pass", "a pass-through middleware"),
     ("requests", "the per-request work alone"),
-    ("heartbeat", "+ the heartbeat task (every 25 ms)"),
+    ("heartbeat", "+ the heartbeat task"),
     ("sleeper", "+ a thread that never wakes"),
     ("thread", "+ a thread waking every 20 ms, doing nothing"),
     ("process", "+ a child process waking every 20 ms instead"),
-    ("on", "the detector (watchdog every 20 ms)"),
+    ("notap", "the detector without its tap"),
+    ("polling", "the detector, its watchdog looking every poll interval"),
+    ("on", "the detector"),
 )
 
 
@@ -391,6 +397,87 @@ def breakdown(s: Settings, rounds: int) -> None:
     print(f"\nmedians over {rounds} rounds (fixed rate; CPU per request of all threads):")
     print_table(rows, left=2)
     print(watch.summary())
+
+
+def side_by_side(s: Settings, rounds: int, versus: tuple[str, str]) -> dict[str, float]:
+    """Two servers at once, each under its own fixed-rate wrk, over the same seconds.
+
+    The machine's speed drifts by tens of percent within seconds on a shared VM; two servers
+    measured at the same time see the same drift, so their ratio keeps only what differs
+    between them. Each round starts both servers afresh. ``versus``: ``off`` and ``on``,
+    or two of the ``--breakdown`` variants (``off`` twice shows the method's own spread).
+    Returns the median paired ratios, the second server over the first.
+    """
+    modes = versus
+    names = (versus[0], versus[1] + "'") if versus[0] == versus[1] else versus
+    ratios: dict[str, list[float]] = {"cpu": [], "loop": [], "p50": [], "p99": [], "p999": []}
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    watch = Watch.start()
+    for r in range(rounds):
+        servers = [
+            Server(
+                mode=mode,
+                target=s.targets.get(mode, f"bench._blocking_apps:breakdown_{mode}"),
+            )
+            for mode in modes
+        ]
+        if r % 2:
+            servers.reverse()  # which one starts first, and takes which port, alternates
+        try:
+            for server in servers:
+                server.start(server.target, s.loop, s.http)
+            for server in servers:
+                server.wait_ready()
+                server.check(block=False)
+            if s.warmup:
+                for server in servers:
+                    wrk(server.port, s.sat_script, s.threads, s.connections, s.warmup)
+            with ThreadPoolExecutor(2) as pool:
+                measured = list(
+                    pool.map(
+                        lambda server: server.measure_run(
+                            s.fixed_script, 1, s.fixed_connections, s.fixed_duration
+                        ),
+                        servers,
+                    )
+                )
+        finally:
+            for server in servers:
+                server.stop(timeout=5)
+        first, second = (measured[i] for i in (range(2) if r % 2 == 0 else (1, 0)))
+        runs[names[0]].append(first)
+        runs[names[1]].append(second)
+        ratios["cpu"].append(second.cpu_us / first.cpu_us)
+        ratios["loop"].append(second.loop_us / first.loop_us)
+        ratios["p50"].append(second.p50 / first.p50)
+        ratios["p99"].append(second.p99 / first.p99)
+        ratios["p999"].append(second.p999 / first.p999)
+        print(
+            f"  round {r + 1:2}: {names[0]} {first.cpu_us:6.1f} µs/req p99 {first.p99:.3f} ms "
+            f"{first.rps:5,.0f} req/s | {names[1]} {second.cpu_us:6.1f} µs/req p99 "
+            f"{second.p99:.3f} ms {second.rps:5,.0f} req/s | CPU ratio "
+            f"{ratios['cpu'][-1]:.3f}, p99 ratio {ratios['p99'][-1]:.3f} "
+            f"{first.errors} {second.errors}".rstrip()
+        )
+    rows = [["measure", names[0], names[1], "paired ratio (median)", "rounds min..max"]]
+    for key, attr, label, fmt in (
+        ("cpu", "cpu_us", "CPU µs/req (all threads)", ".2f"),
+        ("loop", "loop_us", "  of which the loop thread", ".2f"),
+        ("p50", "p50", "p50 ms", ".3f"),
+        ("p99", "p99", "p99 ms", ".3f"),
+        ("p999", "p999", "p99.9 ms", ".3f"),
+    ):
+        a = _med([getattr(run, attr) for run in runs[names[0]]])
+        b = _med([getattr(run, attr) for run in runs[names[1]]])
+        values = ratios[key]
+        rows.append(
+            [label, format(a, fmt), format(b, fmt), f"{_med(values):.4f}",
+             f"{min(values):.3f}..{max(values):.3f}"]
+        )  # fmt: skip
+    print(f"\nmedians over {rounds} rounds, both servers measured at once:")
+    print_table(rows, left=1)
+    print(f"machine: {watch.summary()}")
+    return {key: _med(values) for key, values in ratios.items()}
 
 
 def _med(values: list[float]) -> float:
@@ -481,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
         "--breakdown", action="store_true", help="where the cost comes from (fixed rate only)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="rounds of --breakdown")
+    parser.add_argument(
+        "--side-by-side", action="store_true", help="off and on measured at the same time, "
+        "each under its own wrk, over --pairs rounds (fixed rate only)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--versus", nargs=2, default=list(MODES), metavar=("A", "B"), help="with "
+        "--side-by-side: the two servers (default: off on); any of on and the --breakdown "
+        "variants: " + ", ".join(name for name, _ in BREAKDOWN) + " (off off: the method's "
+        "own spread)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.fixed_duration, args.duration, args.idle = 2, 3, 2, 3.0
@@ -520,6 +617,21 @@ def main(argv: list[str] | None = None) -> int:
             f"0-{args.think} ms between requests; saturation: wrk -t{args.threads} "
             f"-c{args.connections} -d{args.duration}s"
         )
+        if args.side_by_side:
+            versus = (args.versus[0], args.versus[1])
+            if not set(versus) <= {name for name, _ in BREAKDOWN}:
+                parser.error("--versus takes two of: " + ", ".join(n for n, _ in BREAKDOWN))
+            paired = side_by_side(settings, args.pairs, versus)
+            if versus != MODES:
+                return 0
+            ok_cpu, ok_p99 = paired["cpu"] <= CPU_TARGET, paired["p99"] <= P99_TARGET
+            print(
+                f"{'PASS' if ok_cpu else 'FAIL'}  server CPU per request at the fixed rate, "
+                f"on/off <= {CPU_TARGET}: {paired['cpu']:.4f}\n"
+                f"{'PASS' if ok_p99 else 'FAIL'}  p99 latency at the fixed rate, on/off <= "
+                f"{P99_TARGET}: {paired['p99']:.4f}"
+            )
+            return 0 if ok_cpu and ok_p99 else 1
         if args.breakdown:
             if not 1 <= args.rounds <= 50:
                 parser.error("--rounds: 1..50")

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import errno
 import functools
 import gc
 import hashlib
@@ -39,6 +40,7 @@ import logging
 import math
 import os
 import queue
+import select
 import signal
 import sys
 import sysconfig
@@ -47,7 +49,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, Literal
 
 from starlette.types import Scope
@@ -154,6 +156,16 @@ def _request_of(scope: Scope) -> tuple[str | None, str | None, str | None]:
     return scope.get("method"), scope.get("path"), route_template(scope)
 
 
+def _scope_of(frame: FrameType) -> Scope | None:
+    """The ``scope`` argument of a running call of the middleware (read on the watchdog
+    thread while it holds the GIL, so the loop thread is not running bytecode)."""
+    try:
+        scope = frame.f_locals.get("scope")
+    except Exception:  # pragma: no cover - a frame the interpreter is tearing down
+        return None
+    return scope if isinstance(scope, dict) else None
+
+
 def _context_of(task: Any) -> contextvars.Context | None:
     """The context a task runs in: ``get_context()`` (asyncio 3.12+), ``context`` (trio),
     or, for asyncio's C tasks of 3.11, the context its garbage-collector traversal visits
@@ -232,7 +244,7 @@ class _Sample:
 
     __slots__ = ("lines", "request", "root", "top", "via_tap")
 
-    def __init__(self, top: FrameType | None, requests: dict[FrameType, Scope]) -> None:
+    def __init__(self, top: FrameType | None, request_codes: frozenset[CodeType]) -> None:
         self.top = top
         # The step: the frames inward of the innermost frame of loop machinery (the event
         # loop, a task wrapper, the server), innermost first.
@@ -242,8 +254,8 @@ class _Sample:
         frame = top
         while frame is not None and not _is_machinery(frame):
             lines.append((frame, frame.f_lineno))
-            if not found:
-                scope = requests.get(frame)
+            if not found and frame.f_code in request_codes:
+                scope = _scope_of(frame)
                 if scope is not None:
                     found = True
                     request = _request_of(scope)
@@ -268,7 +280,9 @@ class _Alarm:
     """A one-shot kernel timer (Linux ``timerfd``) the loop pushes ``delay`` ahead at every
     beat, and the watchdog thread sleeps on: reading it releases the GIL and returns only
     once the loop has not beaten for ``delay``, or when `ring` is called. Pushing it back
-    is one system call (under a microsecond) and wakes no thread."""
+    is one system call and wakes no thread, but moving a kernel timer costs this VM's loop
+    thread about 24 µs (measured): with a tap (`_Tap`), whose signal wakes the watchdog
+    too, the loop pushes only the tap, and the alarm is left to `ring` (`sleep`)."""
 
     def __init__(
         self, fd: int, delay: float, push: Callable[[], object], ring: Callable[[], object]
@@ -282,9 +296,64 @@ class _Alarm:
         with contextlib.suppress(OSError):  # interrupted: the caller looks early, no harm
             os.read(self.fd, 8)  # the number of expiries since the last read
 
+    def sleep(self, signum: int, still: Callable[[], bool]) -> None:
+        """Sleep until `ring`, or until signal ``signum`` reaches this thread (the tap's),
+        if ``still()`` holds once that signal is blocked: a signal that comes between the
+        check and the sleep is not lost (``ppoll`` unblocks it as it starts waiting)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+        try:
+            if still() and _ppoll(self.fd, frozenset(previous) - {signum}):
+                os.read(self.fd, 8)  # rung: take the expiry (it is readable: no wait)
+        except OSError:  # pragma: no cover - closed by a stop meanwhile
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending tap runs now
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+@functools.cache
+def _ppoll_call() -> Any:
+    """libc's ``ppoll`` and the C types it takes (ctypes releases the GIL while it waits,
+    and, unlike ``os.read``, returns when a signal interrupts it)."""
+    import ctypes
+
+    class Pollfd(ctypes.Structure):
+        _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+    sigset = ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))  # glibc sigset_t
+    ppoll = ctypes.CDLL(None, use_errno=True).ppoll
+    ppoll.argtypes = [ctypes.POINTER(Pollfd), ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
+    return ppoll, Pollfd, sigset
+
+
+@functools.cache
+def _sigset(signals: frozenset[int]) -> Any:
+    """A C ``sigset_t`` holding ``signals``."""
+    import ctypes
+
+    _, _, sigset = _ppoll_call()
+    bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    mask = sigset()
+    for signum in signals:
+        mask[(signum - 1) // bits] |= 1 << ((signum - 1) % bits)
+    return mask
+
+
+def _ppoll(fd: int, mask: frozenset[int]) -> bool:
+    """Wait, with the signal mask ``mask``, until ``fd`` is readable (True) or a signal
+    handler ran (False)."""
+    import ctypes
+
+    ppoll, pollfd, _ = _ppoll_call()
+    entry = pollfd(fd, select.POLLIN, 0)
+    if ppoll(ctypes.byref(entry), 1, None, ctypes.byref(_sigset(mask))) < 0:
+        if ctypes.get_errno() == errno.EINTR:
+            return False
+        raise OSError(ctypes.get_errno(), "ppoll")
+    return bool(entry.revents & select.POLLIN)
 
 
 @functools.cache
@@ -447,8 +516,11 @@ def make_tap(
 class Watchdog:
     """Watches one event loop thread; reports stalls to ``report``.
 
-    ``beat()`` is called by the loop every `beat_period`; the middleware maps a request's
-    frame to its scope in `requests`. Thread-safe by the GIL: the loop thread writes, the
+    ``beat()`` is called on the loop: by requests as they end, once `beat_due` has passed
+    (set from how often requests end), and by a heartbeat when no
+    request has beaten for a whole `beat_period` (so under load no beat wakes the loop,
+    and while the loop runs a beat comes at least every `beat_period`). A frame running one
+    of `request_codes` is a request. Thread-safe by the GIL: the loop thread writes, the
     watchdog thread reads.
     """
 
@@ -464,7 +536,14 @@ class Watchdog:
         self._report = report
         self.tick = 0
         self.beat_at = -math.inf
-        self.requests: dict[FrameType, Scope] = {}
+        #: From when a request that ends beats (before the heartbeat has to), and how
+        #: many requests ended since the last beat (counted by the middleware).
+        self.beat_due = -math.inf
+        self.ended = 0
+        #: The code of the middleware's per-request call: a frame running it is a request,
+        #: whose ``scope`` argument the watchdog reads when it reports (nothing is
+        #: registered per request).
+        self.request_codes: frozenset[CodeType] = frozenset()
         #: The request of the running context (for tasks a request spawned).
         self.request_var: contextvars.ContextVar[int] = contextvars.ContextVar(
             "asgi_guard_blocking_request"
@@ -506,9 +585,10 @@ class Watchdog:
         #: Whether to have the loop thread sample itself after late beats (main thread,
         #: Linux; tests turn it off).
         self.use_tap = True
-        #: How often the loop beats (set by `start`): twice per poll interval with an
-        #: alarm (the watchdog wakes when a beat is half a poll interval late), else every
-        #: quarter threshold.
+        #: How often the loop beats at least (set by `start`): every three quarters of a
+        #: poll interval with an alarm (the watchdog wakes when a beat is a quarter of a poll
+        #: interval late), else every quarter threshold. Each beat costs the loop thread two
+        #: timer pushes and two clock reads (50 µs on this VM, measured), so no more often.
         self.beat_period = threshold / 4
 
     #: How far past the threshold the look at a step being timed is made.
@@ -518,16 +598,25 @@ class Watchdog:
 
     def beat(self) -> None:
         self.tick += 1
-        self.beat_at = time.monotonic()
+        now = time.monotonic()
+        # Requests that end from `beat_due` on beat (the heartbeat beats a `beat_period`
+        # after the last beat): early enough that one ends before the heartbeat's turn,
+        # three of their gaps, and no earlier than half the period (each beat costs).
+        ended, self.ended = self.ended, 0
+        period = self.beat_period
+        gap = (now - self.beat_at) / ended if ended else period
+        self.beat_at = now
+        self.beat_due = now + period - min(period / 2, max(period / 10, 3 * gap))
         alarm = self._alarm
         if alarm is not None:
             try:
-                # A push resets a ring the tap's handler made and the watchdog has not
-                # woken to yet: while taps wait to be looked at, ring again instead.
-                alarm.ring() if self._taps else alarm.push()
                 tap = self._tap
                 if tap is not None:
-                    tap.arm()
+                    tap.arm()  # its signal is the watchdog's alarm too (`_Alarm.sleep`)
+                else:
+                    # A push resets a ring the tap's handler made and the watchdog has not
+                    # woken to yet: while taps wait to be looked at, ring again instead.
+                    alarm.ring() if self._taps else alarm.push()
             except OSError:  # pragma: no cover - closed by a stop from another thread
                 return
             self.beat_cpu = (time.thread_time(), time.process_time())
@@ -553,7 +642,7 @@ class Watchdog:
             self._tap_last = (tick, now, cpu)
             late = now - due
             if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
-                self._taps.append((now, tick, late, _Sample(frame, self.requests)))
+                self._taps.append((now, tick, late, _Sample(frame, self.request_codes)))
                 alarm = self._alarm
                 if alarm is not None:
                     with contextlib.suppress(OSError):
@@ -585,7 +674,7 @@ class Watchdog:
         self._stop.clear()
         alarm = make_alarm(self.poll) if self.use_alarm else None
         self._alarm = alarm
-        self.beat_period = self.poll / 2 if alarm is not None else self.threshold / 4
+        self.beat_period = 0.75 * self.poll if alarm is not None else self.threshold / 4
         self._thread = threading.Thread(
             target=self._run, args=(alarm,), name="asgi_guard-blocking-watchdog", daemon=True
         )
@@ -599,9 +688,13 @@ class Watchdog:
                 # Armed from now, as if a beat: a stall before the first beat is tapped too.
                 self._tap_last = (self.tick, time.monotonic(), self._cpu)
                 self._tap.arm()
+                # The thread may already sleep on the alarm alone, which beats no longer
+                # push: have it look, and sleep again on the tap's signal too.
+                alarm.ring()
 
     def stop(self) -> None:
         self._stop.set()
+        self.beat_due = -math.inf  # the next request looks for its loop (and starts again)
         alarm, self._alarm = self._alarm, None
         tap, self._tap = self._tap, None
         if tap is not None:
@@ -638,7 +731,18 @@ class Watchdog:
                 and time.monotonic() - self.beat_at < alarm.delay
                 and not self._taps  # a tap the loop recorded is looked at first
             ):
-                alarm.wait()
+                tap = self._tap
+                if tap is None:
+                    alarm.wait()
+                else:
+                    alarm.sleep(
+                        tap.signum,
+                        lambda: (
+                            time.monotonic() - self.beat_at < alarm.delay
+                            and not self._taps
+                            and not self._stop.is_set()
+                        ),
+                    )
                 if self._stop.is_set():
                     return
                 now = time.monotonic()
@@ -668,7 +772,12 @@ class Watchdog:
         root = self._root
         if root is None or (root is self._reported_root and self._root_tick == self._reported_tick):
             return math.inf
-        return self._root_since + self.threshold + self._MARGIN
+        return self._root_since + self.threshold + self._MARGIN - self._pause
+
+    @property
+    def _pause(self) -> float:
+        """How long before the threshold the watchdog looks first, to look again just past it."""
+        return min(0.002, self.poll / 4)
 
     def _cpu_times(self) -> tuple[float, float]:
         clock = self._cpu_clock
@@ -690,11 +799,11 @@ class Watchdog:
                 if frame is None:
                     break
                 if frame.f_code is _TAPPED_CODE:
-                    sample = _Sample(frame.f_back, self.requests)
+                    sample = _Sample(frame.f_back, self.request_codes)
                     sample.via_tap = True
                     return sample
                 frame = frame.f_back
-        return _Sample(top, self.requests)
+        return _Sample(top, self.request_codes)
 
     def _report_taps(self, previous_look: float) -> None:
         """Report the GIL-holding calls the loop thread's late taps found, each where it
@@ -776,18 +885,19 @@ class Watchdog:
             self._root, self._root_tick = root, tick
             self._root_since = now
             return
-        blocked = now - self._root_since
-        if blocked <= self.threshold:
+        pause = self._pause
+        if now - self._root_since <= self.threshold - pause:
             return
         if root is self._reported_root and tick == self._reported_tick:
             return  # this stall is reported already
-        # A second look, shortly after: the same step and no heartbeat in between confirm
-        # the stall. Waiting long for the GIL to take it means Python code is computing.
-        pause = min(0.002, self.poll / 4)
+        # A second look, just past the threshold (this one came shortly before it): the
+        # same step and no heartbeat in between confirm the stall. Waiting long for the
+        # GIL to take it means Python code is computing.
         started = time.monotonic()
-        time.sleep(pause)
+        wait = max(pause / 4, self._root_since + self.threshold + self._MARGIN - started)
+        time.sleep(wait)
         second = self._sample()
-        gil_wait = time.monotonic() - started - pause
+        gil_wait = time.monotonic() - started - wait
         via_tap = sample.via_tap and second.via_tap
         if second.root is not root or self.tick != tick:
             return  # it has just ended: never blame the frame that follows
@@ -807,7 +917,7 @@ class Watchdog:
     def never_awaited(self, frame: FrameType | None) -> None:
         """Report a coroutine dropped unawaited while ``frame`` ran (on the loop thread)."""
         if threading.get_ident() == self.loop_thread:
-            sample = _Sample(frame, self.requests)
+            sample = _Sample(frame, self.request_codes)
             number = self.request_var.get(None)
             scope = self.in_flight.get(number) if number is not None else None
             if sample.request[0] is None and scope is not None:

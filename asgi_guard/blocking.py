@@ -7,6 +7,7 @@ import atexit
 import logging
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -100,8 +101,15 @@ class BlockingDetectorMiddleware:
         self._watchdog = Watchdog(
             threshold=self.threshold, poll=self.poll_interval, report=self._on_block
         )
+        # Its frames are how the watchdog knows a request (and reads its scope).
+        self._watchdog.request_codes = frozenset(
+            {BlockingDetectorMiddleware.__call__.__code__, type(self).__call__.__code__}
+        )
         self._loop: object = None
         self._heartbeat_task: object = None
+        #: The asyncio heartbeat's wake-up: its timer, and the future the timer completes.
+        self._timer: asyncio.TimerHandle | None = None
+        self._waker: asyncio.Future[None] | None = None
         self._exit_hook = False
         self._unawaited: tuple[Callable[[object], None], Callable[[object], None]] | None = None
         self._strict = StrictCalls(allow, self._where) if strict else None
@@ -126,17 +134,51 @@ class BlockingDetectorMiddleware:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        """Beat whenever a beat is due and no request has ended to give it. A task, not a
+        bare timer callback: a beat one loop iteration later after a stall leaves the
+        watchdog, waiting for the GIL, time to look first."""
         watchdog = self._watchdog
         try:
+            loop = asyncio._get_running_loop()
+            if loop is None:  # trio: a plain periodic task
+                while True:
+                    now = time.monotonic()
+                    if now >= watchdog.beat_due:
+                        watchdog.beat()
+                    await anyio.sleep(max(0.0, watchdog.beat_at + watchdog.beat_period - now))
             while True:
-                watchdog.beat()
-                # A task, not a bare timer callback: a beat one loop iteration later after
-                # a stall leaves the watchdog, waiting for the GIL, time to look first.
-                await anyio.sleep(watchdog.beat_period)
+                if time.monotonic() >= watchdog.beat_due:
+                    watchdog.beat()
+                # Requests that beat push this timer back (`_beat`): it fires only when none
+                # did, so under load the loop is never woken just to beat.
+                waker = self._waker = loop.create_future()
+                self._timer = loop.call_later(
+                    max(0.0, watchdog.beat_at + watchdog.beat_period - time.monotonic()),
+                    _wake,
+                    waker,
+                )
+                try:
+                    await waker
+                finally:
+                    if self._timer is not None:
+                        self._timer.cancel()
         finally:
+            self._timer = self._waker = None
             # The loop is shutting down (or lifespan ended): without a heartbeat the
             # watchdog would take any long step of a later loop for a stall.
             self.stop()
+
+    def _beat(self) -> None:
+        """A beat made by a request as it ends (on the loop thread): the heartbeat's timer is
+        pushed back to the next beat."""
+        if self._loop is not (asyncio._get_running_loop() or current_loop()):
+            return  # a request of another loop than the one watched: the next one starts it
+        watchdog = self._watchdog
+        watchdog.beat()
+        timer, waker = self._timer, self._waker
+        if timer is not None and waker is not None:
+            timer.cancel()
+            self._timer = waker.get_loop().call_later(watchdog.beat_period, _wake, waker)
 
     def _start_threads(self) -> None:
         self._dispatcher.start()
@@ -238,23 +280,25 @@ class BlockingDetectorMiddleware:
     # -- per request --------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
+        if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        loop = current_loop()
-        if self._loop is not loop:  # not started, stopped (``_loop`` is None) or a new loop
-            self._lazy_start(loop)
-        # Keyed by this call's own frame (never held in a local: a frame referring to
-        # itself would make every request's scope wait for the cycle collector).
         watchdog = self._watchdog
-        requests = watchdog.requests
-        requests[sys._getframe()] = scope
+        # A beat within the last beat period means the watchdog watches this loop; else
+        # look (finding the running loop costs a system call: ``getpid``).
+        if time.monotonic() >= watchdog.beat_due:
+            loop = asyncio._get_running_loop() or current_loop()
+            if self._loop is not loop:  # not started, stopped (``_loop`` is None), a new loop
+                self._lazy_start(loop)
+        # The watchdog finds this request through this call's frame and its ``scope``
+        # argument: nothing is registered per request.
         if not self._follow_tasks:
             try:
                 await self.app(scope, receive, send)
             finally:
-                del requests[sys._getframe()]
+                watchdog.ended += 1
+                if time.monotonic() >= watchdog.beat_due:
+                    self._beat()
             return
         # Tasks the request spawns inherit its number; the watchdog reads it from their
         # context.
@@ -265,9 +309,16 @@ class BlockingDetectorMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            del requests[sys._getframe()]
             del in_flight[number]
             watchdog.request_var.reset(token)
+            watchdog.ended += 1
+            if time.monotonic() >= watchdog.beat_due:
+                self._beat()
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
 
 
 def _task_anchor() -> object:

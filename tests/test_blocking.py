@@ -73,6 +73,11 @@ def line_of(marker: str) -> int:
     raise AssertionError(marker)
 
 
+async def quick(request: Request) -> PlainTextResponse:
+    await anyio.sleep(0)
+    return PlainTextResponse("ok")
+
+
 def make(**options: Any) -> tuple[BlockingDetectorMiddleware, list[BlockingEvent]]:
     events: list[BlockingEvent] = []
     app = Starlette(
@@ -81,6 +86,7 @@ def make(**options: Any) -> tuple[BlockingDetectorMiddleware, list[BlockingEvent
             Route("/compute", computing),
             Route("/polite", polite),
             Route("/threaded", threaded),
+            Route("/quick", quick),
             WebSocketRoute("/ws", websocket_blocks),
         ]
     )
@@ -200,15 +206,16 @@ async def test_blocking_outside_any_request_is_reported_without_one() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
 async def test_the_watchdog_sleeps_while_the_loop_beats_on_time() -> None:
-    """On Linux the watchdog thread looks only when a beat is late: none in an idle second."""
-    detector, events = make()
+    """On Linux the watchdog thread looks only when a beat is late: none in an idle second
+    (a beat a quarter of a poll interval late, 5 ms at the default, may cost one look)."""
+    detector, events = make(threshold=0.1)
     async with LifespanManager(detector) as manager:
         watchdog = detector._watchdog
-        assert watchdog.beat_period == detector.poll_interval / 2
+        assert watchdog.beat_period == 0.75 * detector.poll_interval
         await anyio.sleep(0.1)  # the first look, before the first beat, is behind us
         looks = watchdog.looks
         await anyio.sleep(1.0)
-        assert watchdog.looks - looks <= 1, "the watchdog kept waking up"  # not 50
+        assert watchdog.looks - looks <= 2, "the watchdog kept waking up"  # not 50
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert (await client.get("/users/1")).status_code == 200
@@ -249,6 +256,118 @@ async def test_stop_ends_a_lazily_started_heartbeat() -> None:
     await anyio.sleep(0.01)
     assert heartbeat.done()
     assert events == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_beat_so_the_heartbeat_does_not_wake_the_loop() -> None:
+    """Under a steady stream of requests, the requests beat as they end and push the
+    heartbeat's timer back: the heartbeat itself (a wake-up of the loop) hardly beats."""
+    detector, events = make()
+    request_beats = 0
+    beat = detector._beat
+
+    def counting_beat() -> None:
+        nonlocal request_beats
+        request_beats += 1
+        beat()
+
+    detector._beat = counting_beat  # type: ignore[method-assign]
+    async with LifespanManager(detector) as manager:
+        watchdog = detector._watchdog
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.get("/quick")
+            ticks, made = watchdog.tick, request_beats
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                assert (await client.get("/quick")).status_code == 200
+                await anyio.sleep(0.001)
+            ticks, made = watchdog.tick - ticks, request_beats - made
+    # 0.5 s at one beat per 3.75-7.5 ms: about 60-130 beats, nearly all made by requests.
+    assert made >= 20, (made, ticks)
+    assert ticks - made <= ticks / 10, f"the heartbeat beat {ticks - made} of {ticks} times"
+    assert events == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tap is Linux's")
+async def test_with_a_tap_beats_leave_the_alarm_alone() -> None:
+    """With a tap, its timer is the watchdog's alarm too: a beat moves one kernel timer,
+    not two, and a stall is still seen (the watchdog wakes on the tap's signal)."""
+    detector, events = make()
+    async with LifespanManager(detector) as manager:
+        watchdog = detector._watchdog
+        alarm = watchdog._alarm
+        assert alarm is not None
+        assert watchdog._tap is not None
+        pushes = 0
+        push = alarm.push
+
+        def counting_push() -> None:
+            nonlocal pushes
+            pushes += 1
+            push()
+
+        alarm.push = counting_push
+        ticks = watchdog.tick
+        await anyio.sleep(0.2)
+        assert watchdog.tick - ticks >= 5
+        assert pushes == 0
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/users/1")).status_code == 200
+        await settle(events)
+    assert [e.route for e in events] == ["/users/{user_id}"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ppoll and timerfd are Linux's")
+def test_a_tap_signal_just_before_the_watchdog_sleeps_is_not_lost() -> None:
+    """The watchdog checks whether to sleep with the tap's signal blocked; a signal that
+    comes right then wakes the sleep at once instead of being missed."""
+    from asgi_guard._blocking import make_alarm
+
+    signum = next(
+        n for n in range(signal.SIGRTMAX - 1, signal.SIGRTMIN, -1)
+        if signal.getsignal(n) == signal.SIG_DFL
+    )  # fmt: skip
+    previous = signal.signal(signum, lambda s, f: None)
+    alarm = make_alarm(60.0)
+    assert alarm is not None
+    slept: list[float] = []
+
+    def sleeper() -> None:
+        def still() -> bool:  # the signal arrives between the check and the sleep
+            signal.pthread_kill(threading.get_ident(), signum)
+            return True
+
+        started = time.monotonic()
+        alarm.sleep(signum, still)
+        slept.append(time.monotonic() - started)
+
+    try:
+        thread = threading.Thread(target=sleeper, daemon=True)
+        thread.start()
+        thread.join(5.0)
+        if thread.is_alive():
+            alarm.ring()  # let it go before failing
+            thread.join(5.0)
+        assert slept, "the signal was lost: the watchdog slept on"
+        assert slept[0] < 1.0
+        # And a ring still wakes it, with the signal never sent.
+        slept.clear()
+
+        def rung() -> None:
+            alarm.sleep(signum, lambda: True)
+            slept.append(0.0)
+
+        thread = threading.Thread(target=rung, daemon=True)
+        thread.start()
+        time.sleep(0.05)
+        alarm.ring()
+        thread.join(5.0)
+        assert slept == [0.0]
+    finally:
+        alarm.close()
+        signal.signal(signum, previous)
 
 
 def hold_the_gil(seconds: float) -> None:

@@ -296,18 +296,12 @@ class _Alarm:
         with contextlib.suppress(OSError):  # interrupted: the caller looks early, no harm
             os.read(self.fd, 8)  # the number of expiries since the last read
 
-    def sleep(self, signum: int, still: Callable[[], bool]) -> None:
-        """Sleep until `ring`, or until signal ``signum`` reaches this thread (the tap's),
-        if ``still()`` holds once that signal is blocked: a signal that comes between the
-        check and the sleep is not lost (``ppoll`` unblocks it as it starts waiting)."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
-        try:
-            if still() and _ppoll(self.fd, frozenset(previous) - {signum}):
+    def sleep(self, longest: float) -> None:
+        """Sleep until `ring`, a signal reaching this thread (the tap's: unlike ``os.read``,
+        a ``poll`` through ctypes returns when one interrupts it), or ``longest`` seconds."""
+        with contextlib.suppress(OSError):  # closed by a stop meanwhile
+            if _poll(self.fd, longest):
                 os.read(self.fd, 8)  # rung: take the expiry (it is readable: no wait)
-        except OSError:  # pragma: no cover - closed by a stop meanwhile
-            return
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending tap runs now
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -315,44 +309,29 @@ class _Alarm:
 
 
 @functools.cache
-def _ppoll_call() -> Any:
-    """libc's ``ppoll`` and the C types it takes (ctypes releases the GIL while it waits,
-    and, unlike ``os.read``, returns when a signal interrupts it)."""
+def _poll_call() -> Any:
+    """libc's ``poll`` and its ``struct pollfd`` (ctypes releases the GIL while it waits)."""
     import ctypes
 
     class Pollfd(ctypes.Structure):
         _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
 
-    sigset = ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))  # glibc sigset_t
-    ppoll = ctypes.CDLL(None, use_errno=True).ppoll
-    ppoll.argtypes = [ctypes.POINTER(Pollfd), ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
-    return ppoll, Pollfd, sigset
+    poll = ctypes.CDLL(None, use_errno=True).poll
+    poll.argtypes = [ctypes.POINTER(Pollfd), ctypes.c_ulong, ctypes.c_int]
+    return poll, Pollfd
 
 
-@functools.cache
-def _sigset(signals: frozenset[int]) -> Any:
-    """A C ``sigset_t`` holding ``signals``."""
+def _poll(fd: int, timeout: float) -> bool:
+    """Wait until ``fd`` is readable (True), a signal handler ran on this thread, or
+    ``timeout`` seconds passed (False)."""
     import ctypes
 
-    _, _, sigset = _ppoll_call()
-    bits = 8 * ctypes.sizeof(ctypes.c_ulong)
-    mask = sigset()
-    for signum in signals:
-        mask[(signum - 1) // bits] |= 1 << ((signum - 1) % bits)
-    return mask
-
-
-def _ppoll(fd: int, mask: frozenset[int]) -> bool:
-    """Wait, with the signal mask ``mask``, until ``fd`` is readable (True) or a signal
-    handler ran (False)."""
-    import ctypes
-
-    ppoll, pollfd, _ = _ppoll_call()
+    poll, pollfd = _poll_call()
     entry = pollfd(fd, select.POLLIN, 0)
-    if ppoll(ctypes.byref(entry), 1, None, ctypes.byref(_sigset(mask))) < 0:
+    if poll(ctypes.byref(entry), 1, max(1, round(timeout * 1000))) < 0:
         if ctypes.get_errno() == errno.EINTR:
             return False
-        raise OSError(ctypes.get_errno(), "ppoll")
+        raise OSError(ctypes.get_errno(), "poll")
     return bool(entry.revents & select.POLLIN)
 
 
@@ -593,6 +572,8 @@ class Watchdog:
 
     #: How far past the threshold the look at a step being timed is made.
     _MARGIN = 0.001
+    #: How long the watchdog sleeps at most when the tap's signal is to wake it.
+    _SLEEP_AT_MOST = 0.5
 
     # -- the loop's side -------------------------------------------------------------------
 
@@ -731,18 +712,20 @@ class Watchdog:
                 and time.monotonic() - self.beat_at < alarm.delay
                 and not self._taps  # a tap the loop recorded is looked at first
             ):
-                tap = self._tap
-                if tap is None:
+                if self._tap is None:
                     alarm.wait()
                 else:
-                    alarm.sleep(
-                        tap.signum,
-                        lambda: (
-                            time.monotonic() - self.beat_at < alarm.delay
-                            and not self._taps
-                            and not self._stop.is_set()
-                        ),
-                    )
+                    # The tap's signal wakes it (beats push only the tap's timer). A signal
+                    # that came between the check above and the sleep would be missed: the
+                    # sleep is bounded, and a wake with the loop beating on time looks at
+                    # nothing.
+                    alarm.sleep(self._SLEEP_AT_MOST)
+                    if (
+                        time.monotonic() - self.beat_at < alarm.delay
+                        and not self._taps
+                        and not self._stop.is_set()
+                    ):
+                        continue
                 if self._stop.is_set():
                     return
                 now = time.monotonic()

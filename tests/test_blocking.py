@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -258,31 +259,34 @@ async def test_stop_ends_a_lazily_started_heartbeat() -> None:
     assert events == []
 
 
+def counted(call: Callable[[], object]) -> tuple[Callable[[], None], list[int]]:
+    """``call`` wrapped to count its calls (in the list's one item)."""
+    count = [0]
+
+    def wrapper() -> None:
+        count[0] += 1
+        call()
+
+    return wrapper, count
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_requests_beat_so_the_heartbeat_does_not_wake_the_loop() -> None:
     """Under a steady stream of requests, the requests beat as they end and push the
     heartbeat's timer back: the heartbeat itself (a wake-up of the loop) hardly beats."""
     detector, events = make()
-    request_beats = 0
-    beat = detector._beat
-
-    def counting_beat() -> None:
-        nonlocal request_beats
-        request_beats += 1
-        beat()
-
-    detector._beat = counting_beat  # type: ignore[method-assign]
+    detector._beat, request_beats = counted(detector._beat)  # type: ignore[method-assign]
     async with LifespanManager(detector) as manager:
         watchdog = detector._watchdog
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             await client.get("/quick")
-            ticks, made = watchdog.tick, request_beats
+            ticks, made = watchdog.tick, request_beats[0]
             until = time.monotonic() + 0.5
             while time.monotonic() < until:
                 assert (await client.get("/quick")).status_code == 200
                 await anyio.sleep(0.001)
-            ticks, made = watchdog.tick - ticks, request_beats - made
+            ticks, made = watchdog.tick - ticks, request_beats[0] - made
     # 0.5 s at one beat per 3.75-7.5 ms: about 60-130 beats, nearly all made by requests.
     assert made >= 20, (made, ticks)
     assert ticks - made <= ticks / 10, f"the heartbeat beat {ticks - made} of {ticks} times"
@@ -299,19 +303,11 @@ async def test_with_a_tap_beats_leave_the_alarm_alone() -> None:
         alarm = watchdog._alarm
         assert alarm is not None
         assert watchdog._tap is not None
-        pushes = 0
-        push = alarm.push
-
-        def counting_push() -> None:
-            nonlocal pushes
-            pushes += 1
-            push()
-
-        alarm.push = counting_push
+        alarm.push, pushes = counted(alarm.push)
         ticks = watchdog.tick
         await anyio.sleep(0.2)
         assert watchdog.tick - ticks >= 5
-        assert pushes == 0
+        assert pushes == [0]
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert (await client.get("/users/1")).status_code == 200

@@ -185,6 +185,25 @@ class _Polling(BlockingDetectorMiddleware):
         super()._start_threads()
 
 
+class _QuietBeats(BlockingDetectorMiddleware):
+    """The detector without its tap, whose beats move no timer and read no clock (its
+    watchdog sleeps for good, and it detects nothing): what a beat's system calls cost,
+    against ``on``."""
+
+    def _start_threads(self) -> None:
+        self._watchdog.use_tap = False
+        super()._start_threads()
+        watchdog = self._watchdog
+        period = watchdog.beat_period
+
+        def beat() -> None:
+            watchdog.tick += 1
+            watchdog.beat_at = now = time.monotonic()
+            watchdog.beat_due = now + 0.9 * period
+
+        watchdog.beat = beat  # type: ignore[method-assign]
+
+
 _BREAKDOWN: dict[str, Callable[[], FastAPI]] = {
     "breakdown_off": lambda: _fastapi(False),
     "breakdown_pass": lambda: _fastapi(False, _PassThrough),  # type: ignore[arg-type]
@@ -195,6 +214,7 @@ _BREAKDOWN: dict[str, Callable[[], FastAPI]] = {
     "breakdown_process": lambda: _fastapi(False, _IdleProcess),
     "breakdown_notap": lambda: _fastapi(False, _NoTap),
     "breakdown_polling": lambda: _fastapi(False, _Polling),
+    "breakdown_quiet": lambda: _fastapi(False, _QuietBeats),
     "breakdown_on": lambda: _fastapi(True),
 }
 

@@ -76,7 +76,7 @@ APPS = {
 }
 MODES = ("off", "on")
 #: The servers (``MODES`` and ``--breakdown`` variants) that run a watchdog thread.
-WATCHING = ("on", "notap", "polling")
+WATCHING = ("on", "notap", "polling", "quiet")
 CPU_TARGET = 1.01  # on/off, server CPU per request at the fixed rate
 RPS_TARGET = 0.99  # on/off, requests/s at saturation
 P99_TARGET = 1.02  # on/off, p99 latency at the fixed rate
@@ -354,6 +354,7 @@ BREAKDOWN = (
     ("process", "+ a child process waking every 20 ms instead"),
     ("notap", "the detector without its tap"),
     ("polling", "the detector, its watchdog looking every poll interval"),
+    ("quiet", "the detector, its beats moving no timer and reading no clock"),
     ("on", "the detector"),
 )
 

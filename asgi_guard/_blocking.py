@@ -1,21 +1,24 @@
 """The blocking-call watchdog: a thread that notices when one step holds the event loop.
 
-The loop publishes a heartbeat (a tick counter it bumps every half poll interval) and, at
-each beat, pushes back a kernel timer (Linux ``timerfd``) set one poll interval ahead. The
-watchdog thread sleeps on that timer: while the loop goes round it never wakes (each wake-up
-of a thread of this process costs the busy loop thread far more than the wake-up itself:
-the GIL changes hands twice). When the loop misses a beat, the timer expires and the
-watchdog wakes, then looks every poll interval until the loop beats again. Where there is
-no ``timerfd`` it simply looks every poll interval. A look reads the loop thread's stack and
+The loop publishes a heartbeat (a tick counter bumped by requests as they end, or by a
+heartbeat task when none did, at least every three quarters of a poll interval) and, at
+each beat, pushes back a kernel timer set one poll interval ahead: the tap's (below), or a
+Linux ``timerfd`` where there is no tap. The watchdog thread sleeps until that timer fires:
+while the loop goes round it never wakes (each wake-up of a thread of this process costs
+the busy loop thread far more than the wake-up itself: the GIL changes hands twice). When
+the loop misses a beat, the timer expires and the watchdog wakes, then looks every poll
+interval until the loop beats again. Where there is no ``timerfd`` it simply looks every
+poll interval. A look reads the loop thread's stack and
 finds the *step* running on it: the frames inward of the innermost frame of loop, task-runner or
 server machinery (the task's coroutine and what it calls). When the same step has been on
 the thread, with the tick unchanged, for longer than the threshold, the loop is blocked:
 the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
 (a stall that has just ended is never blamed on the frame that follows it), and reports.
-Requests are found by walking from the sampled frame to the middleware's own frame,
-registered when the request began; a step in a task the request spawned (a task group
-child, a streaming body Starlette runs in a task of its own) never meets that frame, so its
-task is looked up and the request read from the context the task inherited.
+Requests are found by walking from the sampled frame to the middleware's own frame and
+reading its ``scope`` argument (nothing is registered per request); a step in a task the
+request spawned (a task group child, a streaming body Starlette runs in a task of its own)
+never meets that frame, so its task is looked up and the request read from the context the
+task inherited.
 
 When a C call holds the GIL, the watchdog cannot run at all. On Linux, with the loop on the
 main thread, a *tap* (`_Tap`) makes the loop thread sample itself where such a call returns:
@@ -566,8 +569,9 @@ class Watchdog:
         self.use_tap = True
         #: How often the loop beats at least (set by `start`): every three quarters of a
         #: poll interval with an alarm (the watchdog wakes when a beat is a quarter of a poll
-        #: interval late), else every quarter threshold. Each beat costs the loop thread two
-        #: timer pushes and two clock reads (50 µs on this VM, measured), so no more often.
+        #: interval late), else every quarter threshold. Each beat costs the loop thread a
+        #: timer push and two clock reads (about 30 µs on this VM, measured), so no more
+        #: often.
         self.beat_period = threshold / 4
 
     #: How far past the threshold the look at a step being timed is made.
@@ -707,11 +711,7 @@ class Watchdog:
         # loop began after the last beat, so the alarm's look, one poll interval after
         # that beat, is as early as the schedule's would have been.
         while True:
-            if (
-                alarm is not None
-                and time.monotonic() - self.beat_at < alarm.delay
-                and not self._taps  # a tap the loop recorded is looked at first
-            ):
+            if alarm is not None and self._on_time(alarm):
                 if self._tap is None:
                     alarm.wait()
                 else:
@@ -720,11 +720,7 @@ class Watchdog:
                     # sleep is bounded, and a wake with the loop beating on time looks at
                     # nothing.
                     alarm.sleep(self._SLEEP_AT_MOST)
-                    if (
-                        time.monotonic() - self.beat_at < alarm.delay
-                        and not self._taps
-                        and not self._stop.is_set()
-                    ):
+                    if self._on_time(alarm) and not self._stop.is_set():
                         continue
                 if self._stop.is_set():
                     return
@@ -749,6 +745,11 @@ class Watchdog:
                 expected += poll
                 if expected < now:  # overslept (the GIL was held): start the schedule again
                     expected = now + poll
+
+    def _on_time(self, alarm: _Alarm) -> bool:
+        """The loop beat within the alarm's delay, and no tap it recorded waits to be
+        looked at (those come first): nothing to look at."""
+        return time.monotonic() - self.beat_at < alarm.delay and not self._taps
 
     def _due(self) -> float:
         """When the step being timed, if it still runs, has passed the threshold."""

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._adaptive import LimitAlgorithm
 from ._algorithms import Adaptive, as_algorithm
 from ._clock import Clock, MonotonicClock
-from ._deadline import _check_seconds, _is_number, current_loop, spawn_task
+from ._deadline import LoopCheck, _check_seconds, _is_number, current_loop, spawn_task
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._pacing import Pacer
@@ -240,6 +240,7 @@ class LoadSheddingMiddleware:
         self._refusal_ratio = 0.0
         self._reported_limit = algorithm.limit
         self._loop: object = None
+        self._on_loop = LoopCheck()  # whether a request runs on ``_loop``, cheaply
         self._ticker: object = None
         #: Set by a request that finds the worker busy while the ticker runs slowly.
         self._hurry: anyio.Event | None = None
@@ -295,30 +296,41 @@ class LoadSheddingMiddleware:
         while the loop lives."""
         clock = self._clock
         algorithm = self.limiter.algorithm
-        counts = self.limiter.counts
         ticks = reported = measured = 0  # in TICKs
-        seen = counts["admitted"]  # admissions at the last tick
         while True:
             before = clock.now()
-            previous, seen = seen, counts["admitted"]
-            if seen != previous or self._busy():
-                period, steps = TICK, 1
+            if self._busy():
                 await anyio.sleep(TICK)
+                now = clock.now()
+                lag = max(0.0, now - before - TICK)
+                steps = 1
             else:
-                period, steps = IDLE_TICK, round(IDLE_TICK / TICK)
+                # Nothing in flight: the next reading is due only after IDLE_TICK, or once
+                # a request takes half the limit. Requests that come and go meanwhile no
+                # longer keep it at TICK: each tick wakes a loop that is mostly idle.
                 hurry = self._hurry = anyio.Event()
                 try:
                     with anyio.move_on_after(IDLE_TICK):
                         await hurry.wait()
                 finally:
                     self._hurry = None
+                now = clock.now()
+                # The wait counts as a reading per TICK it lasted, lag-free (the mean lag
+                # an algorithm takes is one over time, not over the busy moments only),
+                # but for the lag of a wait that ran its course, read last.
+                steps = int((now - before) / TICK)
                 if hurry.is_set():
-                    continue  # cut short: no lag to read; from now on at TICK
-            now = clock.now()
-            lag = max(0.0, now - before - period)
+                    lag = 0.0
+                    if not steps:
+                        continue  # cut short at once: from now on at TICK
+                else:
+                    lag = max(0.0, now - before - IDLE_TICK)
+                    steps = max(1, steps)
             self.loop_lag = lag
             ticks += steps
             try:
+                for _ in range(steps - 1):
+                    algorithm.on_lag(now, 0.0)
                 algorithm.on_lag(now, lag)
                 memory = ticks - measured >= 50
                 if memory:
@@ -386,6 +398,7 @@ class LoadSheddingMiddleware:
     def _bind(self, loop: object) -> None:
         """Serve on ``loop`` (with a pacer of its own, on asyncio)."""
         self._loop = loop
+        self._on_loop.bind(loop)
         asyncio_loop = loop if isinstance(loop, asyncio.AbstractEventLoop) else None
         self._pacer = Pacer(asyncio_loop) if self._pace and asyncio_loop is not None else None
 
@@ -398,6 +411,7 @@ class LoadSheddingMiddleware:
             finally:
                 if self._loop is loop:
                     self._loop = None
+                    self._on_loop.bind(None)
 
         self._ticker = spawn_task(loop, tick_until_the_loop_ends)
 
@@ -413,6 +427,7 @@ class LoadSheddingMiddleware:
             finally:
                 group.cancel_scope.cancel()
                 self._loop = None
+                self._on_loop.bind(None)
         if error is not None:
             raise error
 
@@ -458,9 +473,10 @@ class LoadSheddingMiddleware:
         if path in exempt.paths or (exempt.needs_check and exempt(scope, path)):
             await self.app(scope, receive, send)
             return
-        loop = current_loop()
-        if self._loop is not loop:  # not started, or a new event loop (tests run one each)
-            self._start(loop)
+        if not self._on_loop.holds():  # else the loop it is bound to (no system call)
+            loop = current_loop()
+            if self._loop is not loop:  # not started, or a new event loop (tests run one each)
+                self._start(loop)
         self._arrivals += 1
         if self._classifies:
             priority = self._classify(scope, path)

@@ -175,6 +175,7 @@ class Settings:
     uvicorn_limits: list[int]
     uvicorn_limit: int | None
     overhead_rounds: int
+    overhead_side_by_side: bool
     capacity: float | None
     server_env: dict[str, str]
     wait_others: float
@@ -771,47 +772,79 @@ IDLE_SETTLE, IDLE_SECONDS = 1.0, 4.0
 
 def run_overhead(c: float, s: Settings) -> dict[str, dict[str, list[float]]]:
     """Server CPU µs per response at 0.5x C: path -> variant -> one value per round; and
-    under ``"idle"``, the server's CPU ms per second with no traffic, after the loads."""
+    under ``"idle"``, the server's CPU ms per second with no traffic, after the loads.
+    One variant at a time, or (``--overhead-side-by-side``) the three servers at once, each
+    under its own load, so that the machine's drift is the same for all three."""
     variants = ["none", "fixed", "default"]
     per: dict[str, dict[str, list[float]]] = {
         p: {v: [] for v in variants} for p in (*OVERHEAD_PATHS, "idle")
     }
     for k in range(s.overhead_rounds):
         order = variants[k % 3 :] + variants[: k % 3]
-        print(f"\n== overhead at 0.5x C, round {k + 1}: {', '.join(order)}")
-        for variant in order:
-            wait_quiet(s)
-            server = start_server(variant, s)
-            cells = []
-            try:
-                run(_gather(server.port, [Load(_poisson(0.5 * c, 1, s, seed=1000 + k))], s))
-                watch = Watch.start()
-                for path in OVERHEAD_PATHS:
-                    load = Load(_poisson(0.5 * c, 5, s, seed=k), path=path)
-                    cpu0 = server.cpu()
-                    (result,) = run(_gather(server.port, [load], s))
-                    cpu = server.cpu() - cpu0
-                    responses = sum(1 for x in result.records if x.status)
-                    us = cpu / max(responses, 1) * 1e6
-                    per[path][variant].append(us)
-                    cells.append(
-                        f"{path} {us:.1f} µs/response ({responses}, {cpu / result.wall:.0%} "
-                        f"of a core)"
-                    )
-                time.sleep(IDLE_SETTLE)
-                cpu0 = server.cpu()
-                time.sleep(IDLE_SECONDS)
-                idle = (server.cpu() - cpu0) / IDLE_SECONDS * 1e3
-                per["idle"][variant].append(idle)
-                cells.append(f"idle {idle:.2f} ms/s")
-                others = watch.percent()
-            finally:
-                server.stop(timeout=5)
-            print(
-                f"  {variant}: {'; '.join(cells)}; others {others:.0f}%"
-                + ("  [BUSY]" if others > NOISY else "")
-            )
+        together = "at once" if s.overhead_side_by_side else "in turn"
+        print(f"\n== overhead at 0.5x C, round {k + 1}: {', '.join(order)} ({together})")
+        groups = [order] if s.overhead_side_by_side else [[v] for v in order]
+        for group in groups:
+            _overhead_round(group, k, c, s, per)
     return per
+
+
+def _overhead_round(
+    group: list[str], k: int, c: float, s: Settings, per: dict[str, dict[str, list[float]]]
+) -> None:
+    """One round of the overhead's loads on a fresh server per variant of ``group``, all
+    driven at once."""
+    wait_quiet(s)
+    servers: list[Server] = []
+    cells: dict[str, list[str]] = {v: [] for v in group}
+
+    async def drive(path: str | None, seconds: float, seed: int) -> list[LoadResult]:
+        loads = [
+            run_load(
+                "127.0.0.1",
+                server.port,
+                _poisson(0.5 * c, seconds, s, seed=seed),
+                path=path or "/work",
+                connections=s.connections,
+                timeout=s.timeout,
+                slo=s.slo,
+            )
+            for server in servers
+        ]
+        return list(await asyncio.gather(*loads))
+
+    try:
+        for variant in group:
+            servers.append(start_server(variant, s))
+        run(drive(None, 1, 1000 + k))
+        watch = Watch.start()
+        for path in OVERHEAD_PATHS:
+            cpu0 = [server.cpu() for server in servers]
+            results = run(drive(path, 5, k))
+            for variant, server, before, result in zip(group, servers, cpu0, results, strict=True):
+                cpu = server.cpu() - before
+                responses = sum(1 for x in result.records if x.status)
+                us = cpu / max(responses, 1) * 1e6
+                per[path][variant].append(us)
+                cells[variant].append(
+                    f"{path} {us:.1f} µs/response ({responses}, {cpu / result.wall:.0%} of a core)"
+                )
+        time.sleep(IDLE_SETTLE)
+        cpu0 = [server.cpu() for server in servers]
+        time.sleep(IDLE_SECONDS)
+        for variant, server, before in zip(group, servers, cpu0, strict=True):
+            idle = (server.cpu() - before) / IDLE_SECONDS * 1e3
+            per["idle"][variant].append(idle)
+            cells[variant].append(f"idle {idle:.2f} ms/s")
+        others = watch.percent()
+    finally:
+        for server in servers:
+            server.stop(timeout=5)
+    for variant in group:
+        print(
+            f"  {variant}: {'; '.join(cells[variant])}; others {others:.0f}%"
+            + ("  [BUSY]" if others > NOISY else "")
+        )
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -1181,6 +1214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uvicorn-limit", type=int, help="this N, no search")
     parser.add_argument("--overhead-rounds", type=int, help="default 3 (quick 1)")
     parser.add_argument(
+        "--overhead-side-by-side",
+        action="store_true",
+        help="the overhead's three servers at once, each under its own load",
+    )
+    parser.add_argument(
         "--server-env", type=_env, action="append", default=[], help="NAME=VALUE for the server"
     )
     parser.add_argument(
@@ -1208,6 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         uvicorn_limit=args.uvicorn_limit,
         overhead_rounds=args.overhead_rounds or (1 if quick else 3),
+        overhead_side_by_side=args.overhead_side_by_side,
         capacity=args.capacity,
         server_env=dict(args.server_env),
         wait_others=args.wait_others,

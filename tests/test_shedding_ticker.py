@@ -7,6 +7,8 @@ Measured on a one-worker uvicorn server on a 2-vCPU VM: each tick wakes an idle 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Mapping
 
 import anyio
@@ -15,6 +17,7 @@ from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
 
 from asgi_guard import LoadSheddingMiddleware
+from asgi_guard._deadline import LoopCheck, current_loop
 from asgi_guard.shedding import IDLE_TICK, TICK
 
 from .asgi_driver import drive, http_scope
@@ -23,17 +26,23 @@ pytestmark = pytest.mark.anyio
 
 
 class Counting:
-    """A fixed limit that notes when the ticker feeds it the loop's lag."""
+    """A fixed limit that notes when the ticker feeds it the loop's lag: ``lags`` has the
+    time of each tick (the readings of one tick come at once), ``readings`` every lag."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.lags: list[float] = []
+        self.readings: list[float] = []
+        self._last = -1.0  # the ``now`` of the last reading
 
     def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> None:
         pass
 
     def on_lag(self, now: float, lag: float) -> None:
-        self.lags.append(anyio.current_time())
+        if now != self._last:
+            self.lags.append(anyio.current_time())
+        self._last = now
+        self.readings.append(lag)
 
     def state(self) -> Mapping[str, float]:
         return {"limit": self.limit}
@@ -67,6 +76,38 @@ async def test_an_idle_worker_ticks_at_the_idle_rate() -> None:
     async with LifespanManager(shedder):
         await anyio.sleep(IDLE_TICK * 3.5)
     assert 2 <= len(algorithm.lags) <= 4, algorithm.lags
+    # Each idle tick reads as many lags as TICKs it lasted (the mean lag is one over time).
+    per_tick = round(IDLE_TICK / TICK)
+    assert per_tick * len(algorithm.lags) <= len(algorithm.readings), algorithm.readings
+    assert len(algorithm.readings) <= (per_tick + 2) * len(algorithm.lags), algorithm.readings
+
+
+async def quick(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await Holding()(scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_requests_that_come_and_go_do_not_keep_the_ticker_at_tick() -> None:
+    """Requests that never take half the limit leave the ticker at IDLE_TICK: a request
+    every 10 ms, none in flight when the ticker looks, does not wake the loop every TICK
+    (as it did). The time counts as lag-free readings all the same."""
+    algorithm = Counting(limit=8)
+    shedder = LoadSheddingMiddleware(quick, limit=algorithm)
+    async with LifespanManager(shedder):
+        await anyio.sleep(IDLE_TICK / 2)
+        ticks, readings = len(algorithm.lags), len(algorithm.readings)
+        started = anyio.current_time()
+        while anyio.current_time() - started < 4 * IDLE_TICK:
+            await drive(shedder, http_scope("/"))
+            await anyio.sleep(TICK / 2)
+    ticked = len(algorithm.lags) - ticks
+    assert 3 <= ticked <= 5, algorithm.lags  # 4 IDLE_TICKs, not 50 TICKs
+    read = len(algorithm.readings) - readings
+    assert read >= 3 * round(IDLE_TICK / TICK), algorithm.readings
+    assert max(algorithm.readings[readings:]) < TICK, algorithm.readings  # an idle loop
 
 
 async def test_a_busy_worker_ticks_at_tick() -> None:
@@ -112,3 +153,52 @@ async def test_a_lag_trigger_keeps_the_ticker_at_tick() -> None:
     async with LifespanManager(shedder):
         await anyio.sleep(TICK * 10)
     assert len(algorithm.lags) >= 6, algorithm.lags
+
+
+def test_each_new_event_loop_is_found_without_a_lookup_per_request() -> None:
+    """Requests on the loop the guard is bound to skip the loop lookup (a system call per
+    request before Python 3.12); a loop that ended, even closed with its ticker still
+    pending, or a loop in another thread, is looked up and bound anew."""
+    shedder = LoadSheddingMiddleware(quick, limit=4)
+    seen: list[object] = []
+
+    async def serve() -> None:
+        for _ in range(3):
+            assert (await drive(shedder, http_scope("/"))).status == 200
+        assert shedder._loop is asyncio.get_running_loop()
+        assert shedder._on_loop.holds()
+        seen.append(shedder._loop)
+
+    asyncio.run(serve())  # cancels the ticker at its end: unbound
+    assert shedder._loop is None
+    assert not shedder._on_loop.holds()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        loop.close()  # the ticker is left pending, never cancelled: still bound
+    assert shedder._loop is loop
+    asyncio.run(serve())  # a stopped loop does not hold: looked up and bound anew
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    thread.join()
+    assert len({id(loop) for loop in seen}) == 4
+
+
+async def test_loop_check_holds_only_in_the_binding_thread_while_the_loop_runs(
+    anyio_backend_name: str,
+) -> None:
+    check = LoopCheck()
+    assert not check.holds()
+    check.bind(current_loop())
+    if anyio_backend_name == "trio":
+        assert not check.holds()  # nothing to check cheaply on trio: always looked up
+        return
+    assert check.holds()
+    answers: list[bool] = []
+    thread = threading.Thread(target=lambda: answers.append(check.holds()))
+    thread.start()
+    thread.join()
+    assert answers == [False]
+    check.bind(None)
+    assert not check.holds()

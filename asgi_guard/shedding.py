@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -242,8 +243,9 @@ class LoadSheddingMiddleware:
         self._loop: object = None
         self._on_loop = LoopCheck()  # whether a request runs on ``_loop``, cheaply
         self._ticker: object = None
-        #: Set by a request that finds the worker busy while the ticker runs slowly.
-        self._hurry: anyio.Event | None = None
+        #: Called by a request that finds the worker busy while the ticker runs slowly.
+        self._hurry: Callable[[], None] | None = None
+        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self._pace = pace
         self._pacer: Pacer | None = None
 
@@ -287,7 +289,38 @@ class LoadSheddingMiddleware:
         hurry = self._hurry
         if hurry is not None:
             self._hurry = None
-            hurry.set()
+            hurry()
+
+    async def _nap(
+        self, loop: asyncio.AbstractEventLoop | None, seconds: float, *, wakeable: bool = False
+    ) -> bool:
+        """The ticker's sleep; a ``wakeable`` one ends early at `_wake_ticker`. Whether it
+        was woken early.
+
+        On asyncio a future and a timer handle: anyio's sleep, event and cancel scope
+        made a tick cost 13 ``getpid`` system calls (each finds the running loop, before
+        Python 3.12) and two loop iterations, on every tick of a busy worker."""
+        if loop is None:  # trio
+            if not wakeable:
+                await anyio.sleep(seconds)
+                return False
+            hurry = anyio.Event()
+            self._hurry = hurry.set
+            try:
+                with anyio.move_on_after(seconds):
+                    await hurry.wait()
+            finally:
+                self._hurry = None
+            return hurry.is_set()
+        waker: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(seconds, _settle, waker, False)
+        if wakeable:
+            self._hurry = functools.partial(_settle, waker, True)
+        try:
+            return await waker
+        finally:
+            timer.cancel()
+            self._hurry = None
 
     async def _tick(self) -> None:
         """Measures the loop's lag, feeds it to the algorithm and the lag trigger, and
@@ -296,11 +329,12 @@ class LoadSheddingMiddleware:
         while the loop lives."""
         clock = self._clock
         algorithm = self.limiter.algorithm
+        loop = self._asyncio_loop  # the loop it runs on (None on trio)
         ticks = reported = measured = 0  # in TICKs
         while True:
             before = clock.now()
             if self._busy():
-                await anyio.sleep(TICK)
+                await self._nap(loop, TICK)
                 now = clock.now()
                 lag = max(0.0, now - before - TICK)
                 steps = 1
@@ -308,18 +342,13 @@ class LoadSheddingMiddleware:
                 # Nothing in flight: the next reading is due only after IDLE_TICK, or once
                 # a request takes half the limit. Requests that come and go meanwhile no
                 # longer keep it at TICK: each tick wakes a loop that is mostly idle.
-                hurry = self._hurry = anyio.Event()
-                try:
-                    with anyio.move_on_after(IDLE_TICK):
-                        await hurry.wait()
-                finally:
-                    self._hurry = None
+                hurried = await self._nap(loop, IDLE_TICK, wakeable=True)
                 now = clock.now()
                 # The wait counts as a reading per TICK it lasted, lag-free (the mean lag
                 # an algorithm takes is one over time, not over the busy moments only),
                 # but for the lag of a wait that ran its course, read last.
                 steps = int((now - before) / TICK)
-                if hurry.is_set():
+                if hurried:
                     lag = 0.0
                     if not steps:
                         continue  # cut short at once: from now on at TICK
@@ -400,6 +429,7 @@ class LoadSheddingMiddleware:
         self._loop = loop
         self._on_loop.bind(loop)
         asyncio_loop = loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+        self._asyncio_loop = asyncio_loop
         self._pacer = Pacer(asyncio_loop) if self._pace and asyncio_loop is not None else None
 
     def _start(self, loop: object) -> None:
@@ -578,6 +608,11 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await send_rejection(_rejection(why, retry), scope, receive, send, self._response)
+
+
+def _settle(waker: asyncio.Future[bool], early: bool) -> None:
+    if not waker.done():
+        waker.set_result(early)
 
 
 def _rejection(why: Refusal, retry: int) -> Rejection:

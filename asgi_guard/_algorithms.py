@@ -601,7 +601,11 @@ class Adaptive:
       queue: when a window's worth of them is faster, the baseline follows them down. When
       none has been seen for ``probe_interval`` (sustained load), it measures again: for a
       few requests' time the limit drops to half the concurrency the throughput needs (so
-      nothing queues), which costs a fraction of a percent of throughput.
+      nothing queues), which costs a fraction of a percent of throughput. When a window's
+      worth of them is slower than the target while the limit is not in use and the loop
+      keeps up, slower routes are being called than when it was measured: the baseline
+      follows them up (else every request would look queued and the limit would fall to
+      its floor).
     * **Target.** Latency may grow to ``baseline * tolerance`` (at least 1 ms above the
       baseline): what queueing in a saturated worker adds. On latency alone, a CPU-bound
       worker settles at about ``tolerance`` times its true concurrency.
@@ -767,11 +771,22 @@ class Adaptive:
         throughput = self._n_all / elapsed
         base = self._min_rtt
         tolerance = self._tolerance
+        lagging = lag > self._max_lag
         if self._quiet_n >= 3:
             # Requests admitted with fewer in flight than half the worker's concurrency did
             # not queue: they show the no-load latency without a probe.
             quiet = self._quiet_sum / self._quiet_n
             if quiet < base:
+                base = self._min_rtt = quiet
+            elif (
+                quiet > max(base * tolerance, base + MIN_HEADROOM)
+                and not lagging
+                and 2 * self._max_inflight < self.limit
+            ):
+                # Even they took longer than the target, while the limit was not in use
+                # and the loop kept up: the no-load latency itself has grown (slower
+                # routes are called now than when it was measured). Kept, it would make
+                # every request look queued and take the limit down to its floor.
                 base = self._min_rtt = quiet
             if quiet <= base * tolerance + MIN_HEADROOM:
                 self._probe.postpone(now)
@@ -782,7 +797,6 @@ class Adaptive:
         new = fl
         if rtt > target:
             new = fl * max(0.5, target / rtt)
-        lagging = lag > self._max_lag
         if lagging:
             new = min(new, fl * min(0.9, max(0.5, self._max_lag / lag)))
         if self._drops:

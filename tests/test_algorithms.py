@@ -455,6 +455,25 @@ def test_adaptive_backs_off_in_proportion_to_the_latency_excess() -> None:
     assert adaptive.limit == 13  # at most half
 
 
+def test_adaptive_follows_the_no_load_latency_up_when_slower_routes_are_called() -> None:
+    """A baseline learned on a fast route is stale once a slower one is called: requests
+    that ran alone, with the limit not in use, taking longer than the target raise it
+    (measured on a server: 1.5 ms learned on one route, 3.7 ms on the next, and the limit
+    fell to 1 at half the worker's capacity, queueing 40% of requests)."""
+    adaptive = Adaptive(initial=14)
+    now = _measure_alone(adaptive, 0.0015)
+    now = _windows(adaptive, now, 5, rtt=0.0015, inflight=1, lag=0.0005)
+    limit = adaptive.limit
+    assert adaptive.state()["min_rtt"] == pytest.approx(0.0015)
+    now = _windows(adaptive, now, 5, rtt=0.0037, inflight=1, lag=0.0005)
+    assert adaptive.state()["min_rtt"] == pytest.approx(0.0037)
+    assert adaptive.limit >= limit
+    # In use, or with the loop lagging, slower requests are queueing: the baseline holds.
+    for inflight, lag in ((adaptive.limit, 0.0), (1, 0.010)):
+        now = _windows(adaptive, now, 3, rtt=0.010, inflight=inflight, lag=lag)
+        assert adaptive.state()["min_rtt"] == pytest.approx(0.0037)
+
+
 def test_adaptive_grows_halfway_to_the_target_and_carefully_at_small_limits() -> None:
     """Below the target, a used limit grows halfway to where latency would reach the target
     (its excess over the baseline growing with the limit), by half at most; when that is less

@@ -39,7 +39,7 @@ class Exemptions:
     A predicate that raises counts as "not exempt"; the first such error is logged.
     """
 
-    __slots__ = ("_checks", "_failed", "_logger", "_patterns", "_what", "paths")
+    __slots__ = ("_checks", "_failed", "_logger", "_patterns", "_what", "needs_check", "paths")
 
     def __init__(self, exempt: Iterable[ExemptSpec], logger: logging.Logger, what: str) -> None:
         if isinstance(exempt, str) or callable(exempt):
@@ -61,14 +61,11 @@ class Exemptions:
                 raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")
         #: The exact paths, for a set lookup on the hot path.
         self.paths = frozenset(paths)
+        #: Whether anything beyond the exact paths must be checked.
+        self.needs_check = bool(self._patterns or self._checks)
         self._failed = False
         self._logger = logger
         self._what = what
-
-    @property
-    def needs_check(self) -> bool:
-        """Whether anything beyond the exact paths must be checked."""
-        return bool(self._patterns or self._checks)
 
     def __call__(self, scope: Scope, path: str) -> bool:
         if path in self.paths or any(p.match(path) for p in self._patterns):

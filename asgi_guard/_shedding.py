@@ -330,7 +330,11 @@ class ConcurrencyLimiter:
         try:
             self.algorithm.on_sample(now, rtt, permit.inflight, dropped)
         finally:  # a custom algorithm that raises must not keep the place
-            self._free(permit.priority)
+            # `_free`, inlined: this runs once a request.
+            self.inflight -= 1
+            self.inflight_by_class[permit.priority] -= 1
+            if self.queued:
+                self._admit_waiters()
 
     def _free(self, priority: int) -> None:
         self.inflight -= 1

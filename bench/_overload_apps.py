@@ -16,7 +16,9 @@ One worker serves at most ``1 / (WORK_CPU + framework overhead)`` requests a sec
 server used 2.3-2.5 ms of CPU per request on the 2-core VM, so about 400/s (uvicorn
 ``--loop asyncio``); past that it can only queue.
 
-``unguarded``: the FastAPI app, no guard in front of it.
+``unguarded``: the FastAPI app, no guard in front of it. ``pass_through``: the same app
+(and a ``GET /state`` route) behind a pure ASGI middleware that only passes each call on,
+the floor any middleware stands on.
 
 The guarded variants, for ``overload.py``: the same app behind
 ``app.add_middleware(LoadSheddingMiddleware, ...)``, with a ``GET /state`` route answering
@@ -54,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from asgi_guard import LoadSheddingMiddleware
@@ -164,7 +167,6 @@ def _env_options() -> dict[str, Any]:
 
 def _timed(path: str) -> type[LoadSheddingMiddleware]:
     """`LoadSheddingMiddleware` timing its refusals by reason (``SHED_TIMINGS``)."""
-    from starlette.types import Receive, Scope, Send
 
     from asgi_guard import LoadSheddingMiddleware
     from asgi_guard._shedding import Refusal
@@ -238,7 +240,30 @@ def _shed_priority() -> FastAPI:
     )
 
 
+class PassThrough:
+    """A pure ASGI middleware that only passes each call on: what any middleware costs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _pass_through() -> FastAPI:
+    """The app (with ``GET /state``, answering no state) behind `PassThrough`."""
+    app = build_app()
+
+    @app.get("/state")
+    async def state() -> Response:
+        return Response(json.dumps({"state": None}), media_type="application/json")
+
+    app.add_middleware(PassThrough)
+    return app
+
+
 _GUARDED = {
+    "pass_through": _pass_through,
     "shed_default": lambda: build_guarded(limit=None),
     "shed_unpaced": lambda: build_guarded(limit=None, pace=False),
     "shed_fixed": lambda: build_guarded(limit=int(os.environ.get("SHED_FIXED_LIMIT") or 8)),

@@ -45,9 +45,12 @@ with their defaults). Scenarios, each variant in turn:
   ``X-Priority: critical`` (trusted, as from a gateway), the rest none (``sheddable``): two
   load generators on one loop, each its own pool of 64 connections and its own seed;
 * overhead: the server's CPU per request at 0.5x C (all its threads, from
-  ``/proc/<pid>/task/*/schedstat``), ``none`` against ``default`` and ``fixed``: per round,
+  ``/proc/<pid>/task/*/schedstat``), ``none`` against ``default`` and ``fixed``, and
+  ``pass`` (a pass-through middleware: the floor): per round,
   a fresh server for each, 1 s of warm-up, then 5 s of ``GET /light`` (``/work`` without
-  its CPU loop) and 5 s of ``GET /work`` (``--overhead-rounds`` rounds, order rotated);
+  its CPU loop) and 5 s of ``GET /work`` (``--overhead-rounds`` rounds, order rotated;
+  with ``--overhead-side-by-side`` the servers of a round run at once, each under its own
+  load, so that the machine's drift is the same for all: far steadier);
   medians, and the overhead = median - median of ``none``. The middleware's ticker (50
   wake-ups a second while requests come) counts in it. The target is checked on ``/light``:
   on ``/work`` the 2.2 ms a request varies by a few percent from one process to the next
@@ -126,6 +129,7 @@ VARIANTS = ("none", "uvicorn", "fixed", "default", "unpaced", "aimd", "vegas", "
 SCENARIOS = ("rates", "step", "priority", "overhead")
 TARGETS = {
     "none": "bench._overload_apps:unguarded",
+    "pass": "bench._overload_apps:pass_through",
     "uvicorn": "bench._overload_apps:unguarded",
     "fixed": "bench._overload_apps:shed_fixed",
     "default": "bench._overload_apps:shed_default",
@@ -775,12 +779,12 @@ def run_overhead(c: float, s: Settings) -> dict[str, dict[str, list[float]]]:
     under ``"idle"``, the server's CPU ms per second with no traffic, after the loads.
     One variant at a time, or (``--overhead-side-by-side``) the three servers at once, each
     under its own load, so that the machine's drift is the same for all three."""
-    variants = ["none", "fixed", "default"]
+    variants = ["none", "pass", "fixed", "default"]
     per: dict[str, dict[str, list[float]]] = {
         p: {v: [] for v in variants} for p in (*OVERHEAD_PATHS, "idle")
     }
     for k in range(s.overhead_rounds):
-        order = variants[k % 3 :] + variants[: k % 3]
+        order = variants[k % len(variants) :] + variants[: k % len(variants)]
         together = "at once" if s.overhead_side_by_side else "in turn"
         print(f"\n== overhead at 0.5x C, round {k + 1}: {', '.join(order)} ({together})")
         groups = [order] if s.overhead_side_by_side else [[v] for v in order]

@@ -47,8 +47,11 @@ class LimitAlgorithm(Protocol):
         ...
 
     def on_lag(self, now: float, lag: float) -> None:
-        """The event loop's lag, measured by a ticker every few tens of milliseconds:
-        how late (seconds) a timer fired. CPU-bound handlers raise it before latency."""
+        """The event loop's lag, measured by a ticker every few tens of milliseconds while
+        the worker is busy: how late (seconds) a timer fired. CPU-bound handlers raise it
+        before latency. While the worker is not busy the ticker sleeps longer and then
+        makes one reading per tick it skipped, all at once with the same ``now``, lag-free
+        but for the last, so that a mean over readings is a mean over time."""
         ...
 
     def state(self) -> Mapping[str, float]:

@@ -35,8 +35,9 @@ load shedding:
 * ``shed_priority``: ``limit=None``; the class from the ``X-Priority`` header, trusted from
   every client (the benchmark is the gateway), ``sheddable`` without one.
 
-Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds) and
-``SHED_MAX_LOOP_LAG`` (seconds) when set; otherwise the middleware's defaults. With
+Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds),
+``SHED_MAX_LOOP_LAG`` (seconds) and ``SHED_PACE`` (``0``: ``pace=False``) when set;
+otherwise the middleware's defaults. With
 ``SHED_TIMINGS=<file>``, the middleware also times each refusal on the server, from its
 call to the 503, by reason, and rewrites ``<file>.<pid>`` with the quantiles every 200
 refusals (the client's refusal latency adds the wait for the event loop before the call):
@@ -162,6 +163,8 @@ def _env_options() -> dict[str, Any]:
         options["queue_timeout"] = float(os.environ["SHED_QUEUE_TIMEOUT"])
     if os.environ.get("SHED_MAX_LOOP_LAG"):
         options["max_loop_lag"] = float(os.environ["SHED_MAX_LOOP_LAG"])
+    if os.environ.get("SHED_PACE"):
+        options["pace"] = os.environ["SHED_PACE"] != "0"
     return options
 
 

@@ -258,22 +258,23 @@ class LoopCheck:
     else (another thread, a loop that stopped, trio) says no, and the caller looks the
     loop up as before."""
 
-    __slots__ = ("_loop", "_thread")
+    __slots__ = ("_thread", "loop")
 
     def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The bound loop (None: unbound).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
 
     def bind(self, loop: object) -> None:
         """``loop`` runs in this thread now (anything but an asyncio loop unbinds)."""
         if isinstance(loop, asyncio.AbstractEventLoop):
-            self._loop, self._thread = loop, threading.get_ident()
+            self.loop, self._thread = loop, threading.get_ident()
         else:
-            self._loop, self._thread = None, 0
+            self.loop, self._thread = None, 0
 
     def holds(self) -> bool:
         """The bound loop runs, in this thread: it is the running loop."""
-        loop = self._loop
+        loop = self.loop
         return loop is not None and self._thread == threading.get_ident() and loop.is_running()
 
 

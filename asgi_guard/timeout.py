@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -10,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,7 @@ from ._deadline import (
     MIN_HORIZON,
     Budget,
     Keeper,
+    LoopCheck,
     _check_seconds,
     _current,
     current_loop,
@@ -192,6 +194,7 @@ class TimeoutMiddleware:
         )
         self._callback_guard = _CallbackGuard()
         self._keeper: Keeper | None = None
+        self._on_loop = LoopCheck()  # whether a request runs on ``_keeper``'s loop, cheaply
         self._keepers: dict[int, Keeper] = {}
         self._overrun_routes: set[str | None] = set()
         #: Counters: ``timeouts`` (answered 504), ``cut_short`` (started responses ended at
@@ -262,12 +265,22 @@ class TimeoutMiddleware:
         )
         if self._header is not None:
             self._apply_caller_deadline(scope, budget)
-        loop: object = _get_running_loop()
-        if loop is None:
-            loop = current_loop()  # trio
         keeper = self._keeper
-        if keeper is None or keeper.loop is not loop or not keeper.alive:
-            keeper = self._keeper_for(loop)
+        on_loop = self._on_loop
+        if (
+            keeper is None
+            or not keeper.alive
+            or keeper.loop is not on_loop.loop
+            or not on_loop.holds()
+        ):
+            # Else this request runs on the keeper's loop: no lookup (a ``getpid`` system
+            # call before Python 3.12).
+            loop: object = _get_running_loop()
+            if loop is None:
+                loop = current_loop()  # trio
+            if keeper is None or keeper.loop is not loop or not keeper.alive:
+                keeper = self._keeper_for(loop)
+            on_loop.bind(loop)
         keeper.add(budget)
         idle = self.idle_timeout
         trailers = False
@@ -308,8 +321,9 @@ class TimeoutMiddleware:
                     receive = self._timed_receive(budget, receive)
                 if keeper.native:
                     # The keeper cancels this very task at the deadline (inline: a call
-                    # layer less on every request). Any: cancelling() is Python 3.11+.
-                    task: Any = current_task()
+                    # layer less on every request).
+                    # The loop given: no lookup. Any: cancelling() is Python 3.11+.
+                    task: Any = current_task(cast("asyncio.AbstractEventLoop", keeper.loop))
                     budget.outer_scope = innermost_scope(task)
                     cancelling = task.cancelling()
                     budget.task = task

@@ -956,3 +956,32 @@ def test_the_heap_keeps_one_entry_per_live_budget_after_compaction() -> None:
         keeper.add(_deadline.Budget(time.monotonic(), 30.0, 30.0))
     assert keeper.live == 3100
     assert len(keeper._heap) <= 2 * keeper.live + keeper.SLACK, len(keeper._heap)
+
+
+def test_one_middleware_serves_each_new_event_loop_without_a_lookup_per_request() -> None:
+    """Requests on the keeper's loop skip the loop lookup (a system call per request before
+    Python 3.12); a loop that ended, one closed with its keeper still pending, or a loop in
+    another thread, is looked up and gets a keeper of its own: deadlines still fire."""
+    app, _ = guarded(Probe())
+    loops: list[object] = []
+
+    async def serve() -> None:
+        assert (await drive(app, http_scope("/fast"))).status == 200
+        assert (await drive(app, http_scope("/fast"))).status == 200
+        assert (await drive(app, http_scope("/slow"))).status == 504
+        assert app._keeper is not None
+        assert app._keeper.loop is asyncio.get_running_loop()
+        assert app._on_loop.holds()
+        loops.append(app._keeper.loop)
+
+    asyncio.run(serve())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        loop.close()  # its keeper is left pending, never cancelled
+    asyncio.run(serve())
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    thread.join()
+    assert len({id(loop) for loop in loops}) == 4

@@ -407,8 +407,8 @@ class Vegas:
     def _begin_probe(self, now: float) -> None:
         self._resume = self._fl
         # Little's law: the concurrency the last sample says the current throughput needs.
-        needed = self._fl * self._min_rtt / self._rtt
-        concurrency = max(self.min_limit, min(self.limit, int(needed / 2)))
+        needed = self._fl * self._min_rtt / self._rtt  # inf after an absurdly short sample
+        concurrency = max(self.min_limit, int(min(self.limit, needed / 2)))
         self._probe.begin(now, self._min_rtt, concurrency)
         self._fl = float(concurrency)
         self.limit = concurrency
@@ -847,7 +847,7 @@ class Adaptive:
     def _begin_probe(self, now: float) -> None:
         self._resume = self._fl
         needed = self._capacity * self._min_rtt
-        concurrency = max(self.min_limit, min(self.limit, int(needed / 2)))
+        concurrency = max(self.min_limit, int(min(self.limit, needed / 2)))
         self._probe.begin(now, self._min_rtt, concurrency)
         self._fl = float(concurrency)
         self.limit = concurrency

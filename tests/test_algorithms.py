@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from asgi_guard._adaptive import LimitAlgorithm
@@ -637,6 +637,25 @@ def algorithms(draw: st.DrawFn) -> tuple[LimitAlgorithm, int, int]:
 
 @settings(max_examples=150, deadline=None)
 @given(drawn=algorithms(), sequence=events)
+@example(  # found by a CI-like run: a re-probe after a 6e-301 s sample overflowed int()
+    drawn=(Vegas(min_limit=1, max_limit=1, initial=1, smoothing=1.0, probe_interval=0.5), 1, 1),
+    sequence=[
+        *[("sample", 0.0, 0.0, 0, False)] * 6,
+        ("sample", 0.0, 206327580.0, 1, False),
+        ("lag", 1.0, 114.0, 0, False),
+        ("lag", 1.0, 1.0, 0, False),
+        ("sample", 0.0, 5.738679610121025e-301, 0, False),
+    ],
+)
+@example(
+    drawn=(Adaptive(min_limit=1, max_limit=5, initial=5, window=0.05, probe_interval=0.5), 1, 5),
+    sequence=[
+        *[("sample", 0.01, 1e-300, 1, False)] * 6,
+        *[("sample", 0.01, 1e300, 5, False)] * 40,
+        ("lag", 1.0, 0.0, 0, False),
+        *[("sample", 0.01, 1e-300, 1, False)] * 10,
+    ],
+)
 def test_limit_never_leaves_its_bounds(
     drawn: tuple[LimitAlgorithm, int, int], sequence: list[tuple[str, float, float, int, bool]]
 ) -> None:

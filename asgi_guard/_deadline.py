@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 __all__ = [
     "Budget",
     "Keeper",
+    "LoopCheck",
     "current_loop",
     "deadline",
     "httpx_timeout",
     "outbound_timeout",
     "remaining",
+    "settle",
 ]
 
 logger = logging.getLogger("asgi_guard.timeout")
@@ -246,6 +248,13 @@ def current_loop() -> object:
     import trio
 
     return trio.lowlevel.current_trio_token()
+
+
+def settle(future: asyncio.Future[Any], value: object = None) -> None:
+    """Give ``future`` its result unless it has one (or was cancelled): how a timer
+    handle, or whoever comes first, ends an asyncio wait."""
+    if not future.done():
+        future.set_result(value)
 
 
 class LoopCheck:

@@ -38,7 +38,7 @@ from typing import Literal
 import anyio
 
 from ._adaptive import LimitAlgorithm
-from ._deadline import _check_seconds
+from ._deadline import _check_seconds, settle
 from ._errors import ConfigurationError
 
 __all__ = [
@@ -129,7 +129,7 @@ class _Waiter:
             with anyio.move_on_after(seconds):
                 await self.event.wait()
             return
-        timer = future.get_loop().call_later(seconds, _settle, future)
+        timer = future.get_loop().call_later(seconds, settle, future)
         try:
             await future
         finally:
@@ -137,14 +137,9 @@ class _Waiter:
 
     def wake(self) -> None:
         if self.future is not None:
-            _settle(self.future)
+            settle(self.future)
         elif self.event is not None:
             self.event.set()
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class Permit:

@@ -17,7 +17,7 @@ import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
-from ._deadline import _check_seconds, _is_number, current_loop, spawn_task
+from ._deadline import _check_seconds, _is_number, current_loop, settle, spawn_task
 from ._errors import ConfigurationError
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
@@ -154,7 +154,7 @@ class BlockingDetectorMiddleware:
                 waker = self._waker = loop.create_future()
                 self._timer = loop.call_later(
                     max(0.0, watchdog.beat_at + watchdog.beat_period - time.monotonic()),
-                    _wake,
+                    settle,
                     waker,
                 )
                 try:
@@ -178,7 +178,7 @@ class BlockingDetectorMiddleware:
         timer, waker = self._timer, self._waker
         if timer is not None and waker is not None:
             timer.cancel()
-            self._timer = waker.get_loop().call_later(watchdog.beat_period, _wake, waker)
+            self._timer = waker.get_loop().call_later(watchdog.beat_period, settle, waker)
 
     def _start_threads(self) -> None:
         self._dispatcher.start()
@@ -314,11 +314,6 @@ class BlockingDetectorMiddleware:
             watchdog.ended += 1
             if time.monotonic() >= watchdog.beat_due:
                 self._beat()
-
-
-def _wake(waker: asyncio.Future[None]) -> None:
-    if not waker.done():
-        waker.set_result(None)
 
 
 def _task_anchor() -> object:

@@ -19,7 +19,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._adaptive import LimitAlgorithm
 from ._algorithms import Adaptive, as_algorithm
 from ._clock import Clock, MonotonicClock
-from ._deadline import LoopCheck, _check_seconds, _is_number, current_loop, spawn_task
+from ._deadline import (
+    LoopCheck,
+    _check_seconds,
+    _is_number,
+    current_loop,
+    settle,
+    spawn_task,
+)
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._pacing import Pacer
@@ -321,9 +328,9 @@ class LoadSheddingMiddleware:
                 self._hurry = None
             return hurry.is_set()
         waker: asyncio.Future[bool] = loop.create_future()
-        timer = loop.call_later(seconds, _settle, waker, False)
+        timer = loop.call_later(seconds, settle, waker, False)
         if wakeable:
-            self._hurry = functools.partial(_settle, waker, True)
+            self._hurry = functools.partial(settle, waker, True)
         try:
             return await waker
         finally:
@@ -615,11 +622,6 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await send_rejection(_rejection(why, retry), scope, receive, send, self._response)
-
-
-def _settle(waker: asyncio.Future[bool], early: bool) -> None:
-    if not waker.done():
-        waker.set_result(early)
 
 
 def _rejection(why: Refusal, retry: int) -> Rejection:

@@ -169,8 +169,10 @@ class ConcurrencyLimiter:
         codel_target: The wait allowed once a standing queue has formed.
         codel_interval: How long the queue must stay non-empty to count as standing, and
             the wait allowed before that. Both scale up for slow applications: the target
-            to a quarter, the interval to twice, the typical time requests take; and the
-            interval is never shorter than ``queue_timeout``.
+            to a quarter, the interval to twice, the typical time requests take; at a small
+            limit the target is at least the time three places take to free (``3 * rtt /
+            limit``: a CPU-bound worker at limit 3 frees a place only every few
+            milliseconds); and the interval is never shorter than ``queue_timeout``.
         shares: Guaranteed shares of the limit, by class index, as fractions.
         clock: A monotonic clock (seconds).
     """
@@ -237,7 +239,11 @@ class ConcurrencyLimiter:
         the short queue of a standing state empty with places free, which the next
         arrivals fill; only a worker with room to spare admits more than that. (Ending it
         at the first such admission began a new burst period, whose waiters were refused
-        after tens of milliseconds, several times a second at 2x capacity: measured.)"""
+        after tens of milliseconds, several times a second at 2x capacity: measured.) A
+        request admitted at once with a place still free after it ends it too: the worker
+        has room. (Without that, at 0.8x capacity and a limit of 3, one waiter at a time
+        kept refilling the queue and the standing state held for up to 400 ms, refusing
+        newcomers all along: measured.)"""
         if self.queued > 0:
             return now - self._empty_since_or_at > self._interval()
         return self._still_standing()
@@ -257,6 +263,8 @@ class ConcurrencyLimiter:
     def _spared(self, priority: int, now: float) -> bool:
         """Whether a lower class than ``priority`` arrived within the last interval: the
         lower classes then take CoDel's cuts, and this one keeps the ordinary queue."""
+        if priority == len(CLASSES) - 1:
+            return False  # nothing below the lowest class
         since = now - self._interval()
         return any(arrived > since for arrived in self._arrivals[priority + 1 :])
 
@@ -266,7 +274,10 @@ class ConcurrencyLimiter:
         return max(self.codel_interval, 2.0 * self.rtt, allowed)
 
     def _target(self) -> float:
-        return max(self.codel_target, 0.25 * self.rtt)
+        # A quarter of the time requests take, and at a small limit the time three places
+        # take to free (with 3 places, a 12 ms request frees one every 4 ms).
+        rtt = self.rtt
+        return max(self.codel_target, 0.25 * rtt, 3.0 * rtt / self.algorithm.limit)
 
     def queue_capacity(self, now: float, priority: int = len(CLASSES) - 1) -> int:
         """How many may wait now: ``max_queue`` (default: the limit, at least `MIN_QUEUE`);
@@ -283,12 +294,17 @@ class ConcurrencyLimiter:
     def try_acquire(self, priority: int) -> Permit | None:
         """Admit at once if there is room (nobody of this class or higher waits), or None."""
         inflight = self.inflight
-        if inflight < self.algorithm.limit:
-            if self.queued and any(self._queues[i] for i in range(priority + 1)):
-                return None  # an equal or higher class waits: it goes first
+        limit = self.algorithm.limit
+        if inflight < limit:
+            if self.queued:
+                if any(self._queues[i] for i in range(priority + 1)):
+                    return None  # an equal or higher class waits: it goes first
+            elif self._emptied_at != -math.inf and inflight + 2 <= limit:
+                # Admitted with a place to spare, nobody waiting: the worker keeps up, and
+                # a standing queue that emptied is over (see `_still_standing`).
+                self._emptied_at = -math.inf
         elif not (
-            self._has_shares
-            and self.inflight_by_class[priority] < self._shares[priority] * self.algorithm.limit
+            self._has_shares and self.inflight_by_class[priority] < self._shares[priority] * limit
         ):
             return None
         self.inflight = inflight + 1
@@ -302,28 +318,43 @@ class ConcurrencyLimiter:
         permit = self.try_acquire(priority)
         if permit is not None:
             return permit
-        if self.queued and self.inflight < self.algorithm.limit:
+        return await self.wait(priority, deadline)
+
+    async def wait(self, priority: int, deadline: float | None = None) -> Permit | Refusal:
+        """`acquire` once `try_acquire` has found no room: queue and wait, or refuse. A
+        refusal is decided with as little work as it takes (an overloaded worker refuses
+        most requests, and every refusal spends CPU the admitted need)."""
+        limit = self.algorithm.limit
+        if self.queued and self.inflight < limit:
             self._admit_waiters()  # the limit has grown since they queued
             permit = self.try_acquire(priority)
             if permit is not None:
                 return permit
         now = self._clock()
         self._arrivals[priority] = now
-        wait = self._max_wait(now, deadline, priority)
-        if wait <= 0.0:
-            self.counts["deadline"] += 1
-            return "deadline"
-        capacity = self.queue_capacity(now, priority)
+        capacity = max(MIN_QUEUE, limit) if self.max_queue is None else self.max_queue
         if capacity <= 0:
             self.counts["queue_full"] += 1
             return "queue_full"
+        standing = self.standing(now)
+        # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
+        cut = standing and not self._spared(priority, now)
+        if cut:
+            capacity = 1
+        full = self.queued >= capacity
+        if full and not any(self._queues[priority + 1 :]):
+            self.counts["queue_full"] += 1
+            return "queue_full"  # nobody of a lower class to push out
+        wait = self._max_wait(now, deadline, cut)
+        if wait <= 0.0:
+            self.counts["deadline"] += 1
+            return "deadline"
         # A push-out below swaps waiters: the queue stays non-empty. An empty queue that
         # still stands goes on with its busy period.
         empty = self.queued == 0 and not self._still_standing()
-        if self.queued >= capacity and not self._make_room(priority):
-            self.counts["queue_full"] += 1
-            return "queue_full"
-        waiter = _Waiter(priority, now, not self.standing(now), asyncio._get_running_loop())
+        if full:
+            self._make_room(priority)
+        waiter = _Waiter(priority, now, not standing, asyncio._get_running_loop())
         if empty:
             self._empty_since_or_at = now
         self._queues[priority].append(waiter)
@@ -457,9 +488,11 @@ class ConcurrencyLimiter:
                 return True
         return False
 
-    def _max_wait(self, now: float, deadline: float | None, priority: int) -> float:
+    def _max_wait(self, now: float, deadline: float | None, cut: bool) -> float:
+        """How long a newcomer may wait: the target when CoDel's cuts apply to it (``cut``),
+        else the interval (or ``queue_timeout``), and never past what its deadline allows."""
         timeout = self.queue_timeout
-        if not self._spared(priority, now) and self.standing(now):
+        if cut:
             wait = self._target()
             if timeout is not None and timeout < wait:
                 wait = timeout

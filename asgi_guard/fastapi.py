@@ -309,7 +309,7 @@ class BulkheadDependency:
         limiter = self.limiter
         permit = limiter.try_acquire(priority)
         if permit is None:
-            outcome = await limiter.acquire(priority, deadline)
+            outcome = await limiter.wait(priority, deadline)
             if isinstance(outcome, str):
                 raise RequestRejected(
                     Rejection(

@@ -535,7 +535,7 @@ class LoadSheddingMiddleware:
         if permit is None:
             record = scope.get("asgi_guard")
             budget = record.budget if record is not None else None
-            outcome = await limiter.acquire(
+            outcome = await limiter.wait(
                 priority, budget.deadline_at if budget is not None else None
             )
             if isinstance(outcome, str):

@@ -109,14 +109,42 @@ async def test_a_standing_queue_that_empties_stands_until_the_worker_has_room() 
     assert refused == "queue_timeout"
     assert limiter.standing(now[0])
 
-    # The worker has room again: requests are admitted without waiting.
+    # Requests are admitted without waiting, each into the last place (the worker keeps
+    # up, no more): the standing state ends after more than twice the limit.
     end(limiter, first, now[0])
-    end(limiter, permits.pop(), now[0])
     for admitted in range(1, 2 * 2 + 2):
         permit = limiter.try_acquire(1)
         assert permit is not None
+        assert limiter.inflight == limiter.limit
         end(limiter, permit, now[0])
         assert limiter.standing(now[0]) == (admitted <= 2 * 2), admitted
+    assert limiter.queue_capacity(now[0]) == 8
+
+
+async def test_a_standing_queue_that_empties_ends_when_a_request_leaves_a_place_free() -> None:
+    """Measured at 0.8x capacity (a CPU-bound worker at limit 3-4): a moment's backlog
+    made the queue stand, and with one waiter at a time refilling it, the standing state
+    held for 100-400 ms, refusing newcomers all along. A request admitted with a place to
+    spare and nobody waiting shows the worker has room: the standing state ends at once."""
+    now = [0.0]
+    limiter = limiter_at(now, 3)
+    permits = hold(limiter, 3)
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.stand_then_empty(group, permits)
+    first = waiters.outcomes["burst"]
+    assert isinstance(first, Permit)
+    assert limiter.inflight == 3
+
+    end(limiter, first, now[0])
+    permit = limiter.try_acquire(1)  # into the last place: nothing to spare
+    assert permit is not None
+    assert limiter.standing(now[0])
+    end(limiter, permit, now[0])
+    end(limiter, permits.pop(), now[0])  # two places free now
+    permit = limiter.try_acquire(1)  # leaves one free
+    assert permit is not None
+    assert not limiter.standing(now[0])
     assert limiter.queue_capacity(now[0]) == 8
 
 
@@ -143,6 +171,38 @@ async def test_a_queue_served_within_the_target_is_not_standing() -> None:
         assert not limiter.standing(now[0])
         now[0] = 1.3  # "b" has waited above the target for a whole interval since
         assert limiter.standing(now[0])
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("limit", "served_after", "standing"), [(2, 0.012, False), (2, 0.018, True), (8, 0.012, True)]
+)
+async def test_at_a_small_limit_the_target_is_three_places_freeing(
+    limit: int, served_after: float, standing: bool
+) -> None:
+    """With requests of 10 ms, two places free one every 5 ms: a waiter served after 12 ms
+    waited for fewer than three places (15 ms), and the queue drains as it should, although
+    12 ms is above codel_target (10 ms here). At 18 ms, or at a limit of 8 (three places free
+    in under 4 ms), the same queue counts as standing after an interval. (Measured at 0.8x
+    capacity on a CPU-bound worker at limit 3-4, where a 12 ms request frees a place every
+    3-4 ms: waiting for two of them already passed the 5 ms default, and the queue stood.)"""
+    now = [0.0]
+    limiter = limiter_at(now, limit)
+    permits = hold(limiter, limit)
+    limiter.rtt = 0.01
+    limiter.counts["sampled"] = 1
+    waiters = Waiters(limiter, now)
+    outcomes = waiters.outcomes
+
+    async with anyio.create_task_group() as group:
+        await waiters.queue(group, "a", "b")
+        now[0] = served_after
+        end(limiter, permits.pop(), now[0])  # "a" is served first in, first out
+        await until(lambda: "a" in outcomes)
+        assert isinstance(outcomes["a"], Permit)
+        now[0] = 1.005  # non-empty since 0, longer than the 1 s interval (but not since 12 ms)
+        assert limiter.queued == 1
+        assert limiter.standing(now[0]) is standing
         group.cancel_scope.cancel()
 
 

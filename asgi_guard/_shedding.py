@@ -345,10 +345,21 @@ class ConcurrencyLimiter:
         if full and not any(self._queues[priority + 1 :]):
             self.counts["queue_full"] += 1
             return "queue_full"  # nobody of a lower class to push out
-        wait = self._max_wait(now, deadline, cut)
-        if wait <= 0.0:
-            self.counts["deadline"] += 1
-            return "deadline"
+        wait = self._max_wait(cut)
+        why: Refusal = "queue_full"
+        if deadline is not None:
+            # It must start early enough to finish: leave it the typical time requests take.
+            left = deadline - now - self.rtt
+            if left < wait:
+                wait = left
+                why = "deadline"
+        # The places that free within its wait (one every rtt / limit, on average) must
+        # reach it: else it would wait, and be refused late. (Refused now, it is refused
+        # at once: a queue as long as a worker serves in an interval, not longer.)
+        ahead = sum(map(len, self._queues[: priority + 1]))  # those served before it
+        if wait <= 0.0 or (ahead + 1) * self.rtt > wait * limit:
+            self.counts[why] += 1
+            return why
         # A push-out below swaps waiters: the queue stays non-empty. An empty queue that
         # still stands goes on with its busy period.
         empty = self.queued == 0 and not self._still_standing()
@@ -488,9 +499,9 @@ class ConcurrencyLimiter:
                 return True
         return False
 
-    def _max_wait(self, now: float, deadline: float | None, cut: bool) -> float:
+    def _max_wait(self, cut: bool) -> float:
         """How long a newcomer may wait: the target when CoDel's cuts apply to it (``cut``),
-        else the interval (or ``queue_timeout``), and never past what its deadline allows."""
+        else the interval (or ``queue_timeout``)."""
         timeout = self.queue_timeout
         if cut:
             wait = self._target()
@@ -498,11 +509,6 @@ class ConcurrencyLimiter:
                 wait = timeout
         else:
             wait = self._interval() if timeout is None else timeout
-        if deadline is not None:
-            # It must start early enough to finish: leave it the typical time requests take.
-            left = deadline - now - self.rtt
-            if left < wait:
-                wait = left
         return wait
 
     def refuse_trigger(self) -> Refusal:

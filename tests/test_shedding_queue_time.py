@@ -1,0 +1,101 @@
+"""Load shedding: the queue is as long as the worker serves within the wait it allows.
+
+A newcomer that the places freeing within its wait (one every ``rtt / limit`` on average)
+cannot reach is refused at arrival, not after waiting for nothing: on a slow worker, a
+burst queue of 32 took more than its 100 ms interval to serve, and its last waiters were
+refused after 100 ms (measured: rejection p99 108 ms at 2x capacity).
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asgi_guard._algorithms import Fixed
+from asgi_guard._shedding import ConcurrencyLimiter, Permit, Refusal
+
+pytestmark = pytest.mark.anyio
+
+
+def slow_worker(now: list[float]) -> ConcurrencyLimiter:
+    """Limit 2, requests of 10 ms: a place frees every 5 ms, 20 within the 100 ms interval."""
+    limiter = ConcurrencyLimiter(
+        Fixed(2), max_queue=32, codel_interval=0.1, codel_target=0.005, clock=lambda: now[0]
+    )
+    limiter.rtt = 0.01
+    limiter.counts["sampled"] = 1
+    return limiter
+
+
+async def queue_up(
+    limiter: ConcurrencyLimiter, n: int, priority: int = 1
+) -> list[Permit | Refusal]:
+    """Start ``n`` requests that queue (every place is taken) and return their outcomes
+    as they come; those still waiting are cancelled at the end."""
+    outcomes: list[Permit | Refusal] = []
+
+    async def one() -> None:
+        outcomes.append(await limiter.acquire(priority))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(n):
+            before = limiter.queued
+            group.start_soon(one)
+            with anyio.fail_after(2.0):
+                while limiter.queued == before and len(outcomes) < n:
+                    await anyio.lowlevel.checkpoint()
+                    if outcomes and isinstance(outcomes[-1], str):
+                        break
+        group.cancel_scope.cancel()
+    return outcomes
+
+
+async def test_a_newcomer_beyond_what_the_interval_serves_is_refused_at_arrival() -> None:
+    now = [0.0]
+    limiter = slow_worker(now)
+    assert limiter.try_acquire(1)
+    assert limiter.try_acquire(1)
+    outcomes = await queue_up(limiter, 21)
+    assert limiter.queued == 0  # cancelled at the end
+    assert outcomes == ["queue_full"], "only the 21st, at once; 20 places free within 100 ms"
+    assert limiter.counts["queued"] == 20
+    assert limiter.counts["queue_full"] == 1
+
+
+async def test_lower_classes_in_the_queue_do_not_count_against_a_higher_one() -> None:
+    now = [0.0]
+    limiter = slow_worker(now)
+    assert limiter.try_acquire(3)
+    assert limiter.try_acquire(3)
+    assert await queue_up(limiter, 20, priority=3) == []
+    # A critical newcomer is served before the 20 sheddable waiters: it queues (one of
+    # them is pushed out, as the queue is full in time for them, not for it).
+    outcomes = await queue_up(limiter, 1, priority=1)
+    assert outcomes == []
+    assert limiter.counts["queued"] == 21
+    assert limiter.counts["queue_full"] == 0
+
+
+async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() -> None:
+    """With 4 ahead, the fifth place frees in about 25 ms: a request that must start
+    within 20 ms (a 30 ms deadline, less the 10 ms a request takes) is refused now; one
+    that may start within 30 ms queues."""
+    now = [0.0]
+    limiter = slow_worker(now)
+    assert limiter.try_acquire(1)
+    assert limiter.try_acquire(1)
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(limiter.acquire, 1)
+        with anyio.fail_after(2.0):
+            while limiter.queued < 4:
+                await anyio.lowlevel.checkpoint()
+            assert await limiter.acquire(1, deadline=0.03) == "deadline"
+        assert limiter.counts["deadline"] == 1
+        group.start_soon(limiter.acquire, 1, 0.04)
+        with anyio.fail_after(2.0):
+            while limiter.queued < 5:
+                await anyio.lowlevel.checkpoint()
+        group.cancel_scope.cancel()
+    assert limiter.queued == 0

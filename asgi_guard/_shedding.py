@@ -209,6 +209,13 @@ class ConcurrencyLimiter:
         #: When the queue last became empty, and how many had been admitted then.
         self._emptied_at = -math.inf
         self._admitted_at_empty = -1
+        #: When a newcomer was last refused at arrival.
+        self._refused_at = -math.inf
+        #: Seconds between two places freeing while requests wait (smoothed), when the
+        #: last request ended, and when the queue last began to fill.
+        self.place_time = 0.0
+        self._done_at = -math.inf
+        self._queued_at = -math.inf
         #: Smoothed time requests spend in the application (seconds), for scaling CoDel.
         self.rtt = 0.0
         #: Smoothed wait of admitted requests that queued (seconds).
@@ -299,9 +306,15 @@ class ConcurrencyLimiter:
             if self.queued:
                 if any(self._queues[i] for i in range(priority + 1)):
                     return None  # an equal or higher class waits: it goes first
-            elif self._emptied_at != -math.inf and inflight + 2 <= limit:
-                # Admitted with a place to spare, nobody waiting: the worker keeps up, and
-                # a standing queue that emptied is over (see `_still_standing`).
+            elif (
+                self._emptied_at != -math.inf
+                and inflight + 2 <= limit
+                and self._clock() - self._refused_at > self._target()
+            ):
+                # Admitted with a place to spare, nobody waiting, nobody refused lately:
+                # the worker keeps up, and a standing queue that emptied is over (see
+                # `_still_standing`). (Under overload, completions in one loop iteration
+                # leave places to spare too, but arrivals were refused a moment ago.)
                 self._emptied_at = -math.inf
         elif not (
             self._has_shares and self.inflight_by_class[priority] < self._shares[priority] * limit
@@ -335,6 +348,7 @@ class ConcurrencyLimiter:
         capacity = max(MIN_QUEUE, limit) if self.max_queue is None else self.max_queue
         if capacity <= 0:
             self.counts["queue_full"] += 1
+            self._refused_at = now
             return "queue_full"
         standing = self.standing(now)
         # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
@@ -344,6 +358,7 @@ class ConcurrencyLimiter:
         full = self.queued >= capacity
         if full and not any(self._queues[priority + 1 :]):
             self.counts["queue_full"] += 1
+            self._refused_at = now
             return "queue_full"  # nobody of a lower class to push out
         wait = self._max_wait(cut)
         why: Refusal = "queue_full"
@@ -353,12 +368,17 @@ class ConcurrencyLimiter:
             if left < wait:
                 wait = left
                 why = "deadline"
-        # The places that free within its wait (one every rtt / limit, on average) must
-        # reach it: else it would wait, and be refused late. (Refused now, it is refused
-        # at once: a queue as long as a worker serves in an interval, not longer.)
+        # The places that free within its wait must reach it: else it would wait, and be
+        # refused late. (Refused now, it is refused at once: a queue as long as the worker
+        # serves in an interval, not longer.) A place frees every `place_time` as measured
+        # while requests waited, and every rtt / limit at least.
         ahead = sum(map(len, self._queues[: priority + 1]))  # those served before it
-        if wait <= 0.0 or (ahead + 1) * self.rtt > wait * limit:
+        per_place = self.rtt / limit
+        if self.place_time > per_place:
+            per_place = self.place_time
+        if wait <= 0.0 or (ahead + 1) * per_place > wait:
             self.counts[why] += 1
+            self._refused_at = now
             return why
         # A push-out below swaps waiters: the queue stays non-empty. An empty queue that
         # still stands goes on with its busy period.
@@ -368,6 +388,8 @@ class ConcurrencyLimiter:
         waiter = _Waiter(priority, now, not standing, asyncio._get_running_loop())
         if empty:
             self._empty_since_or_at = now
+        if not self.queued:
+            self._queued_at = now
         self._queues[priority].append(waiter)
         self.queued += 1
         self.counts["queued"] += 1
@@ -418,7 +440,19 @@ class ConcurrencyLimiter:
             self.inflight -= 1
             self.inflight_by_class[permit.priority] -= 1
             if self.queued:
+                # Requests wait: places free as fast as the worker serves. The time between
+                # two such frees, smoothed, is what a place in the queue costs a newcomer
+                # (at most the time a request takes: a longer gap is a stall of the loop).
+                since = self._done_at if self._done_at > self._queued_at else self._queued_at
+                gap = now - since
+                if gap > self.rtt:
+                    gap = self.rtt
+                if self.place_time:
+                    self.place_time += (gap - self.place_time) * 0.1
+                else:
+                    self.place_time = gap
                 self._admit_waiters()
+            self._done_at = now
 
     def _free(self, priority: int) -> None:
         self.inflight -= 1

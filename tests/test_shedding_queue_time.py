@@ -64,17 +64,29 @@ async def test_a_newcomer_beyond_what_the_interval_serves_is_refused_at_arrival(
 
 
 async def test_lower_classes_in_the_queue_do_not_count_against_a_higher_one() -> None:
+    """With 25 sheddable requests waiting (more than the interval serves would not queue,
+    but they queued while their class was alone, with a longer allowed wait), a critical
+    newcomer is served before all of them: it queues."""
     now = [0.0]
-    limiter = slow_worker(now)
+    limiter = ConcurrencyLimiter(Fixed(2), max_queue=32, queue_timeout=1.0, clock=lambda: now[0])
+    limiter.rtt = 0.01
+    limiter.counts["sampled"] = 1
     assert limiter.try_acquire(3)
     assert limiter.try_acquire(3)
-    assert await queue_up(limiter, 20, priority=3) == []
-    # A critical newcomer is served before the 20 sheddable waiters: it queues (one of
-    # them is pushed out, as the queue is full in time for them, not for it).
-    outcomes = await queue_up(limiter, 1, priority=1)
-    assert outcomes == []
-    assert limiter.counts["queued"] == 21
-    assert limiter.counts["queue_full"] == 0
+    async with anyio.create_task_group() as group:
+        for _ in range(25):
+            group.start_soon(limiter.acquire, 3)
+        with anyio.fail_after(2.0):
+            while limiter.queued < 25:
+                await anyio.lowlevel.checkpoint()
+        limiter.queue_timeout = 0.1  # now 20 places free within a newcomer's wait
+        group.start_soon(limiter.acquire, 1)
+        with anyio.fail_after(2.0):
+            while limiter.queued < 26:
+                await anyio.lowlevel.checkpoint()
+        assert limiter.counts["queue_full"] == 0
+        assert await limiter.acquire(3) == "queue_full"  # a sheddable newcomer is not
+        group.cancel_scope.cancel()
 
 
 async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() -> None:
@@ -99,3 +111,29 @@ async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() ->
                 await anyio.lowlevel.checkpoint()
         group.cancel_scope.cancel()
     assert limiter.queued == 0
+
+
+async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() -> None:
+    """rtt / limit says a place frees every 5 ms; measured while requests waited, one freed
+    every 10 ms (the worker also spends time outside its requests: refusals, pacing): the
+    measurement wins, and 10 waiters fill the 100 ms interval."""
+    now = [0.0]
+    limiter = slow_worker(now)
+    held = [limiter.try_acquire(1), limiter.try_acquire(1)]
+    async with anyio.create_task_group() as group:
+        for _ in range(2):
+            group.start_soon(limiter.acquire, 1)
+        with anyio.fail_after(2.0):
+            while limiter.queued < 2:
+                await anyio.lowlevel.checkpoint()
+        for permit in held:
+            assert permit is not None
+            now[0] += 0.01
+            limiter.release(permit)
+        assert limiter.queued == 0
+        assert limiter.place_time == pytest.approx(0.01)
+        assert limiter.rtt / limiter.limit < 0.01
+        group.cancel_scope.cancel()
+    assert limiter.inflight == 2  # the two waiters hold the places now
+    assert await queue_up(limiter, 11) == ["queue_full"]
+    assert limiter.counts["queued"] == 2 + 10

@@ -277,3 +277,30 @@ async def test_in_a_standing_queue_one_waits_and_newcomers_are_refused_at_arriva
         await until(lambda: "x" in waiters.outcomes)
     assert isinstance(waiters.outcomes["x"], Permit)
     assert limiter.counts["pushed_out"] == 0
+
+
+async def test_places_to_spare_just_after_a_refusal_do_not_end_the_standing_state() -> None:
+    """Under overload, completions that come in one event-loop iteration leave places to
+    spare for a moment, while arrivals were being refused: that is no room. A place to
+    spare ends the standing state only when nobody was refused within the target."""
+    now = [0.0]
+    limiter = limiter_at(now, 3)
+    permits = hold(limiter, 3)
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.queue(group, "burst")
+        now[0] = 2.0
+        assert limiter.standing(now[0])
+        assert await limiter.acquire(1) == "queue_full"  # the standing queue keeps one
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: "burst" in waiters.outcomes)
+    for held in permits:
+        end(limiter, held, now[0])
+    assert limiter.inflight == 1
+    permit = limiter.try_acquire(1)  # a place to spare, but a refusal just now
+    assert permit is not None
+    assert limiter.standing(now[0])
+    end(limiter, permit, now[0])
+    now[0] += 0.05  # longer than the target (10 ms) without a refusal
+    assert limiter.try_acquire(1) is not None
+    assert not limiter.standing(now[0])

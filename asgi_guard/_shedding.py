@@ -56,6 +56,8 @@ CLASSES = ("critical-plus", "critical", "sheddable-plus", "sheddable")
 #: The default queue is as long as the limit, and at least this long.
 MIN_QUEUE = 32
 
+_NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
+
 #: Why a request was refused.
 Refusal = Literal["queue_full", "queue_timeout", "pushed_out", "deadline", "trigger"]
 
@@ -307,7 +309,7 @@ class ConcurrencyLimiter:
                 if any(self._queues[i] for i in range(priority + 1)):
                     return None  # an equal or higher class waits: it goes first
             elif (
-                self._emptied_at != -math.inf
+                self._emptied_at != _NEVER
                 and inflight + 2 <= limit
                 and self._clock() - self._refused_at > self._target()
             ):
@@ -315,7 +317,7 @@ class ConcurrencyLimiter:
                 # the worker keeps up, and a standing queue that emptied is over (see
                 # `_still_standing`). (Under overload, completions in one loop iteration
                 # leave places to spare too, but arrivals were refused a moment ago.)
-                self._emptied_at = -math.inf
+                self._emptied_at = _NEVER
         elif not (
             self._has_shares and self.inflight_by_class[priority] < self._shares[priority] * limit
         ):

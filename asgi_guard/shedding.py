@@ -267,9 +267,10 @@ class LoadSheddingMiddleware:
 
     def state(self) -> dict[str, Any]:
         """What the guard knows now, for metrics and tests: ``limit``, ``inflight``,
-        ``queued``, ``queue_delay`` (s), ``loop_lag`` (s), ``rtt`` (s), ``shedding``,
-        ``trigger``, the algorithm's own state, counts of admissions and refusals, and
-        ``paced``: how many starts were held for an iteration of their own."""
+        ``queued``, ``queue_delay`` (s), ``loop_lag`` (s), ``rtt`` (s), ``place_time`` (s:
+        how often a place freed while requests waited, smoothed; 0 before any waited),
+        ``shedding``, ``trigger``, the algorithm's own state, counts of admissions and
+        refusals, and ``paced``: how many starts were held for an iteration of their own."""
         limiter = self.limiter
         return {
             "limit": limiter.limit,
@@ -278,6 +279,7 @@ class LoadSheddingMiddleware:
             "queue_delay": limiter.queue_delay,
             "loop_lag": self.loop_lag,
             "rtt": limiter.rtt,
+            "place_time": limiter.place_time,
             "shedding": self._shedding,
             "trigger": self._triggered,
             "algorithm": dict(limiter.algorithm.state()),

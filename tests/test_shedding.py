@@ -124,6 +124,7 @@ async def test_a_bounded_queue_absorbs_a_burst_first_in_first_out() -> None:
     assert [results[p].status for p in ("/1", "/2", "/3", "/4")] == [200] * 4
     assert gate.entered == ["/1", "/2", "/3", "/4"]
     assert shedder.state()["queue_delay"] > 0
+    assert shedder.state()["place_time"] > 0  # places freed while requests waited
 
 
 async def test_a_queued_request_waits_no_longer_than_queue_timeout() -> None:

@@ -51,6 +51,18 @@ async def queue_up(
     return outcomes
 
 
+async def start_waiting(
+    group: anyio.abc.TaskGroup, limiter: ConcurrencyLimiter, n: int, priority: int = 1
+) -> None:
+    """Start ``n`` requests of ``priority`` in ``group`` and return once they all wait."""
+    target = limiter.queued + n
+    for _ in range(n):
+        group.start_soon(limiter.acquire, priority)
+    with anyio.fail_after(2.0):
+        while limiter.queued < target:
+            await anyio.lowlevel.checkpoint()
+
+
 async def test_a_newcomer_beyond_what_the_interval_serves_is_refused_at_arrival() -> None:
     now = [0.0]
     limiter = slow_worker(now)
@@ -74,16 +86,9 @@ async def test_lower_classes_in_the_queue_do_not_count_against_a_higher_one() ->
     assert limiter.try_acquire(3)
     assert limiter.try_acquire(3)
     async with anyio.create_task_group() as group:
-        for _ in range(25):
-            group.start_soon(limiter.acquire, 3)
-        with anyio.fail_after(2.0):
-            while limiter.queued < 25:
-                await anyio.lowlevel.checkpoint()
+        await start_waiting(group, limiter, 25, priority=3)
         limiter.queue_timeout = 0.1  # now 20 places free within a newcomer's wait
-        group.start_soon(limiter.acquire, 1)
-        with anyio.fail_after(2.0):
-            while limiter.queued < 26:
-                await anyio.lowlevel.checkpoint()
+        await start_waiting(group, limiter, 1)
         assert limiter.counts["queue_full"] == 0
         assert await limiter.acquire(3) == "queue_full"  # a sheddable newcomer is not
         group.cancel_scope.cancel()
@@ -98,11 +103,8 @@ async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() ->
     assert limiter.try_acquire(1)
     assert limiter.try_acquire(1)
     async with anyio.create_task_group() as group:
-        for _ in range(4):
-            group.start_soon(limiter.acquire, 1)
+        await start_waiting(group, limiter, 4)
         with anyio.fail_after(2.0):
-            while limiter.queued < 4:
-                await anyio.lowlevel.checkpoint()
             assert await limiter.acquire(1, deadline=0.03) == "deadline"
         assert limiter.counts["deadline"] == 1
         group.start_soon(limiter.acquire, 1, 0.04)
@@ -121,11 +123,7 @@ async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() 
     limiter = slow_worker(now)
     held = [limiter.try_acquire(1), limiter.try_acquire(1)]
     async with anyio.create_task_group() as group:
-        for _ in range(2):
-            group.start_soon(limiter.acquire, 1)
-        with anyio.fail_after(2.0):
-            while limiter.queued < 2:
-                await anyio.lowlevel.checkpoint()
+        await start_waiting(group, limiter, 2)
         for permit in held:
             assert permit is not None
             now[0] += 0.01

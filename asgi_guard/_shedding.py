@@ -249,10 +249,10 @@ class ConcurrencyLimiter:
         arrivals fill; only a worker with room to spare admits more than that. (Ending it
         at the first such admission began a new burst period, whose waiters were refused
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
-        request admitted at once with a place still free after it ends it too: the worker
-        has room. (Without that, at 0.8x capacity and a limit of 3, one waiter at a time
-        kept refilling the queue and the standing state held for up to 400 ms, refusing
-        newcomers all along: measured.)"""
+        request admitted at once with a place still free after it, while nobody was refused
+        within the target, ends it too: the worker has room. (Without that, at 0.8x
+        capacity and a limit of 3, one waiter at a time kept refilling the queue and the
+        standing state held for up to 400 ms, refusing newcomers all along: measured.)"""
         if self.queued > 0:
             return now - self._empty_since_or_at > self._interval()
         return self._still_standing()

@@ -293,10 +293,12 @@ class ConcurrencyLimiter:
         once a standing queue has formed, one: a waiter ready for the next place that
         frees keeps the application busy, and the others are better refused at arrival
         than after a wait; a class that is spared (see `_spared`) keeps the whole queue."""
+        return self._capacity(self.standing(now) and not self._spared(priority, now))
+
+    def _capacity(self, cut: bool) -> int:
+        """`queue_capacity`, given whether CoDel's cuts apply (``cut``)."""
         capacity = max(MIN_QUEUE, self.limit) if self.max_queue is None else self.max_queue
-        if capacity and not self._spared(priority, now) and self.standing(now):
-            capacity = 1
-        return capacity
+        return 1 if cut and capacity else capacity
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -347,17 +349,14 @@ class ConcurrencyLimiter:
                 return permit
         now = self._clock()
         self._arrivals[priority] = now
-        capacity = max(MIN_QUEUE, limit) if self.max_queue is None else self.max_queue
-        if capacity <= 0:
+        if self.max_queue == 0:  # no queue
             self.counts["queue_full"] += 1
             self._refused_at = now
             return "queue_full"
         standing = self.standing(now)
         # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
         cut = standing and not self._spared(priority, now)
-        if cut:
-            capacity = 1
-        full = self.queued >= capacity
+        full = self.queued >= self._capacity(cut)
         if full and not any(self._queues[priority + 1 :]):
             self.counts["queue_full"] += 1
             self._refused_at = now

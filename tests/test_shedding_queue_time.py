@@ -52,12 +52,16 @@ async def queue_up(
 
 
 async def start_waiting(
-    group: anyio.abc.TaskGroup, limiter: ConcurrencyLimiter, n: int, priority: int = 1
+    group: anyio.abc.TaskGroup,
+    limiter: ConcurrencyLimiter,
+    n: int,
+    priority: int = 1,
+    deadline: float | None = None,
 ) -> None:
     """Start ``n`` requests of ``priority`` in ``group`` and return once they all wait."""
     target = limiter.queued + n
     for _ in range(n):
-        group.start_soon(limiter.acquire, priority)
+        group.start_soon(limiter.acquire, priority, deadline)
     with anyio.fail_after(2.0):
         while limiter.queued < target:
             await anyio.lowlevel.checkpoint()
@@ -107,10 +111,7 @@ async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() ->
         with anyio.fail_after(2.0):
             assert await limiter.acquire(1, deadline=0.03) == "deadline"
         assert limiter.counts["deadline"] == 1
-        group.start_soon(limiter.acquire, 1, 0.04)
-        with anyio.fail_after(2.0):
-            while limiter.queued < 5:
-                await anyio.lowlevel.checkpoint()
+        await start_waiting(group, limiter, 1, deadline=0.04)
         group.cancel_scope.cancel()
     assert limiter.queued == 0
 

@@ -28,9 +28,9 @@ from ._events import EventHandler, StorageEvent, _CallbackGuard, emit
 from ._memory import (
     FixedWindowTable,
     HitResult,
-    MemoryTable,
     MovingWindowTable,
     SlidingWindowTable,
+    Table,
     TokenBucketTable,
 )
 from ._policy import Policy, Quota
@@ -247,7 +247,7 @@ class RateLimiter:
             (on_event,) if callable(on_event) else tuple(on_event)
         )
         self._callback_guard = _CallbackGuard()
-        self._tables: dict[tuple[str, str, str], MemoryTable[Any]] = {}
+        self._tables: dict[tuple[str, str, str], Table] = {}
         self._claims: dict[str, list[object]] = {}
         self._named: dict[str, tuple[object, ...]] = {}
         self._storage: Storage | None = None
@@ -289,7 +289,7 @@ class RateLimiter:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def _table(self, namespace: str, quota: Quota, strategy: str) -> MemoryTable[Any]:
+    def _table(self, namespace: str, quota: Quota, strategy: str) -> Table:
         """The in-memory table that counts ``quota`` in ``namespace`` (memory storage only)."""
         ident = (namespace, quota.name, strategy)
         table = self._tables.get(ident)
@@ -298,7 +298,7 @@ class RateLimiter:
             self._tables[ident] = table
         return table
 
-    def _new_table(self, quota: Quota, strategy: str) -> MemoryTable[Any]:
+    def _new_table(self, quota: Quota, strategy: str) -> Table:
         if strategy == "fixed-window":
             return FixedWindowTable(quota.amount, quota.period, self.max_keys)
         if strategy == "token-bucket":

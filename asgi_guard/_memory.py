@@ -4,26 +4,39 @@ Why not ``limits``' own async memory storage: it re-scans every key after nearly
 the event loop runs between requests, and it only runs on asyncio. This store is plain
 synchronous Python (so it runs under any event loop and is atomic between awaits) with:
 
-* O(1) amortised expiry by *generations*: each table keeps a current and a previous dict; a
-  key untouched for a whole generation is dropped with its generation, never scanned for;
+* O(1) amortised expiry by *generations*: each table keeps a current and a previous
+  generation; a key untouched for a whole generation is dropped with its generation, never
+  scanned for;
 * a ``max_keys`` bound per table: when the current generation holds half of it, the previous
   generation is evicted whole. Keys used recently always survive (an LRU approximation in
   O(1)); every evicted key is counted;
-* one small value per key (an ``int`` count or a ``float`` timestamp), so a fixed-window or
-  token-bucket key costs well under 150 bytes including its dict slot and the key string.
+* for the fixed window and the token bucket, the two strategies that need one number per key,
+  a flat table (`FlatTable`): open addressing over one array of 64-bit words, a key's hash
+  beside its value. A hit at a million keys then reads one place in memory where a dict reads
+  four (its index, its entry, the stored key string, the value), and a key costs 32-64 bytes
+  per generation instead of about 115. The key string itself is not kept: two keys whose
+  64-bit hashes are equal share a count (for a million live keys, a chance of about three in
+  a hundred million that any two do; ``hash()`` of a string is seeded per process unless
+  ``PYTHONHASHSEED`` is set);
+* the sliding window and the moving window keep dicts (`MemoryTable`): their values are a
+  pair of counts or a log of hit times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from collections import deque
 from typing import Generic, TypeVar
 
 __all__ = [
     "FixedWindowTable",
+    "FlatTable",
     "MemoryTable",
     "MovingWindowTable",
     "SlidingWindowTable",
+    "Table",
     "TokenBucketTable",
 ]
 
@@ -35,8 +48,27 @@ _V = TypeVar("_V")
 HitResult = tuple[bool, int, float, float]
 
 
-class MemoryTable(Generic[_V]):
-    """Keys of one quota (one limit in one namespace), kept in two generations."""
+class Table:
+    """The keys of one quota (one limit in one namespace) in memory."""
+
+    __slots__ = ()
+
+    evictions: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
+        """Count ``cost`` against ``key`` (only if allowed and ``commit``) and report."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forget every key."""
+        raise NotImplementedError
+
+
+class MemoryTable(Table, Generic[_V]):
+    """Keys of one quota kept in two generations of dicts, a value of any kind per key."""
 
     __slots__ = (
         "amount",
@@ -102,18 +134,223 @@ class MemoryTable(Generic[_V]):
                 self.gen_end = now + self.lifetime
         self.cur[key] = value
 
-    def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
-        """Count ``cost`` against ``key`` (only if allowed and ``commit``) and report."""
-        raise NotImplementedError
-
     def clear(self) -> None:
-        """Forget every key."""
         self.cur = {}
         self.prev = {}
         self.prev_size = 0
 
 
-class FixedWindowTable(MemoryTable[int]):
+#: A slot never used, and a slot whose key moved to a newer array (CPython's ``hash()`` never
+#: returns -1; a key whose hash is 0 is stored as 1).
+_EMPTY = 0
+_MOVED = -1
+_MIN_SLOTS = 8
+#: Arrays from this size on are mapped from the OS: zeroed lazily, page by page, and returned
+#: whole when dropped, so a new generation costs nothing until it is used.
+_MAPPED_BYTES = 1 << 20
+#: Words of a growing table's old array copied into the new one per key inserted: four slots,
+#: twice the pace that finishes the copy before the new array is half full.
+_COPY_STEP = 8
+
+
+def _slots_for(keys: int) -> int:
+    """The smallest array (a power of two, at least twice ``keys``) that holds ``keys``."""
+    slots = _MIN_SLOTS
+    while slots < 2 * keys:
+        slots <<= 1
+    return slots
+
+
+def _words(slots: int) -> tuple[memoryview[int], memoryview[float]]:
+    """A zeroed array of ``slots`` slots of two 64-bit words, viewed as ints and as floats."""
+    size = slots * 16
+    buffer: bytearray | mmap.mmap
+    if size >= _MAPPED_BYTES:
+        buffer = mmap.mmap(-1, size)
+        advice = getattr(mmap, "MADV_HUGEPAGE", None)
+        if advice is not None:
+            with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+                buffer.madvise(advice)
+    else:
+        buffer = bytearray(size)
+    raw = memoryview(buffer)
+    return raw.cast("q"), raw.cast("d")
+
+
+def _probe(words: memoryview[int], h: int) -> int:
+    """Where the key of hash ``h`` is in ``words``, or -1."""
+    mask = len(words) - 2
+    i = h & mask
+    s = words[i]
+    while s != h:
+        if not s:
+            return -1
+        i = (i + 2) & mask
+        s = words[i]
+    return i
+
+
+class FlatTable(Table):
+    """Keys of one quota as 64-bit hashes beside one 64-bit value each, in generations.
+
+    A slot is two words of an array (``q`` as ints, ``d`` as floats, the same memory): the
+    key's hash at an even index ``i`` and its value at ``i + 1``; a key lives at the first
+    free slot from ``hash & mask`` on (linear probing, at most half the slots used). A key is
+    in one array only: the current one, the old array of a current generation that is growing
+    (copied a few slots per insertion, so no request pays for the whole copy), or one of the
+    previous generation's, from which a key in use moves back on its first hit.
+    """
+
+    __slots__ = (
+        "amount",
+        "count",
+        "d",
+        "evictions",
+        "gen_end",
+        "half",
+        "lifetime",
+        "mask",
+        "period",
+        "prev",
+        "prev_count",
+        "q",
+        "room",
+        "src",
+        "src_at",
+        "used",
+    )
+
+    def __init__(self, amount: int, period: float, lifetime: float, max_keys: int | None) -> None:
+        self.amount = amount
+        self.period = period
+        self.lifetime = lifetime
+        self.half = max(1, max_keys // 2) if max_keys else 0
+        self.gen_end = -math.inf
+        self.evictions = 0
+        #: Keys of the current generation, and of the previous one that have not moved back.
+        self.count = 0
+        self.prev_count = 0
+        self.prev: list[memoryview[int]] = []
+        self.src: memoryview[int] | None = None
+        self.src_at = 0
+        self._fresh(_MIN_SLOTS)
+
+    def __len__(self) -> int:
+        return self.count + self.prev_count
+
+    def _fresh(self, slots: int) -> None:
+        """Start an empty current array of ``slots`` slots."""
+        self.q, self.d = _words(slots)
+        self.mask = (slots - 1) << 1
+        self.room = slots >> 1
+        self.used = 0
+
+    def _turn(self) -> None:
+        """The current generation becomes the previous one; the previous one is dropped."""
+        self.prev = [self.q] if self.src is None else [self.q, self.src]
+        self.prev_count = self.count
+        self.src = None
+        self.count = 0
+        # Room for every key to come back without growing.
+        self._fresh(_slots_for(self.prev_count))
+
+    def _restart(self) -> None:
+        """Drop every key, expecting as many as the current generation held."""
+        self.prev = []
+        self.prev_count = 0
+        self.src = None
+        slots = _slots_for(self.count)
+        self.count = 0
+        self._fresh(slots)
+
+    def _free_slot(self, h: int) -> int:
+        """The first free slot for hash ``h`` in the current array (its key is not there)."""
+        q = self.q
+        mask = self.mask
+        i = h & mask
+        while q[i]:
+            i = (i + 2) & mask
+        return i
+
+    def _find(self, h: int, now: float) -> int:
+        """The slot of a key missing from the current array, after moving it there from an
+        older array; -1 if it is nowhere."""
+        src = self.src
+        if src is not None:
+            j = _probe(src, h)
+            if j >= 0:
+                i = self._free_slot(h)
+                q = self.q
+                q[i] = h
+                q[i + 1] = src[j + 1]
+                src[j] = _MOVED
+                self.used += 1
+                return i
+        for old in self.prev:
+            j = _probe(old, h)
+            if j >= 0:
+                word = old[j + 1]
+                old[j] = _MOVED
+                self.prev_count -= 1
+                i = self._put(h, now)
+                self.q[i + 1] = word
+                return i
+        return -1
+
+    def _put(self, h: int, now: float) -> int:
+        """Add the key of hash ``h`` (in no array) to the current generation; its slot."""
+        if self.half and self.count >= self.half:
+            self.evictions += self.prev_count
+            self._turn()
+            if self.gen_end != math.inf:
+                self.gen_end = now + self.lifetime
+        elif self.used >= self.room:
+            self._grow()
+        i = self._free_slot(h)
+        self.q[i] = h
+        self.used += 1
+        self.count += 1
+        if self.src is not None:
+            self._copy()
+        return i
+
+    def _grow(self) -> None:
+        """Start an array twice as large; the full one is copied into it as keys arrive."""
+        while self.src is not None:  # pragma: no cover - a copy always ends before this
+            self._copy()
+        self.src = self.q
+        self.src_at = 0
+        self._fresh(len(self.q))
+
+    def _copy(self) -> None:
+        """Copy the next few slots of the growing table's old array into the current one."""
+        src = self.src
+        assert src is not None
+        q = self.q
+        mask = self.mask
+        start = self.src_at
+        end = min(start + _COPY_STEP, len(src))
+        for j in range(start, end, 2):
+            h = src[j]
+            if h and h != _MOVED:
+                i = h & mask
+                while q[i]:
+                    i = (i + 2) & mask
+                q[i] = h
+                q[i + 1] = src[j + 1]
+                src[j] = _MOVED
+                self.used += 1
+        if end == len(src):
+            self.src = None
+        else:
+            self.src_at = end
+
+    def clear(self) -> None:
+        self.count = 0
+        self._restart()
+
+
+class FixedWindowTable(FlatTable):
     """Counts per window; windows are aligned on the clock, so a rollover drops every key."""
 
     __slots__ = ("window_end",)
@@ -126,28 +363,34 @@ class FixedWindowTable(MemoryTable[int]):
     def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
         if now >= self.window_end:
             self.window_end = (now // self.period + 1) * self.period
-            self.cur = {}
-            self.prev = {}
-        count = self.cur.get(key)
-        if count is None:
-            count = self._lookup(key, now) or 0
-            fresh = count == 0
-        else:
-            fresh = False
+            self._restart()
+        h = hash(key) or 1
+        q = self.q
+        mask = self.mask
+        i = h & mask
+        s = q[i]
+        while s != h:
+            if not s:
+                i = self._find(h, now)
+                q = self.q
+                break
+            i = (i + 2) & mask
+            s = q[i]
+        count: int = q[i + 1] if i >= 0 else 0
         reset = self.window_end - now
         total = count + cost
         if total > self.amount:
             retry = reset if cost <= self.amount else math.inf
             return False, max(0, self.amount - count), reset, retry
         if commit and cost:
-            if fresh:
-                self._put_new(key, total, now)
-            else:
-                self.cur[key] = total
+            if i < 0:
+                i = self._put(h, now)
+                q = self.q
+            q[i + 1] = total
         return True, self.amount - total, reset, 0.0
 
 
-class TokenBucketTable(MemoryTable[float]):
+class TokenBucketTable(FlatTable):
     """GCRA: one theoretical arrival time per key; ``burst`` requests may arrive at once.
 
     The bucket refills at ``amount / period`` requests per second and holds ``burst``.
@@ -163,9 +406,24 @@ class TokenBucketTable(MemoryTable[float]):
         self.tau = tau
 
     def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
-        tat = self._get(key, now)
-        stored = tat is not None
-        if tat is None or tat < now:
+        if now >= self.gen_end:
+            # Everything in the previous generation was last touched before the current one
+            # began, at least one lifetime ago: its buckets are full again, it goes unscanned.
+            self._turn()
+            self.gen_end = now + self.lifetime
+        h = hash(key) or 1
+        q = self.q
+        mask = self.mask
+        i = h & mask
+        s = q[i]
+        while s != h:
+            if not s:
+                i = self._find(h, now)
+                break
+            i = (i + 2) & mask
+            s = q[i]
+        tat: float = self.d[i + 1] if i >= 0 else now
+        if tat < now:
             tat = now
         new_tat = tat + cost * self.interval
         if new_tat - now > self.tau + 1e-9:
@@ -173,10 +431,9 @@ class TokenBucketTable(MemoryTable[float]):
             retry = new_tat - self.tau - now if cost <= self.amount else math.inf
             return False, max(0, remaining), tat - now, retry
         if commit and cost:
-            if stored:
-                self.cur[key] = new_tat
-            else:
-                self._put_new(key, new_tat, now)
+            if i < 0:
+                i = self._put(h, now)
+            self.d[i + 1] = new_tat
         remaining = int((self.tau - (new_tat - now)) / self.interval + 1e-9)
         return True, remaining, new_tat - now, 0.0
 

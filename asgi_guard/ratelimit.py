@@ -18,7 +18,7 @@ from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
 from ._limiter import QuotaState, RateLimiter
-from ._memory import MemoryTable
+from ._memory import Table
 from ._paths import Exemptions, ExemptSpec, compile_template
 from ._policy import LimitSpec, Policy, Quota, as_policies
 from ._problem import (
@@ -113,7 +113,7 @@ class _Plan:
         # The common case gets a straight path: one policy, one quota, in memory, a fixed
         # cost and a sync key.
         self.fast: _BoundPolicy | None = None
-        self.fast_table: MemoryTable[Any] | None = None
+        self.fast_table: Table | None = None
         self.fast_cost = 1
         # An admitted request's fields: with IETF headers this prefix + r and t; with
         # headers="none", an empty prefix for no fields at all. None: the general path.

@@ -1,19 +1,21 @@
 """How the in-memory store scales with live keys: hits/s at 1k, 100k and 1M keys, bytes per key.
 
 For every size N a fresh store is filled with N keys (client IPs made from integers) through
-``RateLimitMiddleware``; then random hits over those N keys are timed, in interleaved rounds
-(each request carries a fresh string equal to a stored key, as a server's would):
+``RateLimitMiddleware``; then random hits over those N keys are timed, in rounds where the
+sizes run back to back in a palindrome (1k, 100k, 1M, 1M, 100k, 1k: a machine that speeds up
+or slows down weighs on every size alike), each request carrying a fresh string equal to a
+stored key, as a server's would:
 
 * ``middleware + sleep(0)``: a whole request through ``RateLimitMiddleware`` around a raw app,
   with ``await asyncio.sleep(0)`` after each one, so the event loop runs between requests as
   it does in a server (this is the row the 1M/1k target applies to);
 * ``store: table.hit``: the memory table alone in a tight loop, the sharpest view of the
-  store's own scaling (dict lookups that miss the CPU caches at 1M keys);
+  store's own scaling (lookups that miss the CPU caches at 1M keys);
 * ``bare app + sleep(0)``: the same loop without the middleware, for reference.
 
-Bytes per key are measured with ``tracemalloc`` while 1M keys are inserted into a table,
-counting the dict slots, the key strings and the values, and cross-checked as the growth of
-the resident set of a fresh process doing the same. Last, ``limits``' own async
+Bytes per key are measured while 1M keys are inserted into a table: ``tracemalloc`` for the
+Python objects, plus the size of the arrays the table maps from the OS, cross-checked as the
+growth of the resident set of a fresh process doing the same. Last, ``limits``' own async
 ``MemoryStorage`` + ``FixedWindowRateLimiter`` is compared with ``RateLimiter.hit`` at 1k and
 ~20k keys with the loop yielding between hits: its expiry task re-scans every key after
 nearly every hit (each of its runs is capped in time).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import mmap
 import os
 import platform
 import random
@@ -46,11 +49,11 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 
 from asgi_guard import ManualClock, Policy, RateLimiter, RateLimitMiddleware
+from asgi_guard._memory import FlatTable
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send
 
-    from asgi_guard._memory import MemoryTable
 
 # A day-long window: a fixed window aligned on the clock must not roll over (and empty the
 # store) in the middle of a run; the key count is checked after every round anyway.
@@ -146,23 +149,37 @@ def fresh(key: str) -> str:
 async def measure(
     stores: list[Store], rounds: int, hits: int, store_hits: int, seed: int, reuse: bool
 ) -> None:
+    """Each round times every (strategy, row) in shuffled order; within one, the sizes run
+    back to back in a palindrome (1k, 100k, 1M, 1M, 100k, 1k), so that a machine speeding up
+    or slowing down during the run weighs on every size alike. A size's sample for the round
+    is its rate over both of its runs."""
     rng = random.Random(seed)
+    by_job: dict[tuple[str, str], list[Store]] = {}
+    for s in stores:
+        for row in ROWS:
+            by_job.setdefault((s.strategy, row), []).append(s)
     for _ in range(rounds):
-        jobs = [(s, row) for s in stores for row in ROWS]
+        jobs = list(by_job)
         rng.shuffle(jobs)
-        for s, row in jobs:
+        for job in jobs:
+            row = job[1]
+            ordered = sorted(by_job[job], key=lambda s: s.size)
             count = store_hits if row == "store: table.hit" else hits
-            picked = [s.keys[rng.randrange(s.size)] for _ in range(count)]
-            keys = picked if reuse else [fresh(k) for k in picked]
-            del picked
-            gc.collect()
-            if row == "middleware + sleep(0)":
-                rate = await through(s.middleware, keys, yield_=True)
-            elif row == "store: table.hit":
-                rate = table_hits(s, keys)
-            else:
-                rate = await through(raw_app, keys, yield_=True)
-            s.samples.setdefault(row, []).append(rate)
+            seconds: dict[int, float] = {}
+            for s in ordered + ordered[::-1]:
+                picked = [s.keys[rng.randrange(s.size)] for _ in range(count)]
+                keys = picked if reuse else [fresh(k) for k in picked]
+                del picked
+                gc.collect()
+                if row == "middleware + sleep(0)":
+                    rate = await through(s.middleware, keys, yield_=True)
+                elif row == "store: table.hit":
+                    rate = table_hits(s, keys)
+                else:
+                    rate = await through(raw_app, keys, yield_=True)
+                seconds[s.size] = seconds.get(s.size, 0.0) + count / rate
+            for s in ordered:
+                s.samples.setdefault(row, []).append(2 * count / seconds[s.size])
         for s in stores:
             if s.limiter.keys != s.size:
                 raise SystemExit(f"{s.size} keys: the store now holds {s.limiter.keys} (rollover?)")
@@ -195,7 +212,7 @@ def report(stores: list[Store], target_row: str) -> bool:
     strategies = sorted({s.strategy for s in stores})
     header = ["strategy", "row", *[f"{fmt_size(n)} keys/s" for n in sizes]]
     header.append(f"{fmt_size(large)}/{fmt_size(small)}")
-    header.append("per-round range")
+    header.append("range over rounds")
     rows = [header]
     verdicts = []
     for strategy in strategies:
@@ -204,10 +221,10 @@ def report(stores: list[Store], target_row: str) -> bool:
             if row == "bare app + sleep(0)" and strategy != strategies[0]:
                 continue
             med = {n: statistics.median(by[n].samples[row]) for n in sizes}
-            ratio = med[large] / med[small]
             paired = [
                 a / b for a, b in zip(by[large].samples[row], by[small].samples[row], strict=True)
             ]
+            ratio = statistics.median(paired)
             rows.append(
                 [
                     strategy if row != "bare app + sleep(0)" else "-",
@@ -231,16 +248,18 @@ def report(stores: list[Store], target_row: str) -> bool:
     return ok
 
 
-def fill(size: int, strategy: str, value: int, turn: bool) -> MemoryTable[Any]:
+def fill(size: int, strategy: str, value: int, turn: bool) -> FlatTable:
     """One table with ``size`` keys; ``turn``: then a generation ends and every key comes back.
 
     A generation ends when an untouched key would have expired (the token bucket's ``tau``);
-    the current dict becomes the previous one and each key used again moves to a new dict,
-    while the old one keeps its allocated slots until the next turn.
+    the current array becomes the previous one and each key used again moves to a new array,
+    while the old one keeps its memory until the next turn.
     """
     clock = ManualClock(1000.0)
     policy = Policy(HIGH, name=NAME, strategy=strategy)  # type: ignore[arg-type]
     table = RateLimiter(max_keys=None, clock=clock)._table("m", policy.quotas[0], strategy)
+    if not isinstance(table, FlatTable):
+        raise SystemExit(f"{strategy}: a {type(table).__name__}, not a flat table")
     for i in range(size):
         table.hit(ip(i), value, clock.now())
     if turn:
@@ -252,20 +271,28 @@ def fill(size: int, strategy: str, value: int, turn: bool) -> MemoryTable[Any]:
     return table
 
 
-def bytes_per_key(
-    size: int, strategy: str, value: int, turn: bool
-) -> tuple[float, float, float, float]:
-    """(total, dict slots, key string, value) bytes per key for ``size`` keys in one table."""
+def arrays(table: FlatTable) -> tuple[int, int]:
+    """(bytes of the arrays the table holds, of which mapped from the OS)."""
+    views = [table.q, *table.prev] + ([table.src] if table.src is not None else [])
+    mapped = sum(v.nbytes for v in views if isinstance(v.obj, mmap.mmap))
+    return sum(v.nbytes for v in views), mapped
+
+
+def bytes_per_key(size: int, strategy: str, value: int, turn: bool) -> tuple[float, float, float]:
+    """(total, arrays, other) bytes per key for ``size`` keys in one table.
+
+    ``tracemalloc`` sees the Python objects and the small arrays; the large arrays are
+    mapped from the OS, beside Python's allocator, and are counted by their size.
+    """
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     table = fill(size, strategy, value, turn)
-    total = tracemalloc.get_traced_memory()[0] - before
+    traced = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    dicts = sys.getsizeof(table.cur) + sys.getsizeof(table.prev)
-    strings = sum(sys.getsizeof(k) for k in table.cur)
-    values = total - dicts - strings
-    return total / size, dicts / size, strings / size, values / size
+    held, mapped = arrays(table)
+    total = traced + mapped
+    return total / size, held / size, (total - held) / size
 
 
 def rss() -> int:
@@ -309,21 +336,19 @@ def memory(size: int) -> bool:
             "value",
             "keys",
             "B/key total",
-            "dict slots",
-            "key str",
-            "value+other",
+            "arrays",
+            "other",
             "RSS growth B/key",
         ]
     ]
     ok = True
     verdicts = []
     for strategy, value, turn, label in (
-        ("fixed-window", 1, False, "count <= 256 (cached int)"),
-        ("fixed-window", 300, False, "count > 256 (own int)"),
+        ("fixed-window", 1, False, "count"),
         ("token-bucket", 1, False, "float timestamp"),
         ("token-bucket", 1, True, "after a generation turn"),
     ):
-        total, dicts, strings, values = bytes_per_key(size, strategy, value, turn)
+        total, held, other = bytes_per_key(size, strategy, value, turn)
         gc.collect()
         resident = rss_per_key(size, strategy, value, turn)
         rows.append(
@@ -332,9 +357,8 @@ def memory(size: int) -> bool:
                 label,
                 fmt_size(size),
                 f"{total:.1f}",
-                f"{dicts:.1f}",
-                f"{strings:.1f}",
-                f"{values:.1f}",
+                f"{held:.1f}",
+                f"{other:.1f}",
                 f"{resident:.1f}",
             ]
         )
@@ -430,9 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies", default="fixed-window,token-bucket", help="strategies to time"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--hits", type=int, default=40_000, help="requests per row per round")
-    parser.add_argument("--store-hits", type=int, default=200_000, help="table.hit per round")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
+    parser.add_argument(
+        "--hits", type=int, default=10_000, help="requests per size, row and run (default 10,000)"
+    )
+    parser.add_argument(
+        "--store-hits", type=int, default=50_000, help="table.hit per size and run (default 50,000)"
+    )
     parser.add_argument("--memory-keys", type=int, default=1_000_000, help="keys for bytes/key")
     parser.add_argument("--limits-sizes", default="1000,20000", help="sizes for the limits run")
     parser.add_argument("--limits-seconds", type=float, default=4.0, help="cap per limits run")
@@ -449,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         _rss_child(args.rss_child)
         return 0
     if args.quick:
-        args.sizes, args.rounds, args.hits, args.store_hits = "1000,100000", 2, 5000, 50_000
+        args.sizes, args.rounds, args.hits, args.store_hits = "1000,100000", 2, 5000, 20_000
         args.memory_keys, args.limits_sizes, args.limits_seconds = 100_000, "1000,5000", 1.0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -460,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"python {platform.python_version()}, nproc {os.cpu_count()}, "
         f"load {os.getloadavg()[0]:.2f}, sizes {', '.join(map(fmt_size, sizes))}, "
-        f"{args.rounds} rounds x {args.hits:,} requests (+{args.store_hits:,} table hits) per row"
+        f"{args.rounds} rounds x 2 runs x {args.hits:,} requests "
+        f"(table: {args.store_hits:,} hits) per size and row"
     )
     started = time.monotonic()
     watch = Watch.start()
@@ -475,7 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         return stores
 
     stores = asyncio.run(run())
-    print(f"\nhits/s, median of {args.rounds} rounds ({time.monotonic() - started:.0f} s)")
+    print(
+        f"\nhits/s, median of {args.rounds} rounds; ratios: median of the rounds' ratios "
+        f"({time.monotonic() - started:.0f} s)"
+    )
     ok = report(stores, "middleware + sleep(0)")
     del stores
     gc.collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import pytest
 from hypothesis import given, settings
@@ -10,14 +11,14 @@ from hypothesis import strategies as st
 
 from asgi_guard._memory import (
     FixedWindowTable,
-    MemoryTable,
     MovingWindowTable,
     SlidingWindowTable,
+    Table,
     TokenBucketTable,
 )
 
 
-def _table(strategy: str, amount: int, period: float, max_keys: int | None = None) -> MemoryTable:  # type: ignore[type-arg]
+def _table(strategy: str, amount: int, period: float, max_keys: int | None = None) -> Table:
     if strategy == "fixed":
         return FixedWindowTable(amount, period, max_keys)
     if strategy == "bucket":
@@ -198,8 +199,8 @@ def test_never_admits_more_than_the_limit(
 
 
 def test_previous_generation_is_compacted_as_keys_move_back() -> None:
-    """After a turn, the previous generation is copied small once most keys moved back."""
-    table = TokenBucketTable(5, 1.0, 5, None)
+    """After a turn, a dict generation is copied small once most keys moved back."""
+    table = MovingWindowTable(5, 1.0, None)
     for i in range(1000):
         table.hit(f"k{i}", 1, 0.0)
     table.hit("k0", 1, 1.5)  # turn: the 1000 keys are now the previous generation
@@ -221,3 +222,165 @@ def test_cost_zero_is_free_and_stores_nothing(strategy: str) -> None:
     assert table.hit("k", 1, 0.0)[0]
     assert table.hit("k", 0, 0.0)[0]
     assert not table.hit("k", 1, 0.0)[0]
+
+
+class _Hashed:
+    """A key with a chosen hash, to put keys where the flat tables' probing is tested."""
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+    def __hash__(self) -> int:
+        return self.h
+
+
+def _fw_model(
+    amount: int, period: float, steps: list[tuple[int, int, float, bool]]
+) -> list[tuple[bool, int, float, float]]:
+    """What a fixed window answers, kept in a plain dict that is emptied at each rollover."""
+    counts: dict[int, int] = {}
+    window_end = -math.inf
+    now = 0.0
+    out = []
+    for key, cost, dt, commit in steps:
+        now += dt
+        if now >= window_end:
+            window_end = (now // period + 1) * period
+            counts = {}
+        count = counts.get(key, 0)
+        reset = window_end - now
+        total = count + cost
+        if total > amount:
+            retry = reset if cost <= amount else math.inf
+            out.append((False, max(0, amount - count), reset, retry))
+            continue
+        if commit and cost:
+            counts[key] = total
+        out.append((True, amount - total, reset, 0.0))
+    return out
+
+
+def _tb_model(
+    amount: int, period: float, steps: list[tuple[int, int, float, bool]]
+) -> list[tuple[bool, int, float, float]]:
+    """What a token bucket (burst = amount) answers, kept in a plain dict that never forgets."""
+    tats: dict[int, float] = {}
+    interval = period / amount
+    tau = interval * amount
+    now = 0.0
+    out = []
+    for key, cost, dt, commit in steps:
+        now += dt
+        tat = max(tats.get(key, now), now)
+        new_tat = tat + cost * interval
+        if new_tat - now > tau + 1e-9:
+            remaining = int((tau - (tat - now)) / interval + 1e-9)
+            retry = new_tat - tau - now if cost <= amount else math.inf
+            out.append((False, max(0, remaining), tat - now, retry))
+            continue
+        if commit and cost:
+            tats[key] = new_tat
+        out.append((True, int((tau - (new_tat - now)) / interval + 1e-9), new_tat - now, 0.0))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    strategy=st.sampled_from(["fixed", "bucket"]),
+    amount=st.integers(1, 6),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 80),
+            st.integers(0, 3),
+            st.sampled_from([0.0, 0.0, 0.001, 0.05, 0.4, 1.3]),
+            st.booleans(),
+        ),
+        max_size=300,
+    ),
+)
+def test_flat_tables_answer_as_a_plain_dict_would(
+    strategy: str, amount: int, steps: list[tuple[int, int, float, bool]]
+) -> None:
+    """Property: growing arrays, generation turns and keys moving back never change an
+    answer: a flat table says what a dict of every key's count or arrival time says."""
+    table = _table(strategy, amount, 1.0)
+    model = (_fw_model if strategy == "fixed" else _tb_model)(amount, 1.0, steps)
+    now = 0.0
+    for (key, cost, dt, commit), expected in zip(steps, model, strict=True):
+        now += dt
+        # Integer-named keys: some share a home slot, and growth moves them all.
+        assert table.hit(f"key-{key}", cost, now, commit) == expected, (key, now)
+
+
+def test_a_growing_table_copies_a_few_slots_per_key_and_keeps_every_key() -> None:
+    """Growth never copies a whole array at once, and no key or count is lost to it."""
+    table = FixedWindowTable(10, 1000.0, None)
+    copies = 0
+    for i in range(5000):
+        before = (table.src, table.src_at)
+        assert table.hit(f"k{i}", 1, 1.0)[0]
+        if table.src is not None and table.src is before[0]:
+            assert table.src_at - before[1] <= 8, "more than four slots copied for one key"
+            copies += 1
+        assert table.used <= table.room
+    assert copies > 100, copies
+    assert len(table) == 5000
+    assert all(table.hit(f"k{i}", 1, 1.0)[1] == 8 for i in range(5000))
+
+
+def test_a_generation_that_ends_while_growing_keeps_its_keys() -> None:
+    """A turn in the middle of a growth keeps both arrays; their keys' counts hold."""
+    table = TokenBucketTable(10, 10.0, 10, None)  # 1/s, burst 10, a generation lasts 10 s
+    table.hit("start", 1, 0.0)
+    keys: list[str] = []
+    while table.src is None or len(keys) < 40:
+        keys.append(f"k{len(keys)}")
+        assert table.hit(keys[-1], 10, 9.9)[0]  # empties the bucket until t = 19.9
+        if table.src is not None and len(keys) >= 8:
+            break
+    assert table.src is not None, "no growth in progress"
+    assert not table.hit(keys[0], 1, 10.0)[0], "an emptied bucket was forgotten at the turn"
+    assert len(table.prev) == 2, table.prev
+    assert not any(table.hit(k, 1, 10.0)[0] for k in keys)
+    assert len(table) == len(keys) + 1
+
+
+def test_keys_that_share_a_home_slot_are_found_past_moved_ones() -> None:
+    """Probing skips the slot a key moved out of, so its neighbours keep their counts."""
+    table = TokenBucketTable(10, 10.0, 10, None)  # 1/s, burst 10, a generation lasts 10 s
+    assert table.hit("start", 1, 0.0)[0]
+    keys = (_Hashed(2), _Hashed(2 + 16), _Hashed(2 + 32))  # one home slot in 8 slots
+    for key in keys:
+        assert table.hit(key, 10, 9.0)[0]  # type: ignore[arg-type]  # empty until t = 19
+    assert table.hit("other", 1, 10.0)[0]  # a turn: the three are the previous generation
+    assert table.hit(keys[1], 0, 10.0)[0]  # type: ignore[arg-type]  # moves it back
+    for key in (keys[2], keys[0], keys[1]):
+        # One token came back since t = 9: a cost of 2 is refused if the key was found.
+        assert not table.hit(key, 2, 10.0)[0], key.h  # type: ignore[arg-type]
+        assert table.hit(key, 1, 10.0)[0], key.h  # type: ignore[arg-type]
+
+
+def test_keys_whose_hashes_are_equal_share_a_count() -> None:
+    """The documented limit of a flat table: it keeps hashes, so equal hashes share a count
+    (a hash of 0 is kept as 1)."""
+    table = FixedWindowTable(2, 10.0, None)
+    assert table.hit(_Hashed(0), 1, 0.0)[1] == 1  # type: ignore[arg-type]
+    assert table.hit(_Hashed(1), 1, 0.0)[1] == 0  # type: ignore[arg-type]
+    assert not table.hit(_Hashed(0), 1, 0.0)[0]  # type: ignore[arg-type]
+
+
+def test_large_arrays_are_mapped_and_sized_for_the_next_window() -> None:
+    """Arrays of a megabyte or more come from the OS; a new window starts with room for as
+    many keys as the last one had, and a key costs at most 64 bytes once a growth ends."""
+    table = FixedWindowTable(5, 10.0, None)
+    assert isinstance(table.q.obj, bytearray)
+    for i in range(40_000):
+        table.hit(f"k{i}", 1, 1.0)
+    assert isinstance(table.q.obj, mmap.mmap)
+    while table.src is not None:
+        table.hit(f"more{len(table)}", 1, 1.0)
+    assert table.q.nbytes / len(table) <= 64, table.q.nbytes / len(table)
+    keys = len(table)
+    table.hit("k0", 1, 10.0)  # the next window
+    assert len(table) == 1
+    assert table.room >= keys, (table.room, keys)

@@ -483,7 +483,7 @@ class RateLimiter:
         Args:
             policy: The policy to apply.
             key: The client's identity (what ``policy`` counts per).
-            cost: How many units the request consumes.
+            cost: How many units the request consumes (an int >= 0).
             namespace: Separates counters of the same policy; defaults to the one the
                 middleware and the dependency use for a named policy (so all of them share
                 its counters), or the limit string for an unnamed one.
@@ -492,6 +492,9 @@ class RateLimiter:
             The decision, with the state of every quota. A storage failure never raises;
             the decision has ``storage_error=True`` and follows ``policy.on_storage_error``.
 
+        Raises:
+            ConfigurationError: ``cost`` is not an int >= 0.
+
         Examples:
             >>> import anyio
             >>> limiter = RateLimiter()
@@ -499,6 +502,8 @@ class RateLimiter:
             >>> [anyio.run(limiter.hit, policy, "client-1").allowed for _ in range(3)]
             [True, True, False]
         """
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ConfigurationError(f"cost must be an int >= 0, got {cost!r}")
         if namespace is None:
             # The namespace the middleware and the dependency give a named policy.
             namespace = f"policy:{policy.name}" if policy.name is not None else policy.limit

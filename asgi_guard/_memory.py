@@ -166,7 +166,9 @@ def _words(slots: int) -> tuple[memoryview[int], memoryview[float]]:
     size = slots * 16
     buffer: bytearray | mmap.mmap
     if size >= _MAPPED_BYTES:
-        buffer = mmap.mmap(-1, size)
+        # Private: a forked worker gets its own copy on write, as it would of a dict.
+        private = getattr(mmap, "MAP_PRIVATE", None)
+        buffer = mmap.mmap(-1, size) if private is None else mmap.mmap(-1, size, flags=private)
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
         if advice is not None:
             with contextlib.suppress(OSError):  # a kernel without transparent huge pages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 
 from asgi_guard._memory import (
     FixedWindowTable,
+    HitResult,
+    MemoryTable,
     MovingWindowTable,
     SlidingWindowTable,
     Table,
@@ -384,3 +387,119 @@ def test_large_arrays_are_mapped_and_sized_for_the_next_window() -> None:
     table.hit("k0", 1, 10.0)  # the next window
     assert len(table) == 1
     assert table.room >= keys, (table.room, keys)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_counts_apart_from_its_parent() -> None:
+    """Arrays mapped from the OS are private: a forked worker's hits, new keys and growth
+    never reach its parent's counts (each process has its own, as with dicts)."""
+    table = FixedWindowTable(5, 10.0, None)
+    for i in range(40_000):
+        table.hit(f"k{i}", 1, 1.0)
+    assert isinstance(table.q.obj, mmap.mmap)
+    assert table.src is not None, "no growth in progress to share"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 1
+        try:
+            ok = all(table.hit(f"k{i}", 4, 1.0)[0] for i in range(40_000))
+            ok = ok and all(table.hit(f"new{i}", 1, 1.0)[0] for i in range(40_000))
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(table) == 40_000
+    assert all(table.hit(f"k{i}", 1, 1.0)[1] == 3 for i in range(40_000))
+
+
+class _DictFixedWindow(MemoryTable[int]):
+    """The fixed window kept in dict generations: the reference for the flat table's
+    eviction, which must drop the same keys at the same hits."""
+
+    __slots__ = ("window_end",)
+
+    def __init__(self, amount: int, period: float, max_keys: int | None) -> None:
+        super().__init__(amount, period, period, max_keys)
+        self.gen_end = math.inf
+        self.window_end = -math.inf
+
+    def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
+        if now >= self.window_end:
+            self.window_end = (now // self.period + 1) * self.period
+            self.cur, self.prev = {}, {}
+        count = self.cur.get(key)
+        fresh = False
+        if count is None:
+            count = self._lookup(key, now) or 0
+            fresh = count == 0
+        reset = self.window_end - now
+        if count + cost > self.amount:
+            retry = reset if cost <= self.amount else math.inf
+            return False, max(0, self.amount - count), reset, retry
+        if commit and cost:
+            if fresh:
+                self._put_new(key, count + cost, now)
+            else:
+                self.cur[key] = count + cost
+        return True, self.amount - count - cost, reset, 0.0
+
+
+class _DictTokenBucket(MemoryTable[float]):
+    """The token bucket kept in dict generations (burst = amount), the same reference."""
+
+    __slots__ = ("interval",)
+
+    def __init__(self, amount: int, period: float, max_keys: int | None) -> None:
+        super().__init__(amount, period, period, max_keys)
+        self.interval = period / amount
+
+    def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
+        stored = self._get(key, now)
+        tat = now if stored is None or stored < now else stored
+        new_tat = tat + cost * self.interval
+        tau = self.lifetime
+        if new_tat - now > tau + 1e-9:
+            remaining = int((tau - (tat - now)) / self.interval + 1e-9)
+            retry = new_tat - tau - now if cost <= self.amount else math.inf
+            return False, max(0, remaining), tat - now, retry
+        if commit and cost:
+            if stored is not None:
+                self.cur[key] = new_tat
+            else:
+                self._put_new(key, new_tat, now)
+        return True, int((tau - (new_tat - now)) / self.interval + 1e-9), new_tat - now, 0.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    strategy=st.sampled_from(["fixed", "bucket"]),
+    amount=st.integers(1, 4),
+    max_keys=st.sampled_from([2, 3, 7, 20, 64]),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 120),
+            st.integers(0, 3),
+            st.sampled_from([0.0, 0.0, 0.001, 0.05, 0.4, 1.3]),
+            st.booleans(),
+        ),
+        max_size=400,
+    ),
+)
+def test_flat_tables_evict_as_dict_generations_do(
+    strategy: str, amount: int, max_keys: int, steps: list[tuple[int, int, float, bool]]
+) -> None:
+    """Property: under max_keys a flat table keeps, moves and evicts the same keys at the
+    same hits as the dict generations it replaced: same answers, sizes and evictions."""
+    table = _table(strategy, amount, 1.0, max_keys)
+    reference = (
+        _DictFixedWindow(amount, 1.0, max_keys)
+        if strategy == "fixed"
+        else _DictTokenBucket(amount, 1.0, max_keys)
+    )
+    now = 0.0
+    for key, cost, dt, commit in steps:
+        now += dt
+        expected = reference.hit(f"key-{key}", cost, now, commit)
+        assert table.hit(f"key-{key}", cost, now, commit) == expected, (key, now)
+        assert (len(table), table.evictions) == (len(reference), reference.evictions)

@@ -745,6 +745,13 @@ async def test_engine_hit_shares_a_named_policy_with_the_middleware() -> None:
     assert not (await shared.hit(policy, "10.7.7.7")).allowed
 
 
+@pytest.mark.parametrize("cost", [1.5, -1, True, "2"])
+async def test_engine_hit_refuses_a_cost_that_is_not_a_count(cost: object) -> None:
+    """RateLimiter.hit with a cost that is not an int >= 0 raises ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="cost"):
+        await manual().hit(Policy("5/minute"), "k", cost=cost)  # type: ignore[arg-type]
+
+
 async def test_custom_response_still_closes_a_websocket_without_the_extension() -> None:
     """With response= and no denial extension, a refused handshake is closed with 1008."""
 

@@ -51,9 +51,15 @@ HitResult = tuple[bool, int, float, float]
 class Table:
     """The keys of one quota (one limit in one namespace) in memory."""
 
-    __slots__ = ()
+    __slots__ = ("amount", "evictions", "gen_end", "half", "lifetime", "period")
 
-    evictions: int
+    def __init__(self, amount: int, period: float, lifetime: float, max_keys: int | None) -> None:
+        self.amount = amount
+        self.period = period
+        self.lifetime = lifetime
+        self.half = max(1, max_keys // 2) if max_keys else 0
+        self.gen_end = -math.inf
+        self.evictions = 0
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -70,28 +76,13 @@ class Table:
 class MemoryTable(Table, Generic[_V]):
     """Keys of one quota kept in two generations of dicts, a value of any kind per key."""
 
-    __slots__ = (
-        "amount",
-        "cur",
-        "evictions",
-        "gen_end",
-        "half",
-        "lifetime",
-        "period",
-        "prev",
-        "prev_size",
-    )
+    __slots__ = ("cur", "prev", "prev_size")
 
     def __init__(self, amount: int, period: float, lifetime: float, max_keys: int | None) -> None:
-        self.amount = amount
-        self.period = period
-        self.lifetime = lifetime
-        self.half = max(1, max_keys // 2) if max_keys else 0
+        super().__init__(amount, period, lifetime, max_keys)
         self.cur: dict[str, _V] = {}
         self.prev: dict[str, _V] = {}
         self.prev_size = 0
-        self.gen_end = -math.inf
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self.cur) + len(self.prev)
@@ -203,32 +194,10 @@ class FlatTable(Table):
     previous generation's, from which a key in use moves back on its first hit.
     """
 
-    __slots__ = (
-        "amount",
-        "count",
-        "d",
-        "evictions",
-        "gen_end",
-        "half",
-        "lifetime",
-        "mask",
-        "period",
-        "prev",
-        "prev_count",
-        "q",
-        "room",
-        "src",
-        "src_at",
-        "used",
-    )
+    __slots__ = ("count", "d", "mask", "prev", "prev_count", "q", "room", "src", "src_at", "used")
 
     def __init__(self, amount: int, period: float, lifetime: float, max_keys: int | None) -> None:
-        self.amount = amount
-        self.period = period
-        self.lifetime = lifetime
-        self.half = max(1, max_keys // 2) if max_keys else 0
-        self.gen_end = -math.inf
-        self.evictions = 0
+        super().__init__(amount, period, lifetime, max_keys)
         #: Keys of the current generation, and of the previous one that have not moved back.
         self.count = 0
         self.prev_count = 0
@@ -366,6 +335,8 @@ class FixedWindowTable(FlatTable):
         if now >= self.window_end:
             self.window_end = (now // self.period + 1) * self.period
             self._restart()
+        # The probe of the current array is written out here and in TokenBucketTable.hit:
+        # a method call per hit would cost more than the probe itself.
         h = hash(key) or 1
         q = self.q
         mask = self.mask

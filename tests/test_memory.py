@@ -287,19 +287,22 @@ def _tb_model(
     return out
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    strategy=st.sampled_from(["fixed", "bucket"]),
-    amount=st.integers(1, 6),
-    steps=st.lists(
+def _hits(keys: int, most: int) -> st.SearchStrategy[list[tuple[int, int, float, bool]]]:
+    """Hits as (key number, cost, time since the last hit, commit)."""
+    return st.lists(
         st.tuples(
-            st.integers(0, 80),
+            st.integers(0, keys),
             st.integers(0, 3),
             st.sampled_from([0.0, 0.0, 0.001, 0.05, 0.4, 1.3]),
             st.booleans(),
         ),
-        max_size=300,
-    ),
+        max_size=most,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    strategy=st.sampled_from(["fixed", "bucket"]), amount=st.integers(1, 6), steps=_hits(80, 300)
 )
 def test_flat_tables_answer_as_a_plain_dict_would(
     strategy: str, amount: int, steps: list[tuple[int, int, float, bool]]
@@ -476,15 +479,7 @@ class _DictTokenBucket(MemoryTable[float]):
     strategy=st.sampled_from(["fixed", "bucket"]),
     amount=st.integers(1, 4),
     max_keys=st.sampled_from([2, 3, 7, 20, 64]),
-    steps=st.lists(
-        st.tuples(
-            st.integers(0, 120),
-            st.integers(0, 3),
-            st.sampled_from([0.0, 0.0, 0.001, 0.05, 0.4, 1.3]),
-            st.booleans(),
-        ),
-        max_size=400,
-    ),
+    steps=_hits(120, 400),
 )
 def test_flat_tables_evict_as_dict_generations_do(
     strategy: str, amount: int, max_keys: int, steps: list[tuple[int, int, float, bool]]

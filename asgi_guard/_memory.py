@@ -131,9 +131,8 @@ class MemoryTable(Table, Generic[_V]):
         self.prev_size = 0
 
 
-#: A slot never used, and a slot whose key moved to a newer array (CPython's ``hash()`` never
-#: returns -1; a key whose hash is 0 is stored as 1).
-_EMPTY = 0
+#: A slot whose key moved to a newer array (CPython's ``hash()`` never returns -1). A slot
+#: never used holds 0, so a key whose hash is 0 is stored as 1.
 _MOVED = -1
 _MIN_SLOTS = 8
 #: Arrays from this size on are mapped from the OS: zeroed lazily, page by page, and returned
@@ -298,15 +297,12 @@ class FlatTable(Table):
         src = self.src
         assert src is not None
         q = self.q
-        mask = self.mask
         start = self.src_at
         end = min(start + _COPY_STEP, len(src))
         for j in range(start, end, 2):
             h = src[j]
             if h and h != _MOVED:
-                i = h & mask
-                while q[i]:
-                    i = (i + 2) & mask
+                i = self._free_slot(h)
                 q[i] = h
                 q[i + 1] = src[j + 1]
                 src[j] = _MOVED

@@ -417,7 +417,9 @@ async def test_a_disconnect_cancels_the_handler_when_asked() -> None:
     app, events = guarded(probe, timeout=5.0, cancel_on_disconnect=True)
     started = time.monotonic()
     driven = await drive(app, http_scope("/slow"), [request(), T])
-    assert time.monotonic() - started < T + SLACK
+    # Well before the 5 s deadline: the disconnect ended it (a VM pause once made this run
+    # 0.23 s past T, so the bound is not T + SLACK).
+    assert time.monotonic() - started < 2.5
     assert driven.sent == []
     assert probe.cancelled == ["slow"]
     assert app.stats["disconnects"] == 1

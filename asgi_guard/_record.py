@@ -9,19 +9,21 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from ._deadline import Budget
 
-__all__ = ["SCOPE_KEY", "GuardRecord", "get_record"]
+__all__ = ["FIELDS_KEY", "SCOPE_KEY", "GuardRecord", "get_record"]
 
 SCOPE_KEY = "asgi_guard"
+
+#: ``scope[FIELDS_KEY]``: the list of ``(RateLimit-Policy, RateLimit)`` entries that
+#: dependencies add after routing, set by the outermost ``RateLimitMiddleware`` that writes
+#: the IETF fields (it merges them into the response it sends). A list of its own rather
+#: than a field of the record: the middleware's hot path then builds no record.
+FIELDS_KEY = "asgi_guard.rate_limit_fields"
 
 
 class GuardRecord:
     """What the guards know about one request, shared by middlewares and dependencies.
 
     Attributes:
-        rate_limit_fields: ``(RateLimit-Policy, RateLimit)`` entries that dependencies add
-            after routing, for the rate-limit middleware to merge into the response.
-        merges_rate_limit_fields: Whether a ``RateLimitMiddleware`` writes the IETF
-            ``RateLimit`` fields of this request (and so merges the dependencies' entries).
         arrival: When the request reached the outermost guard that noted it
             (`time.monotonic`), or ``None``; deadlines count from it.
         budget: The request's deadline, set by a ``TimeoutMiddleware``.
@@ -33,15 +35,11 @@ class GuardRecord:
     __slots__ = (
         "arrival",
         "budget",
-        "merges_rate_limit_fields",
         "priority",
-        "rate_limit_fields",
         "timeout_exempt",
     )
 
     def __init__(self) -> None:
-        self.rate_limit_fields: list[tuple[str, str]] | None = None
-        self.merges_rate_limit_fields = False
         self.arrival: float | None = None
         self.budget: Budget | None = None
         self.timeout_exempt = False

@@ -22,7 +22,7 @@ from ._limiter import RateLimiter
 from ._paths import route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
-from ._record import SCOPE_KEY, get_record
+from ._record import FIELDS_KEY, SCOPE_KEY
 from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
     HeaderMode,
@@ -115,14 +115,11 @@ class RateLimitDependency:
         ietf = mode in ("ietf", "both") and bool(shown) and plan.policy_header is not None
         policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
         state_value = ratelimit_header_value(shown) if shown else ""
-        record = get_record(scope)
-        behind_middleware = record.merges_rate_limit_fields
-        if ietf and behind_middleware:
+        entries: list[tuple[str, str]] | None = scope.get(FIELDS_KEY)
+        behind_middleware = entries is not None
+        if ietf and entries is not None:
             # The middleware writes every RateLimit entry into the response it sends,
             # a 429 raised here included: one field line for the app's and the route's quotas.
-            entries = record.rate_limit_fields
-            if entries is None:
-                entries = record.rate_limit_fields = []
             entries.append((policy_value, state_value))
         headers: dict[str, str] = {}
         if ietf and not behind_middleware:

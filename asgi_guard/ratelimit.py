@@ -14,6 +14,7 @@ from typing import Any, Literal, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._clock import MonotonicClock
 from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
@@ -29,7 +30,7 @@ from ._problem import (
     rejection_detail,
     send_rejection,
 )
-from ._record import SCOPE_KEY, GuardRecord
+from ._record import FIELDS_KEY, get_record
 
 __all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware", "Rule"]
 
@@ -82,20 +83,29 @@ class _BoundPolicy:
         )
 
 
+class _Fast:
+    """The straight path of a place with one policy of one quota, in memory, a fixed cost
+    and a sync key: everything its requests need, none of it optional."""
+
+    __slots__ = ("bound", "cost", "key", "policy_field", "state_format", "table")
+
+    def __init__(self, bound: _BoundPolicy, table: Table, policy_header: bytes | None) -> None:
+        self.bound = bound
+        self.table = table
+        self.key = bound.key
+        self.cost = cast(int, bound.cost)
+        #: An admitted request's ``RateLimit`` value, formatted with r and t (IETF
+        #: headers); with headers="none", empty for no fields at all. None: the general path.
+        self.state_format: bytes | None = None
+        #: ``RateLimit-Policy``, sent beside the ``RateLimit`` field (only when
+        #: ``state_format`` is not empty, which it is only with a policy header).
+        self.policy_field = (b"ratelimit-policy", policy_header or b"")
+
+
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = (
-        "bound",
-        "fast",
-        "fast_cost",
-        "fast_prefix",
-        "fast_table",
-        "has_dry_run",
-        "per_path",
-        "policy_header",
-        "route",
-    )
+    __slots__ = ("bound", "fast", "has_dry_run", "per_path", "policy_header", "route")
 
     def __init__(
         self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
@@ -112,12 +122,7 @@ class _Plan:
         )
         # The common case gets a straight path: one policy, one quota, in memory, a fixed
         # cost and a sync key.
-        self.fast: _BoundPolicy | None = None
-        self.fast_table: Table | None = None
-        self.fast_cost = 1
-        # An admitted request's fields: with IETF headers this prefix + r and t; with
-        # headers="none", an empty prefix for no fields at all. None: the general path.
-        self.fast_prefix: bytes | None = None
+        self.fast: _Fast | None = None
         only = bound[0] if len(bound) == 1 else None
         if (
             only is not None
@@ -127,13 +132,12 @@ class _Plan:
             and not only.key_async
             and not per_path
         ):
-            self.fast = only
-            self.fast_table = only.tables[0]
-            self.fast_cost = only.cost
+            fast = self.fast = _Fast(only, only.tables[0], self.policy_header)
             if mode == "ietf" and not only.policy.dry_run:
-                self.fast_prefix = f'"{only.policy.quotas[0].name}";r='.encode("latin-1")
+                name = only.policy.quotas[0].name.replace("%", "%%")
+                fast.state_format = f'"{name}";r=%d;t=%d'.encode("latin-1")
             elif mode == "none":
-                self.fast_prefix = b""
+                fast.state_format = b""
 
 
 def policy_header_value(quotas: Iterable[Quota]) -> str:
@@ -246,7 +250,9 @@ class RateLimitMiddleware:
         )
         self._callback_guard = _CallbackGuard()
         self._key = key if key is not None else client_ip()
-        self._now = self.limiter.clock.now
+        clock = self.limiter.clock
+        # The default clock's method only calls `monotonic`: call it directly.
+        self._now = monotonic if clock.__class__ is MonotonicClock else clock.now
         # Whether responses get IETF fields, into which dependencies' entries are merged.
         self._merges = headers in ("ietf", "both")
         self._key_failed = False
@@ -335,10 +341,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        table = plan.fast_table
+        fast = plan.fast
         headers: list[tuple[bytes, bytes]] | None = None
-        if table is not None:
-            fast = cast(_BoundPolicy, plan.fast)
+        if fast is not None:
             try:
                 key = fast.key(scope)
                 if key.__class__ is not str:
@@ -350,20 +355,21 @@ class RateLimitMiddleware:
                     key = self._bad_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
-            allowed, remaining, reset, retry = table.hit(key, plan.fast_cost, self._now())
-            prefix = plan.fast_prefix
-            if allowed and prefix is not None:
+            allowed, remaining, reset, retry = fast.table.hit(key, fast.cost, self._now())
+            state_format = fast.state_format
+            if allowed and state_format is not None:
                 headers = (
                     [
-                        (b"ratelimit-policy", cast(bytes, plan.policy_header)),
-                        (b"ratelimit", prefix + b"%d;t=%d" % (remaining, _ceil(reset))),
+                        fast.policy_field,
+                        (b"ratelimit", state_format % (remaining, _ceil(reset))),
                     ]
-                    if prefix
+                    if state_format
                     else []
                 )
             else:
-                quota = fast.policy.quotas[0]
-                dry = fast.policy.dry_run
+                policy = fast.bound.policy
+                quota = policy.quotas[0]
+                dry = policy.dry_run
                 states: tuple[QuotaState, ...] = (
                     QuotaState(
                         quota.name, quota.burst, quota.window, remaining, reset, allowed, retry, dry
@@ -375,9 +381,7 @@ class RateLimitMiddleware:
         else:
             if not self.limiter.is_memory and kind == "http":
                 # A remote storage takes time: the request's deadline counts from now.
-                noted = scope.get(SCOPE_KEY)
-                if noted is None:
-                    noted = scope[SCOPE_KEY] = GuardRecord()
+                noted = get_record(scope)
                 if noted.arrival is None:
                     noted.arrival = monotonic()
             allowed, states, error_deny = await self._evaluate(scope, plan, path)
@@ -391,20 +395,16 @@ class RateLimitMiddleware:
         self.stats["allowed"] += 1
         if headers is None:
             headers = self._headers_for(plan, states)
-        record: GuardRecord | None = None
+        entries: list[tuple[str, str]] | None = None
         if not self._merges:
             if not headers or kind != "http":
                 await self.app(scope, receive, send)
                 return
         else:
-            record = scope.get(SCOPE_KEY)
-            if record is None:
-                record = scope[SCOPE_KEY] = GuardRecord()
-            if record.merges_rate_limit_fields:
-                # An outer RateLimitMiddleware already merges the dependencies' entries.
-                record = None
-            else:
-                record.merges_rate_limit_fields = True
+            if FIELDS_KEY not in scope:
+                # Dependencies add their entries here, and this middleware merges them (an
+                # outer RateLimitMiddleware that set it already does).
+                entries = scope[FIELDS_KEY] = []
             if kind != "http":
                 await self.app(scope, receive, send)
                 return
@@ -415,10 +415,14 @@ class RateLimitMiddleware:
         def send_with_headers(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 extra = fields
-                if record is not None and record.rate_limit_fields:
-                    extra = _merge_fields(fields, record.rate_limit_fields)
-                # A new dict: the app may reuse its message (and its headers list).
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                if entries:
+                    extra = _merge_fields(fields, entries)
+                # A new dict and list: the app may reuse its message (and its headers).
+                given = message.get("headers")
+                message = dict(message)
+                message["headers"] = (
+                    given + extra if given.__class__ is list else [*(given or ()), *extra]
+                )
             return send(message)
 
         await self.app(scope, receive, send_with_headers)

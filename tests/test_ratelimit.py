@@ -690,6 +690,24 @@ async def test_a_reused_response_start_message_gets_no_piled_up_headers() -> Non
     assert start["headers"] == [(b"x", b"1")]
 
 
+@pytest.mark.parametrize("given", ["absent", "tuple"])
+async def test_a_start_message_without_a_headers_list_gets_the_fields(given: str) -> None:
+    """A start message with no headers, or a tuple of them, still gets the RateLimit fields."""
+    start: Message = {"type": "http.response.start", "status": 200}
+    if given == "tuple":
+        start["headers"] = ((b"x", b"1"),)
+
+    async def app_(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = RateLimitMiddleware(app_, limit="10/minute", limiter=manual())
+    async with client_for(app) as client:
+        r = await client.get("/")
+    assert r.headers.get_list("ratelimit") == ['"10-per-60s";r=9;t=20'], r.headers
+    assert r.headers.get("x") == ("1" if given == "tuple" else None), r.headers
+
+
 async def test_stacked_middlewares_each_write_their_own_fields_once() -> None:
     """Two stacked middlewares write one RateLimit line each, never the same entry twice."""
     inner = RateLimitMiddleware(ok_app, limit=Policy("5/minute", name="inner"), limiter=manual())
@@ -772,3 +790,12 @@ async def test_a_request_costing_more_than_the_quota_gets_no_retry_after() -> No
     assert r.status_code == 429, r.text
     assert "retry-after" not in r.headers, r.headers
     assert "cannot be admitted" in r.json()["detail"], r.text
+
+
+async def test_a_policy_name_with_a_percent_sign_is_written_as_given() -> None:
+    """A '%' in a policy name reaches the RateLimit field as it is (the fast path formats it)."""
+    app = RateLimitMiddleware(ok_app, limit=Policy("10/minute", name="50%d"), limiter=manual())
+    async with client_for(app) as client:
+        r = await client.get("/")
+    assert r.headers["ratelimit"] == '"50%d";r=9;t=20', r.headers
+    assert r.headers["ratelimit-policy"] == '"50%d";q=10;w=60', r.headers

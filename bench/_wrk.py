@@ -180,10 +180,19 @@ class Served:
         return run_wrk(self.label, self.port, threads, connections, duration, self.script)
 
     def measure(
-        self, threads: int, connections: int, duration: int, *, profile: bool = False
+        self,
+        threads: int,
+        connections: int,
+        duration: int,
+        *,
+        profile: bool = False,
+        client_wakes: bool = True,
     ) -> WrkRun:
         """One wrk run, recorded, with the server's CPU time per request from /proc around it
-        (and, with ``profile``, a ``perf record`` of the server during the run)."""
+        (and, with ``profile``, a ``perf record`` of the server during the run).
+
+        ``client_wakes=False`` records no wrk wake-ups (NaN): they are read from this process's
+        reaped children, which mixes up two wrk runs that overlap."""
         assert self.proc is not None
         recorder = _Recorder(self.proc.pid) if profile else None
         user0, sys0 = cpu_seconds(self.proc.pid)
@@ -194,7 +203,7 @@ class Served:
             wakes1 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
             user1, sys1 = cpu_seconds(self.proc.pid)
             share = recorder.finish() if recorder is not None else None
-        self.client_wakes.append((wakes1 - wakes0) / run.requests)
+        self.client_wakes.append((wakes1 - wakes0) / run.requests if client_wakes else float("nan"))
         if share is not None:
             self.waking_us.append(share * (user1 - user0 + sys1 - sys0) / run.requests * 1e6)
         self.rps.append(run.rps)

@@ -1,4 +1,5 @@
-"""The per-request guard record, kept in ``scope["asgi_guard"]``."""
+"""The per-request guard record, kept in ``scope["asgi_guard"]``, and the list of the
+rate-limit dependencies' header entries, kept in ``scope["asgi_guard.rate_limit_fields"]``."""
 
 from __future__ import annotations
 

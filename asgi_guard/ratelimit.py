@@ -85,7 +85,7 @@ class _BoundPolicy:
 
 class _Fast:
     """The straight path of a place with one policy of one quota, in memory, a fixed cost
-    and a sync key: everything its requests need, none of it optional."""
+    and a sync key: what its requests need, read from one object."""
 
     __slots__ = ("bound", "cost", "key", "policy_field", "state_format", "table")
 
@@ -395,19 +395,14 @@ class RateLimitMiddleware:
         self.stats["allowed"] += 1
         if headers is None:
             headers = self._headers_for(plan, states)
+        if kind != "http" or not (headers or self._merges):
+            await self.app(scope, receive, send)
+            return
         entries: list[tuple[str, str]] | None = None
-        if not self._merges:
-            if not headers or kind != "http":
-                await self.app(scope, receive, send)
-                return
-        else:
-            if FIELDS_KEY not in scope:
-                # Dependencies add their entries here, and this middleware merges them (an
-                # outer RateLimitMiddleware that set it already does).
-                entries = scope[FIELDS_KEY] = []
-            if kind != "http":
-                await self.app(scope, receive, send)
-                return
+        if self._merges and FIELDS_KEY not in scope:
+            # Dependencies add their entries here, and this middleware merges them (an outer
+            # RateLimitMiddleware that set it already does).
+            entries = scope[FIELDS_KEY] = []
         fields = headers
 
         # Not a coroutine function: it hands the message on and returns the awaitable of

@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _wakes(values: list[float]) -> str:
+    """wrk's wake-ups per request ("-" when not recorded: side by side)."""
+    recorded = [v for v in values if v == v]
+    return f"{statistics.median(recorded):.3f}" if recorded else "-"
+
+
 def report(servers: list[Server], *, wakes: bool) -> None:
     base = statistics.median(servers[0].rps)
     base_user = statistics.median(servers[0].user_us)
@@ -242,7 +248,7 @@ def report(servers: list[Server], *, wakes: bool) -> None:
              f"{statistics.median(s.user_us):.1f}",
              f"{statistics.median(s.user_us) - base_user:+.1f}",
              f"{statistics.median(s.sys_us):.1f}",
-             f"{statistics.median(s.busy):.0f}", f"{statistics.median(s.client_wakes):.3f}",
+             f"{statistics.median(s.busy):.0f}", _wakes(s.client_wakes),
              *([f"{statistics.median(s.waking_us):.1f}"] if wakes else []), str(len(s.rps))]
             for s in servers
         ],

@@ -240,6 +240,78 @@ async def test_dependency_fields_survive_a_middleware_without_ietf_headers() -> 
     assert r.headers.get_list("ratelimit-policy") == ['"route";q=2;w=60'], r.headers
 
 
+class CopyScope:
+    """A middleware that hands the app a copy of the scope (as some wrappers do)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(dict(scope), receive, send)
+
+
+def stacked(inner: dict[str, Any], outer: dict[str, Any], *, copy_between: bool) -> FastAPI:
+    """GET /x with a 2/minute ``route`` dependency, behind two RateLimitMiddlewares (and,
+    if asked, a scope-copying middleware between them); all share one limiter."""
+    shared = limiter()
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+    dep = rate_limit(Policy("2/minute", name="route"), limiter=shared)
+
+    @app.get("/x", dependencies=[Depends(dep)])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, **inner)
+    if copy_between:
+        app.add_middleware(CopyScope)
+    app.add_middleware(RateLimitMiddleware, limiter=shared, **outer)
+    return app
+
+
+@pytest.mark.parametrize("copy_between", [False, True])
+async def test_stacked_middlewares_merge_the_dependency_once_in_the_outer(
+    copy_between: bool,
+) -> None:
+    """Two IETF middlewares: the route's entry joins the outer one's line, once, even when a
+    middleware between them copies the scope; the 429 too."""
+    app = stacked(
+        {"limit": Policy("5/minute", name="inner")},
+        {"limit": Policy("10/minute", name="outer")},
+        copy_between=copy_between,
+    )
+    async with client_for(app) as client:
+        r = await client.get("/x")
+        await client.get("/x")
+        refused = await client.get("/x")
+    assert r.headers.get_list("ratelimit") == [
+        '"inner";r=4;t=20',
+        '"outer";r=9;t=20, "route";r=1;t=20',
+    ], r.headers
+    assert r.headers.get_list("ratelimit-policy") == [
+        '"inner";q=5;w=60',
+        '"outer";q=10;w=60, "route";q=2;w=60',
+    ], r.headers
+    assert refused.status_code == 429, refused.text
+    assert refused.headers.get_list("ratelimit") == [
+        '"inner";r=2;t=20',
+        '"outer";r=7;t=20, "route";r=0;t=20',
+    ], refused.headers
+
+
+async def test_an_outer_legacy_middleware_leaves_the_merging_to_the_inner_ietf_one() -> None:
+    """Outer legacy headers, inner IETF: the inner one merges the route's entry."""
+    app = stacked(
+        {"limit": Policy("5/minute", name="inner")},
+        {"limit": Policy("10/minute", name="outer"), "headers": "legacy"},
+        copy_between=False,
+    )
+    async with client_for(app) as client:
+        r = await client.get("/x")
+    assert r.headers.get_list("ratelimit") == ['"inner";r=4;t=20, "route";r=1;t=20'], r.headers
+    assert r.headers["x-ratelimit-remaining"] == "9", r.headers
+
+
 @pytest.mark.parametrize("bad", [None, "", [], "often"])
 def test_rate_limit_without_a_valid_limit_fails_at_construction(bad: Any) -> None:
     """rate_limit() with no limit or a malformed one raises ConfigurationError at once."""

@@ -20,7 +20,7 @@ from .asgi_driver import drive, http_scope
 pytestmark = pytest.mark.anyio
 
 
-SLACK = 0.15
+SLACK = 0.4  # how late a timer may fire on a loaded CI machine or a paused VM
 
 
 def client_for(app: Any) -> httpx.AsyncClient:

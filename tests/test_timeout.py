@@ -52,8 +52,12 @@ pytestmark = pytest.mark.anyio
 
 
 T = 0.1  # the deadline most tests use
-SLACK = 0.15  # how late a timer may fire on a loaded CI machine
-SYNC_RUN = 6 * T  # how long the sync handler's thread runs: well past T + 2 * SLACK
+# How late a timer may fire on a loaded CI machine or a paused VM (a CI run once saw one
+# 0.23 s late). Every bound that uses it stays well short of the outcome it tells apart
+# (a handler that runs on, a cleanup that is not cut): the precision of the deadlines
+# themselves is measured by bench/timeout_accuracy.py, not here.
+SLACK = 0.4
+SYNC_RUN = 12 * T  # how long the sync handler's thread runs: well past T + 2 * SLACK
 
 
 def request(body: bytes = b"", more: bool = False) -> Message:
@@ -307,18 +311,20 @@ async def test_an_overrun_is_logged_as_a_warning(caplog: pytest.LogCaptureFixtur
 async def test_an_outer_guard_arrival_counts() -> None:
     """The deadline counts from the arrival an outer guard noted, not from this middleware."""
     probe = Probe()
-    app, _ = guarded(probe)
+    app, _ = guarded(probe, timeout=1.0)
+    # Time spent queued by an outer guard: counted from this middleware instead, the
+    # deadline would pass at 1.8 s.
+    queued = 0.8
 
     async def outer(scope: Scope, receive: Receive, send: Send) -> None:
         record = scope["asgi_guard"] = GuardRecord()
         record.arrival = time.monotonic()
-        await anyio.sleep(T / 2)  # time spent queued by an outer guard
+        await anyio.sleep(queued)
         await app(scope, receive, send)
 
     driven = await drive(outer, http_scope("/slow"), then="wait")
     assert driven.status == 504
-    assert driven.at("http.response.start") < T + SLACK / 2 + T / 2
-    assert driven.at("http.response.start") >= T
+    assert 1.0 <= driven.at("http.response.start") < 1.0 + SLACK < 1.0 + queued
 
 
 async def test_an_error_raised_while_cancelled_is_not_raised_again() -> None:
@@ -791,7 +797,7 @@ async def test_a_handler_that_swallows_its_cancellation_is_still_answered_on_tim
             await anyio.sleep(10)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(T)  # cleanup the deadline cannot interrupt
+                await anyio.sleep(1.0)  # cleanup the deadline cannot interrupt
             carried_on.append(True)
         await PlainTextResponse("late")(scope, receive, send)
 
@@ -800,7 +806,7 @@ async def test_a_handler_that_swallows_its_cancellation_is_still_answered_on_tim
     driven = await drive(guard, http_scope(), then="wait")
     assert driven.status == 504
     assert driven.starts == 1
-    assert driven.at("http.response.start") < T + SLACK
+    assert driven.at("http.response.start") < T + SLACK < 1.0  # not after the cleanup
     assert carried_on == [True]
     assert b"late" not in driven.body
 
@@ -815,7 +821,7 @@ async def test_a_cleanup_that_awaits_after_the_deadline_is_cancelled_too() -> No
             await anyio.sleep(10)
         finally:
             try:
-                await anyio.sleep(0.5)  # cleanup that awaits, unshielded
+                await anyio.sleep(2.0)  # cleanup that awaits, unshielded
             finally:
                 ended.append(time.monotonic() - started)
 

@@ -30,7 +30,8 @@ load shedding:
 * ``shed_default``: ``limit=None``, the default adaptive algorithm;
 * ``shed_unpaced``: the same with ``pace=False`` (admitted requests start unpaced);
 * ``shed_fixed``: ``limit=N``, ``N`` from ``SHED_FIXED_LIMIT`` (default 8);
-* ``shed_aimd``, ``shed_vegas``, ``shed_gradient2``: ``limit=AIMD(**kw)`` and so on, ``kw``
+* ``shed_aimd``, ``shed_vegas``, ``shed_gradient2``, ``shed_adaptive``: ``limit=AIMD(**kw)``
+  and so on (``shed_adaptive``: the default algorithm with options), ``kw``
   a JSON object from ``SHED_ALGORITHM_KWARGS`` (default ``{}``: the algorithm's defaults);
 * ``shed_priority``: ``limit=None``; the class from the ``X-Priority`` header, trusted from
   every client (the benchmark is the gateway), ``sheddable`` without one.
@@ -273,6 +274,7 @@ _GUARDED = {
     "shed_aimd": lambda: build_guarded(limit=_algorithm("AIMD")),
     "shed_vegas": lambda: build_guarded(limit=_algorithm("Vegas")),
     "shed_gradient2": lambda: build_guarded(limit=_algorithm("Gradient2")),
+    "shed_adaptive": lambda: build_guarded(limit=_algorithm("Adaptive")),
     "shed_priority": _shed_priority,
 }
 

@@ -126,6 +126,8 @@ from loadgen import (
 
 RATES = (0.5, 0.8, 1.0, 2.0, 4.0, 8.0)
 VARIANTS = ("none", "uvicorn", "fixed", "default", "unpaced", "aimd", "vegas", "gradient2")
+#: Variants run only when named (not in the default list).
+EXTRA_VARIANTS = ("adaptive",)
 SCENARIOS = ("rates", "step", "priority", "overhead")
 TARGETS = {
     "none": "bench._overload_apps:unguarded",
@@ -137,9 +139,12 @@ TARGETS = {
     "aimd": "bench._overload_apps:shed_aimd",
     "vegas": "bench._overload_apps:shed_vegas",
     "gradient2": "bench._overload_apps:shed_gradient2",
+    "adaptive": "bench._overload_apps:shed_adaptive",
     "priority": "bench._overload_apps:shed_priority",
 }
-GUARDED = frozenset({"fixed", "default", "unpaced", "aimd", "vegas", "gradient2", "priority"})
+GUARDED = frozenset(
+    {"fixed", "default", "unpaced", "aimd", "vegas", "gradient2", "adaptive", "priority"}
+)
 
 #: The targets (for the default configuration).
 GOODPUT_4X = 0.85  # of C
@@ -1201,7 +1206,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
-    parser.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", type=_names((*VARIANTS, *EXTRA_VARIANTS)), default=list(VARIANTS)
+    )
     parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--rates", type=_floats, help="multiples of C (default 0.5,...,8)")
     parser.add_argument("--quick", action="store_true", help="0.8x, 2x, 4x, 8x; shorter runs")

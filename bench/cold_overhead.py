@@ -9,14 +9,16 @@ reads. Measured through uvicorn, our guards cost several times their hot-loop fi
 (``docs/benchmarks.md``).
 
 This script reproduces that in process. It drives each variant directly, as the hot-loop
-benchmark does, but before every timed request it reads one byte of every cache line of a
-buffer as large as the last-level cache (``--sweep-mb``, default 32; a strided copy), which
-evicts what the previous request left, and leaves the evicted lines clean (the timed request
-pays no write-backs). It times each request alone (``perf_counter_ns`` around one call),
-both ways: *hot* (right after the same request) and *cold* (after a sweep). Variants run
-interleaved, in a shuffled order each round; "added" is the median over rounds of the
-paired difference with the pass-through middleware of the same round; the cycle collector
-is off while timing (a collection would land in a random request).
+benchmark does, but before a cold request it reads one byte of every cache line of a buffer
+as large as the last-level cache (``--sweep-mb``, default 32; a strided copy), which evicts
+what the previous request left, and leaves the evicted lines clean (the timed request pays
+no write-backs). It times each request alone (``perf_counter_ns`` around one call), three
+ways: *hot* (right after the same request), *cold* (after a sweep), and *between* (after a
+sweep and then one request through a bare Starlette app, as a server runs its own code
+between two requests: the interpreter's common paths are warm again, what only the guard
+uses is not). Variants run interleaved, in a shuffled order each round; "added" is the
+median over rounds of the paired difference with the pass-through middleware of the same
+round; the cycle collector is off while timing (a collection would land in a random request).
 
     python bench/cold_overhead.py              # ~30-60 s
     python bench/cold_overhead.py --quick      # ~10 s smoke run
@@ -39,12 +41,16 @@ from typing import TYPE_CHECKING, Any
 from _asgi import http_scope
 from _machine import Watch
 from _wrk import print_table
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from asgi_guard import LoadSheddingMiddleware, RateLimitMiddleware, TimeoutMiddleware
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HIGH = "1000000000/hour"
@@ -86,6 +92,18 @@ VARIANTS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
 }
 
 
+MODES = ("hot", "cold", "between")
+
+
+def _starlette_app() -> ASGIApp:
+    """A bare Starlette app with one plain-text route: what runs between two requests."""
+
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/", home)])
+
+
 async def _receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
@@ -109,16 +127,17 @@ class Sweeper:
 async def measure(
     apps: dict[str, ASGIApp], rounds: int, sweep: Sweeper, seed: int
 ) -> dict[tuple[str, str], list[float]]:
-    """(variant, "hot" | "cold") -> µs of each timed request, one per round."""
+    """(variant, mode) -> µs of each timed request, one per round."""
     scope = http_scope("/", "10.0.0.1")
+    other = _starlette_app()
     for app in apps.values():  # warm up: lazy starts, the store's first key
         for _ in range(200):
             await app(scope.copy(), _receive, _sink)
     samples: dict[tuple[str, str], list[float]] = {
-        (name, mode): [] for name in apps for mode in ("hot", "cold")
+        (name, mode): [] for name in apps for mode in MODES
     }
     rng = random.Random(seed)
-    order = [(name, mode) for name in apps for mode in ("hot", "cold")]
+    order = [(name, mode) for name in apps for mode in MODES]
     gc.collect()
     gc.disable()
     try:
@@ -129,6 +148,9 @@ async def measure(
                 fresh = scope.copy()
                 if mode == "cold":
                     sweep()
+                elif mode == "between":
+                    sweep()
+                    await other(scope.copy(), _receive, _sink)
                 else:
                     await app(scope.copy(), _receive, _sink)  # the same request just before
                 t0 = time.perf_counter_ns()
@@ -146,16 +168,18 @@ def report(samples: dict[tuple[str, str], list[float]], names: list[str]) -> Non
         pairs = zip(samples[name, mode], samples[base, mode], strict=True)
         return statistics.median(a - b for a, b in pairs)
 
-    rows = [["variant", "hot µs", "cold µs", "hot, added", "cold, added", "cold/hot, added"]]
+    rows = [
+        ["variant", "hot µs", "cold µs", "between µs", "hot, added", "cold, added",
+         "between, added", "cold/hot, added"]
+    ]  # fmt: skip
     for name in names:
-        hot = statistics.median(samples[name, "hot"])
-        cold = statistics.median(samples[name, "cold"])
+        medians = [f"{statistics.median(samples[name, mode]):.2f}" for mode in MODES]
         if name in ("bare app", base):
-            rows.append([name, f"{hot:.2f}", f"{cold:.2f}", "-", "-", "-"])
+            rows.append([name, *medians, "-", "-", "-", "-"])
             continue
-        a_hot, a_cold = added(name, "hot"), added(name, "cold")
+        a_hot, a_cold, a_between = (added(name, mode) for mode in MODES)
         ratio = f"{a_cold / a_hot:.1f}" if a_hot > 0.05 else "-"
-        rows.append([name, f"{hot:.2f}", f"{cold:.2f}", f"{a_hot:+.2f}", f"{a_cold:+.2f}", ratio])
+        rows.append([name, *medians, f"{a_hot:+.2f}", f"{a_cold:+.2f}", f"{a_between:+.2f}", ratio])
     print_table(rows)
 
 

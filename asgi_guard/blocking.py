@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import math
 import sys
 import threading
 import time
@@ -21,6 +22,9 @@ from ._deadline import _check_seconds, _is_number, current_loop, settle, spawn_t
 from ._errors import ConfigurationError
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
+
+#: `Watchdog.beat_due` of a watchdog not started, or stopped.
+_STOPPED = -math.inf
 
 __all__ = ["BlockingCallError", "BlockingDetectorMiddleware", "BlockingEvent"]
 
@@ -171,8 +175,13 @@ class BlockingDetectorMiddleware:
     def _beat(self) -> None:
         """A beat made by a request as it ends (on the loop thread): the heartbeat's timer is
         pushed back to the next beat."""
-        if self._loop is not (asyncio._get_running_loop() or current_loop()):
-            return  # a request of another loop than the one watched: the next one starts it
+        loop = asyncio._get_running_loop() or current_loop()
+        if self._loop is not loop:
+            if self._loop is not None and self._watchdog.loop_thread == threading.get_ident():
+                # The loop watched ran in this thread, so it has ended, without its
+                # heartbeat's cleanup (closed with its tasks pending): watch this one now.
+                self._lazy_start(loop)
+            return  # else a request of a loop of another thread: not the one watched
         watchdog = self._watchdog
         watchdog.beat()
         timer, waker = self._timer, self._waker
@@ -217,6 +226,7 @@ class BlockingDetectorMiddleware:
             isinstance(heartbeat, asyncio.Task)
             and threading.get_ident() == self._watchdog.loop_thread
             and not heartbeat.done()
+            and not heartbeat.get_loop().is_closed()  # closed with its tasks pending
         ):
             heartbeat.cancel()  # a lazily started heartbeat would beat on until its loop ends
         self._watchdog.stop()
@@ -270,6 +280,8 @@ class BlockingDetectorMiddleware:
     def _lazy_start(self, loop: object) -> None:
         """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""
         self._watchdog.stop()  # a previous loop's watchdog (tests run a loop each)
+        # A previous loop's heartbeat, if that loop closed with it pending: not this one's.
+        self._timer = self._waker = None
         self._loop = loop
         self._heartbeat_task = spawn_task(loop, self._heartbeat)
         self._start_threads()
@@ -284,11 +296,14 @@ class BlockingDetectorMiddleware:
             await self._lifespan(scope, receive, send)
             return
         watchdog = self._watchdog
-        # A beat within the last beat period means the watchdog watches this loop; else
-        # look (finding the running loop costs a system call: ``getpid``).
-        if time.monotonic() >= watchdog.beat_due:
+        # Not started, or stopped (its heartbeat's cleanup stops it when its loop ends):
+        # look for the loop (finding it costs a system call, ``getpid``, before Python 3.12)
+        # and start. No clock read here: every request pays for what it does, and more
+        # with the CPU's caches cold, as between a server's requests. (A loop that ended
+        # without that cleanup is found as the first request of the next one ends.)
+        if watchdog.beat_due == _STOPPED:
             loop = asyncio._get_running_loop() or current_loop()
-            if self._loop is not loop:  # not started, stopped (``_loop`` is None), a new loop
+            if self._loop is not loop:
                 self._lazy_start(loop)
         # The watchdog finds this request through this call's frame and its ``scope``
         # argument: nothing is registered per request.

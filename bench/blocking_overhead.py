@@ -142,13 +142,21 @@ class Run:
     errors: str
 
 
-def wrk(port: int, script: str, threads: int, connections: int, duration: int) -> dict[str, int]:
+def wrk(
+    port: int, script: str, threads: int, connections: int, duration: int, cpu: int | None = None
+) -> dict[str, int]:
+    """One wrk run (on CPU ``cpu`` only, if given)."""
     cmd = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "-s", script,
         f"http://127.0.0.1:{port}/",
     ]  # fmt: skip
     out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration + 30, check=False
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=False,
+        preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
     ).stdout
     match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
     if match is None:
@@ -222,12 +230,20 @@ class Server(Served):
         assert isinstance(blocks, int)
         return blocks
 
-    def measure_run(self, script: str, threads: int, connections: int, duration: int) -> Run:
-        """One wrk run with a Lua ``script``, with the server's CPU time around it."""
+    def pin(self, cpu: int) -> None:
+        """Run the server on CPU ``cpu`` only (its threads inherit it)."""
+        assert self.proc is not None
+        os.sched_setaffinity(self.proc.pid, {cpu})
+
+    def measure_run(
+        self, script: str, threads: int, connections: int, duration: int, cpu: int | None = None
+    ) -> Run:
+        """One wrk run with a Lua ``script`` (wrk on CPU ``cpu`` only, if given), with the
+        server's CPU time around it."""
         assert self.proc is not None
         pid = self.proc.pid
         loop0, others0 = thread_cpu(pid)
-        r = wrk(self.port, script, threads, connections, duration)
+        r = wrk(self.port, script, threads, connections, duration, cpu)
         loop1, others1 = thread_cpu(pid)
         n = r["requests"]
         seconds = r["duration_us"] / 1e6
@@ -400,14 +416,18 @@ def breakdown(s: Settings, rounds: int) -> None:
     print(watch.summary())
 
 
-def side_by_side(s: Settings, rounds: int, versus: tuple[str, str]) -> dict[str, float]:
+def side_by_side(
+    s: Settings, rounds: int, versus: tuple[str, str], pin: bool = False
+) -> dict[str, float]:
     """Two servers at once, each under its own fixed-rate wrk, over the same seconds.
 
     The machine's speed drifts by tens of percent within seconds on a shared VM; two servers
     measured at the same time see the same drift, so their ratio keeps only what differs
     between them. Each round starts both servers afresh. ``versus``: ``off`` and ``on``,
     or two of the ``--breakdown`` variants (``off`` twice shows the method's own spread).
-    Returns the median paired ratios, the second server over the first.
+    With ``pin``, each server and its wrk run on one CPU of their own (the first named on
+    CPU 0 in even rounds, CPU 1 in odd ones), so neither pair's work lands between the
+    other's requests. Returns the median paired ratios, the second server over the first.
     """
     modes = versus
     names = (versus[0], versus[1] + "'") if versus[0] == versus[1] else versus
@@ -424,22 +444,30 @@ def side_by_side(s: Settings, rounds: int, versus: tuple[str, str]) -> dict[str,
         ]
         if r % 2:
             servers.reverse()  # which one starts first, and takes which port, alternates
+        # With pin: the CPU of each server in `servers` order (the first named gets r % 2).
+        cpus: list[int | None] = [None, None]
+        if pin:
+            first_cpu = r % 2
+            cpus = [first_cpu, 1 - first_cpu] if r % 2 == 0 else [1 - first_cpu, first_cpu]
         try:
-            for server in servers:
+            for server, cpu in zip(servers, cpus, strict=True):
                 server.start(server.target, s.loop, s.http)
+                if cpu is not None:
+                    server.pin(cpu)
             for server in servers:
                 server.wait_ready()
                 server.check(block=False)
             if s.warmup:
-                for server in servers:
-                    wrk(server.port, s.sat_script, s.threads, s.connections, s.warmup)
+                for server, cpu in zip(servers, cpus, strict=True):
+                    wrk(server.port, s.sat_script, s.threads, s.connections, s.warmup, cpu)
             with ThreadPoolExecutor(2) as pool:
                 measured = list(
                     pool.map(
-                        lambda server: server.measure_run(
-                            s.fixed_script, 1, s.fixed_connections, s.fixed_duration
+                        lambda server, cpu: server.measure_run(
+                            s.fixed_script, 1, s.fixed_connections, s.fixed_duration, cpu
                         ),
                         servers,
+                        cpus,
                     )
                 )
         finally:
@@ -475,7 +503,8 @@ def side_by_side(s: Settings, rounds: int, versus: tuple[str, str]) -> dict[str,
             [label, format(a, fmt), format(b, fmt), f"{_med(values):.4f}",
              f"{min(values):.3f}..{max(values):.3f}"]
         )  # fmt: skip
-    print(f"\nmedians over {rounds} rounds, both servers measured at once:")
+    pinned = ", each with its wrk on a CPU of its own" if pin else ""
+    print(f"\nmedians over {rounds} rounds, both servers measured at once{pinned}:")
     print_table(rows, left=1)
     print(f"machine: {watch.summary()}")
     return {key: _med(values) for key, values in ratios.items()}
@@ -574,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         "each under its own wrk, over --pairs rounds (fixed rate only)"
     )  # fmt: skip
     parser.add_argument(
+        "--pin", action="store_true", help="with --side-by-side: each server and its wrk "
+        "on one CPU of their own (alternating between rounds)"
+    )  # fmt: skip
+    parser.add_argument(
         "--versus", nargs=2, default=list(MODES), metavar=("A", "B"), help="with "
         "--side-by-side: the two servers (default: off on); any of on and the --breakdown "
         "variants: " + ", ".join(name for name, _ in BREAKDOWN) + " (off off: the method's "
@@ -622,7 +655,9 @@ def main(argv: list[str] | None = None) -> int:
             versus = (args.versus[0], args.versus[1])
             if not set(versus) <= {name for name, _ in BREAKDOWN}:
                 parser.error("--versus takes two of: " + ", ".join(n for n, _ in BREAKDOWN))
-            paired = side_by_side(settings, args.pairs, versus)
+            if args.pin and (os.cpu_count() or 1) < 2:
+                parser.error("--pin needs two CPUs")
+            paired = side_by_side(settings, args.pairs, versus, pin=args.pin)
             if versus != MODES:
                 return 0
             ok_cpu, ok_p99 = paired["cpu"] <= CPU_TARGET, paired["p99"] <= P99_TARGET

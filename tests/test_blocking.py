@@ -261,6 +261,49 @@ async def test_stop_ends_a_lazily_started_heartbeat() -> None:
     assert events == []
 
 
+def test_a_loop_closed_with_its_heartbeat_pending_is_left_for_the_next_one() -> None:
+    """A loop closed without cancelling its tasks never runs the heartbeat's cleanup: the
+    first request of the next loop that ends once a beat is due moves the watchdog to that
+    loop, a later request's stall there is reported, and stop() still works."""
+    detector, events = make()
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(drive(detector, http_scope("/quick")))
+        assert detector._loop is first
+    finally:
+        first.close()  # the heartbeat task is left pending, never cancelled
+    second = asyncio.new_event_loop()
+    try:
+
+        async def two_requests() -> None:
+            await drive(detector, http_scope("/polite"))  # 0.25 s: a beat is due as it ends
+            assert detector._loop is second
+            await drive(detector, http_scope("/users/7"))
+            deadline = time.monotonic() + 2.0
+            while not events and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        second.run_until_complete(two_requests())
+    finally:
+        detector.stop()
+        second.close()
+    assert [e.route for e in events] == ["/users/{user_id}"], events
+
+
+def test_stop_after_the_loop_closed_with_the_heartbeat_pending() -> None:
+    """stop() (as at interpreter exit) does not raise when the heartbeat's loop has closed
+    with the heartbeat still pending."""
+    detector, events = make()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(drive(detector, http_scope("/quick")))
+    finally:
+        loop.close()
+    detector.stop()
+    assert detector._loop is None
+    assert events == []
+
+
 def counted(call: Callable[[], object]) -> tuple[Callable[[], None], list[int]]:
     """``call`` wrapped to count its calls (in the list's one item)."""
     count = [0]

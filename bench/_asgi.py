@@ -1,8 +1,11 @@
-"""The HTTP scope the in-process benchmarks drive their apps with."""
+"""What the in-process benchmarks drive: the HTTP scope, the smallest app, a pass-through."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 def http_scope(path: str = "/", client: str = "127.0.0.1") -> dict[str, Any]:
@@ -21,3 +24,25 @@ def http_scope(path: str = "/", client: str = "127.0.0.1") -> dict[str, Any]:
         "client": (client, 1234),
         "server": ("127.0.0.1", 8000),
     }
+
+
+async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The smallest honest ASGI app: a 200 with a two-byte body."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+class PassThrough:
+    """A middleware that does nothing: the floor for any middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)

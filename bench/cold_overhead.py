@@ -38,7 +38,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from _asgi import http_scope
+from _asgi import PassThrough, http_scope, raw_app
 from _machine import Watch
 from _wrk import print_table
 from starlette.applications import Starlette
@@ -51,31 +51,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from starlette.requests import Request
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message
 
 HIGH = "1000000000/hour"
-
-
-async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """A 200 with a two-byte body."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
-class PassThrough:
-    """A middleware that does nothing: the floor for any middleware."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
 
 
 #: name -> how to build it around the raw app.

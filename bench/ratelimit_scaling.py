@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _asgi import http_scope
+from _asgi import http_scope, raw_app
 from _machine import Watch
 from limits import parse
 from limits.aio.storage import MemoryStorage
@@ -52,24 +52,13 @@ from asgi_guard import ManualClock, Policy, RateLimiter, RateLimitMiddleware
 from asgi_guard._memory import FlatTable
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Receive, Scope, Send
+    from starlette.types import Message
 
 
 # A day-long window: a fixed window aligned on the clock must not roll over (and empty the
 # store) in the middle of a run; the key count is checked after every round anyway.
 HIGH = "1000000000/day"
 NAME = "bench"
-
-
-async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 async def _receive() -> Message:

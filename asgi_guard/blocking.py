@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import math
 import sys
 import threading
 import time
@@ -22,9 +21,6 @@ from ._deadline import _check_seconds, _is_number, current_loop, settle, spawn_t
 from ._errors import ConfigurationError
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
-
-#: `Watchdog.beat_due` of a watchdog not started, or stopped.
-_STOPPED = -math.inf
 
 __all__ = ["BlockingCallError", "BlockingDetectorMiddleware", "BlockingEvent"]
 
@@ -111,6 +107,8 @@ class BlockingDetectorMiddleware:
         )
         self._loop: object = None
         self._heartbeat_task: object = None
+        #: Counts starts (lazy or lifespan): a heartbeat acts on its own start only.
+        self._generation = 0
         #: The asyncio heartbeat's wake-up: its timer, and the future the timer completes.
         self._timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
@@ -142,6 +140,9 @@ class BlockingDetectorMiddleware:
         bare timer callback: a beat one loop iteration later after a stall leaves the
         watchdog, waiting for the GIL, time to look first."""
         watchdog = self._watchdog
+        # Which start this heartbeat serves: one of a loop closed with it pending is run
+        # to its end later (when it is collected), and must then leave a newer start alone.
+        generation = self._generation
         try:
             loop = asyncio._get_running_loop()
             if loop is None:  # trio: a plain periodic task
@@ -164,24 +165,21 @@ class BlockingDetectorMiddleware:
                 try:
                     await waker
                 finally:
-                    if self._timer is not None:
+                    # `_beat` may have replaced it; another start may have cleared it.
+                    if self._generation == generation and self._timer is not None:
                         self._timer.cancel()
         finally:
-            self._timer = self._waker = None
-            # The loop is shutting down (or lifespan ended): without a heartbeat the
-            # watchdog would take any long step of a later loop for a stall.
-            self.stop()
+            if self._generation == generation:
+                self._timer = self._waker = None
+                # The loop is shutting down (or lifespan ended): without a heartbeat the
+                # watchdog would take any long step of a later loop for a stall.
+                self.stop()
 
     def _beat(self) -> None:
         """A beat made by a request as it ends (on the loop thread): the heartbeat's timer is
         pushed back to the next beat."""
-        loop = asyncio._get_running_loop() or current_loop()
-        if self._loop is not loop:
-            if self._loop is not None and self._watchdog.loop_thread == threading.get_ident():
-                # The loop watched ran in this thread, so it has ended, without its
-                # heartbeat's cleanup (closed with its tasks pending): watch this one now.
-                self._lazy_start(loop)
-            return  # else a request of a loop of another thread: not the one watched
+        if self._loop is not (asyncio._get_running_loop() or current_loop()):
+            return  # a request of another loop than the one watched: the next one starts it
         watchdog = self._watchdog
         watchdog.beat()
         timer, waker = self._timer, self._waker
@@ -258,6 +256,8 @@ class BlockingDetectorMiddleware:
         """Watch the running event loop for the duration of the block (for tests: the
         pytest plugin uses it), then stop."""
         async with anyio.create_task_group() as task_group:
+            self._generation += 1
+            self._timer = self._waker = None
             self._loop = current_loop()
             task_group.start_soon(self._heartbeat)
             self._start_threads()
@@ -281,6 +281,7 @@ class BlockingDetectorMiddleware:
         """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""
         self._watchdog.stop()  # a previous loop's watchdog (tests run a loop each)
         # A previous loop's heartbeat, if that loop closed with it pending: not this one's.
+        self._generation += 1
         self._timer = self._waker = None
         self._loop = loop
         self._heartbeat_task = spawn_task(loop, self._heartbeat)
@@ -296,14 +297,11 @@ class BlockingDetectorMiddleware:
             await self._lifespan(scope, receive, send)
             return
         watchdog = self._watchdog
-        # Not started, or stopped (its heartbeat's cleanup stops it when its loop ends):
-        # look for the loop (finding it costs a system call, ``getpid``, before Python 3.12)
-        # and start. No clock read here: every request pays for what it does, and more
-        # with the CPU's caches cold, as between a server's requests. (A loop that ended
-        # without that cleanup is found as the first request of the next one ends.)
-        if watchdog.beat_due == _STOPPED:
+        # A beat within the last beat period means the watchdog watches this loop; else
+        # look (finding the running loop costs a system call: ``getpid``).
+        if time.monotonic() >= watchdog.beat_due:
             loop = asyncio._get_running_loop() or current_loop()
-            if self._loop is not loop:
+            if self._loop is not loop:  # not started, stopped (``_loop`` is None), a new loop
                 self._lazy_start(loop)
         # The watchdog finds this request through this call's frame and its ``scope``
         # argument: nothing is registered per request.

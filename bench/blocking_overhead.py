@@ -145,18 +145,15 @@ class Run:
 def wrk(
     port: int, script: str, threads: int, connections: int, duration: int, cpu: int | None = None
 ) -> dict[str, int]:
-    """One wrk run (on CPU ``cpu`` only, if given)."""
+    """One wrk run (on CPU ``cpu`` only, if given: through ``taskset``, as runs are started
+    from several threads at once, where ``preexec_fn`` is not safe)."""
     cmd = [
+        *([] if cpu is None else ["taskset", "-c", str(cpu)]),
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "-s", script,
         f"http://127.0.0.1:{port}/",
     ]  # fmt: skip
     out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=duration + 30,
-        check=False,
-        preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
+        cmd, capture_output=True, text=True, timeout=duration + 30, check=False
     ).stdout
     match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
     if match is None:
@@ -417,7 +414,7 @@ def breakdown(s: Settings, rounds: int) -> None:
 
 
 def side_by_side(
-    s: Settings, rounds: int, versus: tuple[str, str], pin: bool = False
+    s: Settings, rounds: int, versus: tuple[str, str], pin_cpus: tuple[int, int] | None = None
 ) -> dict[str, float]:
     """Two servers at once, each under its own fixed-rate wrk, over the same seconds.
 
@@ -425,9 +422,9 @@ def side_by_side(
     measured at the same time see the same drift, so their ratio keeps only what differs
     between them. Each round starts both servers afresh. ``versus``: ``off`` and ``on``,
     or two of the ``--breakdown`` variants (``off`` twice shows the method's own spread).
-    With ``pin``, each server and its wrk run on one CPU of their own (the first named on
-    CPU 0 in even rounds, CPU 1 in odd ones), so neither pair's work lands between the
-    other's requests. Returns the median paired ratios, the second server over the first.
+    With ``pin_cpus``, each server and its wrk run on one of those two CPUs (alternating
+    between rounds), so neither pair's work lands between the other's requests. Returns
+    the median paired ratios, the second server over the first.
     """
     modes = versus
     names = (versus[0], versus[1] + "'") if versus[0] == versus[1] else versus
@@ -444,11 +441,9 @@ def side_by_side(
         ]
         if r % 2:
             servers.reverse()  # which one starts first, and takes which port, alternates
-        # With pin: the CPU of each server in `servers` order (the first named gets r % 2).
-        cpus: list[int | None] = [None, None]
-        if pin:
-            first_cpu = r % 2
-            cpus = [first_cpu, 1 - first_cpu] if r % 2 == 0 else [1 - first_cpu, first_cpu]
+        # With pin: the CPU of each server in `servers` order; as `servers` is reversed in
+        # odd rounds, each server alternates between the two CPUs.
+        cpus: list[int | None] = [*pin_cpus] if pin_cpus else [None, None]
         try:
             for server, cpu in zip(servers, cpus, strict=True):
                 server.start(server.target, s.loop, s.http)
@@ -503,7 +498,7 @@ def side_by_side(
             [label, format(a, fmt), format(b, fmt), f"{_med(values):.4f}",
              f"{min(values):.3f}..{max(values):.3f}"]
         )  # fmt: skip
-    pinned = ", each with its wrk on a CPU of its own" if pin else ""
+    pinned = ", each with its wrk on a CPU of its own" if pin_cpus else ""
     print(f"\nmedians over {rounds} rounds, both servers measured at once{pinned}:")
     print_table(rows, left=1)
     print(f"machine: {watch.summary()}")
@@ -622,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--idle: (0, 60] s; --retries: 0..10; --wait: 0..120 s")
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH")
+    if args.pin and not args.side_by_side:
+        parser.error("--pin applies to --side-by-side only")
 
     with tempfile.TemporaryDirectory() as tmp:
         fixed_script = Path(tmp, "fixed.lua")
@@ -655,9 +652,13 @@ def main(argv: list[str] | None = None) -> int:
             versus = (args.versus[0], args.versus[1])
             if not set(versus) <= {name for name, _ in BREAKDOWN}:
                 parser.error("--versus takes two of: " + ", ".join(n for n, _ in BREAKDOWN))
-            if args.pin and (os.cpu_count() or 1) < 2:
-                parser.error("--pin needs two CPUs")
-            paired = side_by_side(settings, args.pairs, versus, pin=args.pin)
+            pin_cpus = None
+            if args.pin:
+                allowed = sorted(os.sched_getaffinity(0))
+                if len(allowed) < 2 or shutil.which("taskset") is None:
+                    parser.error("--pin needs two CPUs and taskset (util-linux)")
+                pin_cpus = (allowed[0], allowed[1])
+            paired = side_by_side(settings, args.pairs, versus, pin_cpus)
             if versus != MODES:
                 return 0
             ok_cpu, ok_p99 = paired["cpu"] <= CPU_TARGET, paired["p99"] <= P99_TARGET

@@ -30,7 +30,9 @@ as tasks, and its 503 closes the connection, so each refusal costs the client a 
 ``fixed`` (``LoadSheddingMiddleware(limit=8)``, default
 queue); ``default`` (``limit=None``); ``unpaced`` (the default with ``pace=False``);
 ``aimd``, ``vegas``, ``gradient2`` (those algorithms
-with their defaults). Scenarios, each variant in turn:
+with their defaults; ``SHED_ALGORITHM_KWARGS`` in ``--server-env`` sets their options); and,
+only when named, ``adaptive`` (the default algorithm, ``Adaptive``, with those options).
+Scenarios, each variant in turn:
 
 * rates: 0.5x, 0.8x, 1x, 2x, 4x and 8x C for ``--duration`` s (7), the first second left
   out of the figures (warm-up: a fresh process, an adaptive limit that starts cold);

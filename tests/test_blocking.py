@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import re
@@ -263,9 +264,9 @@ async def test_stop_ends_a_lazily_started_heartbeat() -> None:
 
 def test_a_loop_closed_with_its_heartbeat_pending_is_left_for_the_next_one() -> None:
     """A loop closed without cancelling its tasks never runs the heartbeat's cleanup: the
-    next loop's requests still run (they raised 'Event loop is closed'), the first of them
-    that ends once a beat is due moves the watchdog and a new heartbeat to that loop, and
-    stop() still works."""
+    next loop's concurrent requests still run (they raised 'Event loop is closed'), the
+    watchdog and a new heartbeat move to that loop, the old heartbeat's cleanup, run when
+    it is collected, leaves them alone, and stop() still works."""
     detector, events = make()
     first = asyncio.new_event_loop()
     try:
@@ -277,14 +278,21 @@ def test_a_loop_closed_with_its_heartbeat_pending_is_left_for_the_next_one() -> 
     try:
 
         async def requests() -> None:
-            await drive(detector, http_scope("/polite"))  # 0.25 s: a beat is due as it ends
+            await asyncio.sleep(4 * THRESHOLD)  # the old watchdog's next beat is overdue
+            # Answered within its first step (a 404 awaits nothing): it starts the watchdog
+            # on this loop and beats as it ends, before the new heartbeat has run.
+            assert (await drive(detector, http_scope("/nowhere"))).status == 404
+            driven = await asyncio.gather(*(drive(detector, http_scope("/quick")) for _ in "1234"))
+            assert [d.status for d in driven] == [200] * 4
             assert detector._loop is second
             heartbeat = detector._heartbeat_task
             assert isinstance(heartbeat, asyncio.Task)
             assert heartbeat.get_loop() is second
-            for _ in range(3):  # requests that beat on the new loop's heartbeat timer
-                assert (await drive(detector, http_scope("/polite"))).status == 200
+            gc.collect()  # the old heartbeat is collected: its cleanup runs now
+            await asyncio.sleep(2 * THRESHOLD)
+            assert detector._loop is second
             assert not heartbeat.done()
+            assert (await drive(detector, http_scope("/quick"))).status == 200
 
         second.run_until_complete(requests())
     finally:

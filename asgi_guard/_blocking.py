@@ -650,6 +650,14 @@ class Watchdog:
             return
         self.loop_thread = loop_thread
         self.anchor = anchor
+        # Nothing of a previous run: a step it was timing when it stopped is not this run's
+        # (kept, a restart reported the time it was stopped as a stall).
+        self._root = self._reported_root = None
+        self._root_tick = self._reported_tick = -1
+        self._root_since = 0.0
+        self._taps.clear()
+        self._tap_last = None
+        self._last_look_at = -math.inf
         try:
             self._cpu_clock = time.pthread_getcpuclockid(loop_thread)
         except (AttributeError, OSError):  # not on this platform: the GIL test is skipped

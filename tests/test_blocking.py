@@ -305,6 +305,24 @@ def test_a_loop_closed_with_its_heartbeat_pending_is_left_for_the_next_one() -> 
     assert events == []
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_restart_after_a_stop_in_a_timed_step_reports_nothing() -> None:
+    """A watchdog stopped while it was timing a short step, and started again by a later
+    request, does not report the time it was stopped as a stall."""
+    detector, events = make()
+    await drive(detector, http_scope("/quick"))
+    await asyncio.sleep(THRESHOLD)
+    until = time.monotonic() + THRESHOLD * 0.6
+    while time.monotonic() < until:  # a step shorter than the threshold, being timed
+        pass
+    detector.stop()
+    await asyncio.sleep(6 * THRESHOLD)
+    await drive(detector, http_scope("/quick"))  # starts it again
+    await asyncio.sleep(6 * THRESHOLD)
+    detector.stop()
+    assert events == [], events
+
+
 def test_stop_after_the_loop_closed_with_the_heartbeat_pending() -> None:
     """stop() (as at interpreter exit) does not raise when the heartbeat's loop has closed
     with the heartbeat still pending."""

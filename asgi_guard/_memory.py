@@ -249,13 +249,7 @@ class FlatTable(Table):
         if src is not None:
             j = _probe(src, h)
             if j >= 0:
-                i = self._free_slot(h)
-                q = self.q
-                q[i] = h
-                q[i + 1] = src[j + 1]
-                src[j] = _MOVED
-                self.used += 1
-                return i
+                return self._move(src, j, h)
         for old in self.prev:
             j = _probe(old, h)
             if j >= 0:
@@ -284,10 +278,22 @@ class FlatTable(Table):
             self._copy()
         return i
 
+    def _move(self, src: memoryview[int], j: int, h: int) -> int:
+        """Move the key of hash ``h`` at slot ``j`` of the growing table's old array ``src``
+        into the current array; its slot there."""
+        i = self._free_slot(h)
+        q = self.q
+        q[i] = h
+        q[i + 1] = src[j + 1]
+        src[j] = _MOVED
+        self.used += 1
+        return i
+
     def _grow(self) -> None:
         """Start an array twice as large; the full one is copied into it as keys arrive."""
-        while self.src is not None:  # pragma: no cover - a copy always ends before this
-            self._copy()
+        # The previous copy has ended: it moves four slots per key added, so the old array
+        # (half full) is copied before the new one, twice as large, is half full.
+        assert self.src is None
         self.src = self.q
         self.src_at = 0
         self._fresh(len(self.q))
@@ -296,17 +302,12 @@ class FlatTable(Table):
         """Copy the next few slots of the growing table's old array into the current one."""
         src = self.src
         assert src is not None
-        q = self.q
         start = self.src_at
         end = min(start + _COPY_STEP, len(src))
         for j in range(start, end, 2):
             h = src[j]
             if h and h != _MOVED:
-                i = self._free_slot(h)
-                q[i] = h
-                q[i + 1] = src[j + 1]
-                src[j] = _MOVED
-                self.used += 1
+                self._move(src, j, h)
         if end == len(src):
             self.src = None
         else:

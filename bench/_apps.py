@@ -2,9 +2,14 @@
 
 uvicorn imports them as ``bench._apps:<name>`` (run from the project root). The limit is far
 above what a benchmark sends, so every request is counted and none is rejected.
+``toggled`` and ``toggled_fastapi`` serve the bare app, the app with a pass-through
+middleware and the guarded app in one process, behind a switch (``_toggle.Switched``), for
+``ratelimit_toggle.py``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse as FastAPIPlainText
@@ -17,6 +22,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_guard import Policy, RateLimitMiddleware
 
+if TYPE_CHECKING:  # mypy reads bench/ as top-level modules, as the scripts import them
+    from _toggle import Switched
+else:  # uvicorn imports this module as bench.<name>
+    from ._toggle import Switched
+
 LIMIT = Policy("1000000000/hour", name="default")
 
 
@@ -24,12 +34,14 @@ async def _home(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-def _starlette(guarded: bool) -> Starlette:
+def _starlette(guarded: bool, passing: bool = False) -> Starlette:
     middleware = [Middleware(RateLimitMiddleware, limit=LIMIT, headers="ietf")] if guarded else []
+    if passing:
+        middleware = [Middleware(_PassThrough)]
     return Starlette(routes=[Route("/", _home)], middleware=middleware)
 
 
-def _fastapi(guarded: bool) -> FastAPI:
+def _fastapi(guarded: bool, passing: bool = False) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/", response_class=FastAPIPlainText)
@@ -38,6 +50,8 @@ def _fastapi(guarded: bool) -> FastAPI:
 
     if guarded:
         app.add_middleware(RateLimitMiddleware, limit=LIMIT, headers="ietf")
+    elif passing:
+        app.add_middleware(_PassThrough)
     return app
 
 
@@ -117,3 +131,32 @@ raw_guarded_no_headers = RateLimitMiddleware(raw, limit=LIMIT, headers="none")
 raw_passthrough = _PassThrough(raw)
 raw_static_headers = _raw_static_headers
 raw_spin = _raw_spin
+
+
+async def _home_with_headers(request: Request) -> PlainTextResponse:
+    """``_home`` answering with two fields as long as the guard's (what serialising them
+    costs the framework and the server, without the guard)."""
+    return PlainTextResponse("ok", headers=_STATIC_FIELDS)
+
+
+_STATIC_FIELDS = {
+    "ratelimit-policy": '"default";q=1000000000;w=3600',
+    "ratelimit": '"default";r=999999999;t=3600',
+}
+toggled = Switched(
+    {
+        "bare": bare,
+        "pass": _starlette(False, True),
+        "guarded": guarded,
+        # Parts of the guarded mode's cost, for ``ratelimit_toggle.py --versus``:
+        "no_headers": Starlette(
+            routes=[Route("/", _home)],
+            middleware=[Middleware(RateLimitMiddleware, limit=LIMIT, headers="none")],
+        ),
+        "app_headers": Starlette(routes=[Route("/", _home_with_headers)]),
+    },
+    "bare",
+)
+toggled_fastapi = Switched(
+    {"bare": fastapi_bare, "pass": _fastapi(False, True), "guarded": fastapi_guarded}, "bare"
+)

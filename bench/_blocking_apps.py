@@ -10,18 +10,20 @@ stalls the detector reported (through an ``on_block`` callback).
 ``fastapi_off`` / ``fastapi_on``: FastAPI, the detector added with ``add_middleware``
 (``threshold=0.1``, the default poll interval: 20 ms). ``starlette_off`` / ``starlette_on``:
 the same with Starlette. ``breakdown_*`` (built on first use): the FastAPI app with parts of
-the detector, for ``--breakdown``.
+the detector, for ``--breakdown``. ``toggled``: the FastAPI app behind a switch between no
+detector, a pass-through middleware and the detector, for ``blocking_toggle.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI
@@ -31,6 +33,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_guard import BlockingDetectorMiddleware, BlockingEvent
+
+if TYPE_CHECKING:  # mypy reads bench/ as top-level modules, as the scripts import them
+    from _toggle import Switched
+else:  # uvicorn imports this module as bench.<name>
+    from ._toggle import Switched
 
 THRESHOLD = 0.1
 HANDLER_SLEEP = 0.001
@@ -217,6 +224,51 @@ _BREAKDOWN: dict[str, Callable[[], FastAPI]] = {
     "breakdown_quiet": lambda: _fastapi(False, _QuietBeats),
     "breakdown_on": lambda: _fastapi(True),
 }
+
+
+class Toggled(Switched):
+    """The FastAPI app of ``fastapi_off`` behind a switch (``_toggle.Switched``), for
+    ``blocking_toggle.py``: alone (``off``), through a pass-through middleware (``pass``),
+    through the detector (``on``) or through one of the ``--breakdown`` variants of the
+    detector (``requests``, ``heartbeat``, ``notap``, ``quiet``, ``polling``). A detector is
+    started when the switch goes to it and stopped when the switch leaves it."""
+
+    def __init__(self) -> None:
+        app = _fastapi(False)
+        modes: dict[str, Any] = {"off": app, "pass": _PassThrough(app)}
+        for name, cls in TOGGLED_DETECTORS.items():
+            modes[name] = cls(app, threshold=THRESHOLD, on_block=_count)
+        super().__init__(modes, "off")
+
+    def on_leave(self, app: Any) -> None:
+        if isinstance(app, BlockingDetectorMiddleware):
+            app.stop()
+
+    async def on_enter(self, app: Any) -> None:
+        if isinstance(app, BlockingDetectorMiddleware):
+            app._lazy_start(asyncio.get_running_loop())
+
+    def extra(self) -> dict[str, Any]:
+        """The stats, and how often the detector now switched to has beaten and looked."""
+        app = self.modes[self.mode]
+        if isinstance(app, BlockingDetectorMiddleware):
+            watchdog = app._watchdog
+            return {**_stats(), "beats": watchdog.tick, "looks": watchdog.looks}
+        return _stats()
+
+
+#: The detectors ``Toggled`` switches between (the detector and its breakdown variants).
+TOGGLED_DETECTORS: dict[str, type[BlockingDetectorMiddleware]] = {
+    "on": BlockingDetectorMiddleware,
+    "requests": _RequestsOnly,
+    "heartbeat": _HeartbeatOnly,
+    "notap": _NoTap,
+    "polling": _Polling,
+    "quiet": _QuietBeats,
+}
+
+
+toggled = Toggled()
 
 
 def __getattr__(name: str) -> FastAPI:

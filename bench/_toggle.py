@@ -1,0 +1,253 @@
+"""One server process, several apps behind a switch: comparisons without the spread of processes.
+
+Two server processes of the same code differ by several percent on a small VM (their memory
+layouts, where the scheduler puts them), which hides a difference of 1%. ``Switched`` is an
+ASGI app that serves every request with one of several apps (its modes) and switches
+between them on ``GET /_mode?to=<mode>``, answering what it had served and the process's
+CPU time just before and just after the switch. ``windows`` drives it: while a load runs,
+it switches between two modes in pairs of short windows (A then B, B then A, alternating,
+so that the machine's drift cancels) and returns each window's figures. Used by
+``blocking_toggle.py`` and ``ratelimit_toggle.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import random
+import re
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class Switched:
+    """Serves each request with the app of the current mode; ``GET /_mode?to=<mode>``
+    switches (``on_leave`` and ``on_enter`` run then, between the two readings), and
+    ``GET /`` requests are counted. Lifespan is answered here: none of the apps has any."""
+
+    def __init__(self, modes: Mapping[str, ASGIApp], first: str) -> None:
+        self.modes = dict(modes)
+        self.mode = first
+        self.served = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] == "/_mode":
+                await self._switch(scope, send)
+                return
+            if scope["path"] == "/":
+                self.served += 1
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        await self.modes[self.mode](scope, receive, send)
+
+    def on_leave(self, app: ASGIApp) -> None:
+        """Called when the switch leaves ``app`` (before it enters the next)."""
+
+    async def on_enter(self, app: ASGIApp) -> None:
+        """Called when the switch enters ``app``."""
+
+    def extra(self) -> dict[str, Any]:
+        """More for the switch's answer."""
+        return {}
+
+    def _reading(self) -> dict[str, float]:
+        return {
+            "served": self.served,
+            "t": time.monotonic(),
+            "cpu": time.process_time(),
+            "loop": time.thread_time(),
+        }
+
+    async def _switch(self, scope: Scope, send: Send) -> None:
+        before = self._reading()
+        to = scope["query_string"].decode().removeprefix("to=")
+        if to not in self.modes:
+            body, status = json.dumps({"error": f"unknown mode {to!r}"}).encode(), 400
+        else:
+            if to != self.mode:
+                self.on_leave(self.modes[self.mode])
+                await self.on_enter(self.modes[to])
+            self.mode = to
+            after = self._reading()
+            answer = {"before": before, "after": after, **self.extra()}
+            body, status = json.dumps(answer).encode(), 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class Control:
+    """Talks to a ``Switched`` server (a new connection each time: a window may outlast
+    uvicorn's keep-alive timeout)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def get(self, path: str) -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"GET {path} answered {response.status}: {body[:200]!r}")
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def switch(self, mode: str) -> dict[str, Any]:
+        return self.get(f"/_mode?to={mode}")
+
+
+@dataclass
+class Window:
+    """What one mode did over one window."""
+
+    requests: int
+    seconds: float
+    cpu_us: float  # CPU per request, all threads
+    loop_us: float  # of which the loop thread
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def window(start: Mapping[str, float], end: Mapping[str, float]) -> Window:
+    n = int(end["served"] - start["served"])
+    if n <= 0:
+        raise RuntimeError("a window served no requests: is the load running?")
+    return Window(
+        requests=n,
+        seconds=end["t"] - start["t"],
+        cpu_us=(end["cpu"] - start["cpu"]) / n * 1e6,
+        loop_us=(end["loop"] - start["loop"]) / n * 1e6,
+    )
+
+
+def windows(
+    control: Control,
+    versus: tuple[str, str],
+    pairs: int,
+    seconds: float,
+    show: Callable[[int, Window, Window], None],
+) -> list[tuple[Window, Window]]:
+    """``pairs`` pairs of windows of ``seconds``, A then B or B then A (alternating), each
+    (A, B); ``show`` is called after each pair."""
+    a, b = versus
+    result: list[tuple[Window, Window]] = []
+    for i in range(pairs):
+        order = (a, b) if i % 2 == 0 else (b, a)
+        measured = []
+        for mode in order:
+            start = control.switch(mode)["after"]
+            time.sleep(seconds)
+            measured.append(window(start, control.switch(mode)["before"]))
+        first, second = measured if i % 2 == 0 else measured[::-1]
+        result.append((first, second))
+        show(i, first, second)
+    return result
+
+
+def bootstrap(values: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median (a fixed seed: the same data, the same CI)."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
+    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds) - 1]
+
+
+def summary_row(label: str, a: list[float], b: list[float], fmt: str) -> list[str]:
+    """A table row: medians of A and B, the median paired ratio B/A, its 95% CI, the mean
+    ± standard error and the range of the ratios."""
+    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    low, high = bootstrap(ratios)
+    mean = statistics.fmean(ratios)
+    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    return [
+        label, format(statistics.median(a), fmt), format(statistics.median(b), fmt),
+        f"{statistics.median(ratios):.4f}", f"{low:.4f}..{high:.4f}", f"{mean:.4f} ± {se:.4f}",
+        f"{min(ratios):.3f}..{max(ratios):.3f}",
+    ]  # fmt: skip
+
+
+HEADER = ["measure", "A", "B", "B/A, paired (median)", "95% CI", "mean ± s.e.", "min..max"]
+
+
+#: wrk's Lua ``done`` hook: the counts this module's callers check.
+WRK_DONE = """
+function done(summary, latency, requests)
+  io.write(string.format("RESULT requests=%d status=%d connect=%d read=%d timeout=%d\\n",
+    summary.requests, summary.errors.status, summary.errors.connect, summary.errors.read,
+    summary.errors.timeout))
+end
+"""
+
+
+class Wrk:
+    """One wrk in the background for a whole measurement of about ``seconds`` (``script``: a
+    Lua file, which should include `WRK_DONE`); `stop` interrupts it and returns its counts
+    (None: it printed none). It is given twice the time, and more, since the switches take
+    time of their own (a saturated server answers them after the requests ahead)."""
+
+    def __init__(
+        self, port: int, seconds: float, connections: int, script: str, threads: int = 1
+    ) -> None:
+        self.proc = subprocess.Popen(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{math.ceil(2 * seconds) + 30}s", "-s",
+             script, f"http://127.0.0.1:{port}/"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def stop(self) -> dict[str, int] | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
+        out = self.proc.communicate(timeout=10)[0]
+        match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
+        if match is None:
+            return None
+        return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+
+
+def ready(
+    port: int, proc: subprocess.Popen[bytes] | None, mode: str, timeout: float = 20.0
+) -> Control:
+    """Wait until the server on ``port`` answers a switch to ``mode``; its `Control`."""
+    assert proc is not None
+    deadline = time.monotonic() + timeout
+    control = Control(port)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
+        try:
+            control.switch(mode)
+            return control
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not answer within {timeout} s")

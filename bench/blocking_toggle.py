@@ -1,0 +1,174 @@
+"""What BlockingDetectorMiddleware costs a real server, measured inside one server process.
+
+``blocking_overhead.py`` compares two server processes, and two processes of the same code
+differ by ±3% per round on a small VM (their memory layouts, where the scheduler puts them):
+a 1% difference then takes more rounds than a run can afford. Here one uvicorn worker
+serves every mode (``bench/_blocking_apps.py:toggled``, ``_toggle.Switched``): the same
+FastAPI app (``GET /`` awaits 1 ms and answers a small JSON) without the detector
+(``off``), behind a pass-through middleware (``pass``), or behind
+``BlockingDetectorMiddleware(threshold=0.1)`` (``on``, started when switched to and stopped
+when switched away from: its heartbeat, watchdog thread and tap run only in its windows).
+One wrk runs at a fixed rate for the whole time (1 thread, 8 connections, each waiting a
+random 0-5 ms between a response and its next request), while this script switches the
+mode every ``--window`` seconds in pairs of windows, A then B or B then A (alternating: the
+machine's drift cancels; quarter-second windows follow it more closely than 1 s ones,
+which gave a confidence interval twice as wide for the same time), and reads, at each
+switch, the requests served and the process's CPU time (all threads, also the detector's
+threads that have ended since). A window runs from just after one switch to just before
+the next, so the switches themselves are left out.
+
+For each pair, the CPU time per request of B over A; the verdict is on the median of those
+ratios (with a 95% bootstrap interval). ``--versus off off`` shows the method's own spread.
+At the end: how often the detector beats and its watchdog looks under this load (5 s in mode
+``on``), no stall reported while measuring, and in mode ``on`` a 150 ms ``time.sleep`` on the
+loop reported once.
+
+    python bench/blocking_toggle.py                      # off vs on, 240 pairs of 0.25 s (~2.5 min)
+    python bench/blocking_toggle.py --versus off off     # the method's spread
+    python bench/blocking_toggle.py --versus pass on     # against a pass-through middleware
+    python bench/blocking_toggle.py --versus pass requests   # the per-request work alone
+    python bench/blocking_toggle.py --loop uvloop
+
+Modes besides ``off``, ``pass`` and ``on``: the ``--breakdown`` variants of
+``blocking_overhead.py`` (``requests``: the per-request work alone; ``heartbeat``: and its
+heartbeat task; ``notap``; ``polling``; ``quiet``: beats that move no timer and read no
+clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _machine import Watch
+from _toggle import HEADER, WRK_DONE, Window, Wrk, bootstrap, ready, summary_row, windows
+from _wrk import Served, print_table
+
+MODES = ("off", "pass", "on", "requests", "heartbeat", "notap", "polling", "quiet")
+CPU_TARGET = 1.01  # on/off, server CPU per request
+_THINK_LUA = """
+function delay()
+  return math.random(0, THINK)
+end
+"""
+
+
+class Server(Served):
+    label = "toggled"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--versus", nargs=2, default=["off", "on"], choices=MODES,
+                        metavar=("A", "B"), help="the two modes (default: off on)")  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
+    parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    parser.add_argument("--think", type=int, default=5, help="ms, most between requests")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    args = parser.parse_args(argv)
+    if not 1 <= args.pairs <= 1000 or not 0.2 <= args.window <= 30:
+        parser.error("--pairs: 1..1000; --window: 0.2..30 s")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not on PATH")
+    a, b = args.versus
+    seconds = args.warmup + 2 * args.pairs * args.window
+    print(
+        f"python {platform.python_version()}, nproc {os.cpu_count()}, "
+        f"load {os.getloadavg()[0]:.2f}, loop {args.loop}; one server, {a} vs {b}, "
+        f"{args.pairs} pairs of {args.window:g} s windows; wrk -t1 -c{args.connections}, "
+        f"0-{args.think} ms between requests"
+    )
+    server = Server()
+    load: Wrk | None = None
+    wrk_errors: dict[str, int] | None = None
+    watch = Watch.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp, "fixed.lua")
+        script.write_text(_THINK_LUA.replace("THINK", str(args.think)) + WRK_DONE)
+        try:
+            server.start("bench._blocking_apps:toggled", args.loop, "auto", None,
+                         ("--lifespan", "on"))  # fmt: skip
+            control = ready(server.port, server.proc, "off")
+            load = Wrk(server.port, seconds, args.connections, str(script))
+            time.sleep(args.warmup)
+            reports_before = control.switch("off")["blocks"]
+
+            def show(i: int, first: Window, second: Window) -> None:
+                print(
+                    f"  pair {i + 1:3}: {a} {first.cpu_us:6.1f} µs/req ({first.requests} req) | "
+                    f"{b} {second.cpu_us:6.1f} µs/req ({second.requests} req) | ratio "
+                    f"{second.cpu_us / first.cpu_us:.3f}"
+                )
+
+            measured = windows(control, (a, b), args.pairs, args.window, show)
+            # How often the detector beats and its watchdog looks under this load.
+            start = control.switch("on")
+            time.sleep(5.0)
+            end = control.switch("on")
+            span = end["before"]["t"] - start["after"]["t"]
+            beats = (end["beats"] - start["beats"]) / span
+            looks = (end["looks"] - start["looks"]) / span
+            final = control.switch("off")
+            false_reports = final["blocks"] - reports_before
+            # The detector still detects after all those switches.
+            control.switch("on")
+            control.get("/_block")
+            deadline = time.monotonic() + 2.0
+            while (blocks := control.get("/_stats")["blocks"]) == final["blocks"]:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            detected = blocks - final["blocks"]
+            watchdog = control.get("/_stats")["watchdog"]
+            control.switch("off")
+        finally:
+            if load is not None:
+                wrk_errors = load.stop()
+            server.stop(timeout=5)
+    rows = [
+        [*HEADER[:1], a, b, *HEADER[3:]],
+        summary_row("CPU µs/req (all threads)", [x.cpu_us for x, _ in measured],
+                    [y.cpu_us for _, y in measured], ".2f"),
+        summary_row("  of which the loop thread", [x.loop_us for x, _ in measured],
+                    [y.loop_us for _, y in measured], ".2f"),
+    ]  # fmt: skip
+    requests = sum(x.requests + y.requests for x, y in measured)
+    ratios = [y.cpu_us / x.cpu_us for x, y in measured]
+    low, high = bootstrap(ratios)
+    print(f"\n{args.pairs} pairs, {requests:,} requests measured, one server process:")
+    print_table(rows, left=1)
+    print(f"machine: {watch.summary()}")
+    print(
+        f"wrk: {wrk_errors}; stalls reported while measuring: {false_reports}; "
+        f"a 150 ms stall in mode on reported {detected} time(s), watchdog alive: {watchdog}; "
+        f"in mode on, {beats:.0f} beats and {looks:.1f} looks a second"
+    )
+    ok_checks = false_reports == 0 and detected == 1 and watchdog is True
+    if wrk_errors is None or wrk_errors["status"]:
+        print("FAIL  wrk reported non-2xx responses, or nothing", file=sys.stderr)
+        return 1
+    if not ok_checks:
+        print("FAIL  the detector's checks (see the line above)")
+        return 1
+    if (a, b) != ("off", "on"):
+        return 0
+    verdict = statistics.median(ratios)
+    ok = verdict <= CPU_TARGET
+    print(f"{'PASS' if ok else 'FAIL'}  server CPU per request, on/off <= {CPU_TARGET}: "
+          f"{verdict:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Throughput through a real server, bare and behind RateLimitMiddleware, in one server process.
+
+``ratelimit_wrk.py`` compares two uvicorn processes, and two processes of the same code
+differ by several percent (their memory layouts, where the scheduler puts them): single
+rounds there range from 0.80 to 1.07, and the runs' verdicts from 0.885 to 0.955. Here one
+uvicorn worker serves every mode (``bench/_apps.py:toggled``, ``_toggle.Switched``): the
+tiny Starlette app bare (``bare``), behind a pass-through middleware (``pass``), or behind
+``RateLimitMiddleware`` (``guarded``: one policy far above what the run sends, IETF
+headers, the memory store). One wrk saturates it for the whole time (``wrk -t1 -c32``),
+while this script switches the mode every ``--window`` seconds in pairs of windows (A then
+B, B then A, alternating: the machine's drift cancels) and reads, at each switch, the
+requests served, the server's clock and its CPU time. A window runs from just after one
+switch to just before the next.
+
+For each pair: requests/s of B over A (the target: guarded/bare >= 0.90, checked on the
+median of the pairs' ratios, with a 95% bootstrap interval) and CPU per request of B over
+A. ``--versus bare bare`` shows the method's own spread. Two more
+modes (Starlette only) take the guarded mode's cost apart: ``no_headers``, the guard with
+``headers="none"``, and ``app_headers``, no guard but the app answering with two fields as
+long as the guard's. Before measuring, the guarded mode
+is checked to answer with ``RateLimit`` headers.
+
+    python bench/ratelimit_toggle.py                     # 240 pairs of 0.25 s (~2.5 min)
+    python bench/ratelimit_toggle.py --versus bare bare  # the method's spread
+    python bench/ratelimit_toggle.py --app fastapi       # the FastAPI app
+    python bench/ratelimit_toggle.py --loop uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _machine import Watch
+from _toggle import HEADER, WRK_DONE, Control, Window, Wrk, bootstrap, ready, summary_row, windows
+from _wrk import Served, print_table
+
+MODES = ("bare", "pass", "guarded", "no_headers", "app_headers")
+APPS = {"starlette": "bench._apps:toggled", "fastapi": "bench._apps:toggled_fastapi"}
+RPS_TARGET = 0.90  # guarded/bare, requests/s at saturation
+
+
+class Server(Served):
+    label = "toggled"
+
+
+def check_guarded(control: Control) -> None:
+    """The guarded mode answers ``GET /`` with the ``RateLimit`` fields, the bare one without."""
+    for mode, want in (("guarded", True), ("bare", False)):
+        control.switch(mode)
+        conn = http.client.HTTPConnection("127.0.0.1", control.port, timeout=10)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        if response.status != 200 or (response.getheader("ratelimit") is not None) != want:
+            raise RuntimeError(f"mode {mode}: {response.status}, {response.getheaders()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--app", choices=sorted(APPS), default="starlette")
+    parser.add_argument(
+        "--versus", nargs=2, default=["bare", "guarded"], choices=MODES, metavar=("A", "B"),
+        help="the two modes (default: bare guarded)",
+    )  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
+    parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("-c", "--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    args = parser.parse_args(argv)
+    if not 1 <= args.pairs <= 2000 or not 0.1 <= args.window <= 30:
+        parser.error("--pairs: 1..2000; --window: 0.1..30 s")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not on PATH")
+    a, b = args.versus
+    seconds = args.warmup + 2 * args.pairs * args.window
+    print(
+        f"python {platform.python_version()}, nproc {os.cpu_count()}, "
+        f"load {os.getloadavg()[0]:.2f}, app {args.app}, loop {args.loop}; one server, {a} "
+        f"vs {b}, {args.pairs} pairs of {args.window:g} s windows; wrk -t1 "
+        f"-c{args.connections} (saturation)"
+    )
+    server = Server()
+    load: Wrk | None = None
+    counts: dict[str, int] | None = None
+    watch = Watch.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp, "done.lua")
+        script.write_text(WRK_DONE)
+        try:
+            server.start(APPS[args.app], args.loop, "auto", None, ("--lifespan", "on"))
+            control = ready(server.port, server.proc, "bare")
+            check_guarded(control)
+            load = Wrk(server.port, seconds, args.connections, str(script))
+            time.sleep(args.warmup)
+
+            def show(i: int, first: Window, second: Window) -> None:
+                print(
+                    f"  pair {i + 1:3}: {a} {first.rps:7,.0f} req/s {first.cpu_us:6.1f} µs/req | "
+                    f"{b} {second.rps:7,.0f} req/s {second.cpu_us:6.1f} µs/req | ratio "
+                    f"{second.rps / first.rps:.3f}"
+                )
+
+            measured = windows(control, (a, b), args.pairs, args.window, show)
+            control.switch("bare")
+        finally:
+            if load is not None:
+                counts = load.stop()
+            server.stop(timeout=5)
+    rows = [
+        [HEADER[0], a, b, *HEADER[3:]],
+        summary_row("requests/s", [x.rps for x, _ in measured],
+                    [y.rps for _, y in measured], ",.0f"),
+        summary_row("CPU µs/req (all threads)", [x.cpu_us for x, _ in measured],
+                    [y.cpu_us for _, y in measured], ".2f"),
+    ]  # fmt: skip
+    requests = sum(x.requests + y.requests for x, y in measured)
+    print(f"\n{args.pairs} pairs, {requests:,} requests measured, one server process:")
+    print_table(rows, left=1)
+    print(f"machine: {watch.summary()}")
+    print(f"wrk: {counts}")
+    if counts is None or counts["status"]:
+        print("FAIL  wrk reported non-2xx responses, or nothing", file=sys.stderr)
+        return 1
+    if (a, b) != ("bare", "guarded"):
+        return 0
+    ratios = [y.rps / x.rps for x, y in measured]
+    low, high = bootstrap(ratios)
+    verdict = statistics.median(ratios)
+    ok = verdict >= RPS_TARGET
+    print(f"{'PASS' if ok else 'FAIL'}  requests/s, guarded/bare >= {RPS_TARGET}: "
+          f"{verdict:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

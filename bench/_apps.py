@@ -35,8 +35,9 @@ async def _home(request: Request) -> PlainTextResponse:
 
 
 def _starlette(guarded: bool, passing: bool = False) -> Starlette:
+    """The tiny app, behind the guard (``guarded``) or a pass-through middleware (``passing``)."""
     middleware = [Middleware(RateLimitMiddleware, limit=LIMIT, headers="ietf")] if guarded else []
-    if passing:
+    if passing and not guarded:
         middleware = [Middleware(_PassThrough)]
     return Starlette(routes=[Route("/", _home)], middleware=middleware)
 

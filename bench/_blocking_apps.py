@@ -242,7 +242,13 @@ class Toggled(Switched):
 
     def on_leave(self, app: Any) -> None:
         if isinstance(app, BlockingDetectorMiddleware):
+            # `stop()` cancels the heartbeat only from the watchdog's loop thread, which the
+            # variants without a watchdog (``requests``, ``heartbeat``) never set: cancel it
+            # here, or every switch would leave one behind.
+            heartbeat = app._heartbeat_task
             app.stop()
+            if isinstance(heartbeat, asyncio.Task) and not heartbeat.done():
+                heartbeat.cancel()
 
     async def on_enter(self, app: Any) -> None:
         if isinstance(app, BlockingDetectorMiddleware):
@@ -251,10 +257,11 @@ class Toggled(Switched):
     def extra(self) -> dict[str, Any]:
         """The stats, and how often the detector now switched to has beaten and looked."""
         app = self.modes[self.mode]
+        tasks = {"tasks": len(asyncio.all_tasks())}
         if isinstance(app, BlockingDetectorMiddleware):
             watchdog = app._watchdog
-            return {**_stats(), "beats": watchdog.tick, "looks": watchdog.looks}
-        return _stats()
+            return {**_stats(), **tasks, "beats": watchdog.tick, "looks": watchdog.looks}
+        return {**_stats(), **tasks}
 
 
 #: The detectors ``Toggled`` switches between (the detector and its breakdown variants).

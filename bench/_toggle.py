@@ -12,6 +12,7 @@ so that the machine's drift cancels) and returns each window's figures. Used by
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -20,10 +21,11 @@ import re
 import signal
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -79,9 +81,9 @@ class Switched:
                 self.on_leave(self.modes[self.mode])
                 await self.on_enter(self.modes[to])
             self.mode = to
+            extra = self.extra()  # before the reading: its cost is left out of the windows
             after = self._reading()
-            answer = {"before": before, "after": after, **self.extra()}
-            body, status = json.dumps(answer).encode(), 200
+            body, status = json.dumps({"before": before, "after": after, **extra}).encode(), 200
         await send(
             {
                 "type": "http.response.start",
@@ -188,16 +190,21 @@ def summary_row(label: str, a: list[float], b: list[float], fmt: str) -> list[st
     ± standard error and the range of the ratios."""
     ratios = [y / x for x, y in zip(a, b, strict=True)]
     low, high = bootstrap(ratios)
-    mean = statistics.fmean(ratios)
-    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    # The geometric mean (the mean of a ratio of two noisy windows is biased upwards; the
+    # mean of the logs is not, and is the same whichever mode is A).
+    logs = [math.log(r) for r in ratios]
+    se = statistics.stdev(logs) / len(logs) ** 0.5 if len(logs) > 1 else float("nan")
     return [
         label, format(statistics.median(a), fmt), format(statistics.median(b), fmt),
-        f"{statistics.median(ratios):.4f}", f"{low:.4f}..{high:.4f}", f"{mean:.4f} ± {se:.4f}",
+        f"{statistics.median(ratios):.4f}", f"{low:.4f}..{high:.4f}",
+        f"{math.exp(statistics.fmean(logs)):.4f} (s.e. {se:.4f} in log)",
         f"{min(ratios):.3f}..{max(ratios):.3f}",
     ]  # fmt: skip
 
 
-HEADER = ["measure", "A", "B", "B/A, paired (median)", "95% CI", "mean ± s.e.", "min..max"]
+HEADER = [
+    "measure", "A", "B", "B/A, paired (median)", "95% CI", "geometric mean (s.e.)", "min..max"
+]  # fmt: skip
 
 
 #: wrk's Lua ``done`` hook: the counts this module's callers check.
@@ -212,9 +219,9 @@ end
 
 class Wrk:
     """One wrk in the background for a whole measurement of about ``seconds`` (``script``: a
-    Lua file, which should include `WRK_DONE`); `stop` interrupts it and returns its counts
-    (None: it printed none). It is given twice the time, and more, since the switches take
-    time of their own (a saturated server answers them after the requests ahead)."""
+    Lua file, which should include `WRK_DONE`). It is given twice the time, and more, since
+    the switches take time of their own (a saturated server answers them after the requests
+    ahead); `stop` interrupts it."""
 
     def __init__(
         self, port: int, seconds: float, connections: int, script: str, threads: int = 1
@@ -224,22 +231,73 @@ class Wrk:
              script, f"http://127.0.0.1:{port}/"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        #: After `stop`: wrk's counts (None: it printed none), and whether it had ended
+        #: before it was stopped (the load did not last the whole measurement).
+        self.counts: dict[str, int] | None = None
+        self.ended_early = False
 
-    def stop(self) -> dict[str, int] | None:
+    def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
-        out = self.proc.communicate(timeout=10)[0]
+        else:
+            self.ended_early = True
+        try:
+            out = self.proc.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            return
         match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
-        if match is None:
-            return None
-        return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+        if match is not None:
+            self.counts = {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+
+    def problems(self) -> str:
+        """What went wrong with the load, or an empty string."""
+        if self.ended_early:
+            return "wrk ended before the measurement did"
+        if self.counts is None:
+            return "wrk printed no summary"
+        errors = {k: v for k, v in self.counts.items() if k != "requests" and v}
+        return f"wrk reported errors: {errors}" if errors else ""
+
+
+class _Server(Protocol):
+    port: int
+    proc: subprocess.Popen[bytes] | None
+
+    def stop(self, timeout: float) -> None: ...
+    def log_tail(self, chars: int) -> str: ...
+
+
+@contextlib.contextmanager
+def loaded(
+    server: _Server, first: str, seconds: float, connections: int, script: str
+) -> Iterator[tuple[Control, Wrk]]:
+    """A started server switched to ``first``, under a `Wrk` load: ``(control, load)``. On
+    the way out the load and then the server are stopped, whatever happens (the server's
+    last output is printed when something failed)."""
+    load: Wrk | None = None
+    try:
+        control = ready(server.port, server.proc, first)
+        load = Wrk(server.port, seconds, connections, script)
+        yield control, load
+    except BaseException:
+        print(server.log_tail(2000), file=sys.stderr)
+        raise
+    finally:
+        try:
+            if load is not None:
+                load.stop()
+        finally:
+            server.stop(timeout=5)
 
 
 def ready(
     port: int, proc: subprocess.Popen[bytes] | None, mode: str, timeout: float = 20.0
 ) -> Control:
     """Wait until the server on ``port`` answers a switch to ``mode``; its `Control`."""
-    assert proc is not None
+    if proc is None:
+        raise RuntimeError("the server was not started")
     deadline = time.monotonic() + timeout
     control = Control(port)
     while time.monotonic() < deadline:

@@ -40,11 +40,12 @@ import time
 from pathlib import Path
 
 from _machine import Watch
-from _toggle import HEADER, WRK_DONE, Control, Window, Wrk, bootstrap, ready, summary_row, windows
+from _toggle import HEADER, WRK_DONE, Control, Window, bootstrap, loaded, summary_row, windows
 from _wrk import Served, print_table
 
 MODES = ("bare", "pass", "guarded", "no_headers", "app_headers")
 APPS = {"starlette": "bench._apps:toggled", "fastapi": "bench._apps:toggled_fastapi"}
+APP_MODES = {"starlette": set(MODES), "fastapi": {"bare", "pass", "guarded"}}
 RPS_TARGET = 0.90  # guarded/bare, requests/s at saturation
 
 
@@ -94,18 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         f"vs {b}, {args.pairs} pairs of {args.window:g} s windows; wrk -t1 "
         f"-c{args.connections} (saturation)"
     )
-    server = Server()
-    load: Wrk | None = None
-    counts: dict[str, int] | None = None
+    if {a, b} - APP_MODES[args.app]:
+        parser.error(f"--app {args.app} has the modes {', '.join(sorted(APP_MODES[args.app]))}")
     watch = Watch.start()
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp, "done.lua")
         script.write_text(WRK_DONE)
-        try:
-            server.start(APPS[args.app], args.loop, "auto", None, ("--lifespan", "on"))
-            control = ready(server.port, server.proc, "bare")
+        server = Server()
+        server.start(APPS[args.app], args.loop, "auto", None, ("--lifespan", "on"))
+        with loaded(server, "bare", seconds, args.connections, str(script)) as (control, load):
             check_guarded(control)
-            load = Wrk(server.port, seconds, args.connections, str(script))
             time.sleep(args.warmup)
 
             def show(i: int, first: Window, second: Window) -> None:
@@ -117,10 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
             measured = windows(control, (a, b), args.pairs, args.window, show)
             control.switch("bare")
-        finally:
-            if load is not None:
-                counts = load.stop()
-            server.stop(timeout=5)
     rows = [
         [HEADER[0], a, b, *HEADER[3:]],
         summary_row("requests/s", [x.rps for x, _ in measured],
@@ -132,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.pairs} pairs, {requests:,} requests measured, one server process:")
     print_table(rows, left=1)
     print(f"machine: {watch.summary()}")
-    print(f"wrk: {counts}")
-    if counts is None or counts["status"]:
-        print("FAIL  wrk reported non-2xx responses, or nothing", file=sys.stderr)
+    print(f"wrk: {load.counts}")
+    if load.problems():
+        print(f"FAIL  {load.problems()}: the run is not valid", file=sys.stderr)
         return 1
     if (a, b) != ("bare", "guarded"):
         return 0

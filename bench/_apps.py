@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asgi_guard import Policy, RateLimitMiddleware
 
 if TYPE_CHECKING:  # mypy reads bench/ as top-level modules, as the scripts import them
-    from _toggle import Switched
+    from _toggle import Switched, answer_lifespan
 else:  # uvicorn imports this module as bench.<name>
-    from ._toggle import Switched
+    from ._toggle import Switched, answer_lifespan
 
 LIMIT = Policy("1000000000/hour", name="default")
 
@@ -59,13 +59,8 @@ def _fastapi(guarded: bool, passing: bool = False) -> FastAPI:
 async def raw(scope: Scope, receive: Receive, send: Send) -> None:
     """A raw ASGI app: the floor, where a middleware's share of the work is largest."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     await send(
         {
             "type": "http.response.start",

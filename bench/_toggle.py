@@ -12,12 +12,14 @@ so that the machine's drift cancels) and returns each window's figures. Used by
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
 import math
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -49,7 +51,7 @@ class Switched:
             if scope["path"] == "/":
                 self.served += 1
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         await self.modes[self.mode](scope, receive, send)
 
@@ -94,7 +96,8 @@ class Switched:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the lifespan protocol's startup and shutdown (for apps that have none)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -309,3 +312,71 @@ def ready(
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} did not answer within {timeout} s")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, connections: int) -> None:
+    """The options both one-process benchmarks take."""
+    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
+    parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("-c", "--connections", type=int, default=connections,
+                        help=f"wrk connections (default {connections})")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+
+
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> float:
+    """Check `add_arguments`' options (and that wrk is there); the measurement's seconds."""
+    if not 1 <= args.pairs <= 2000 or not 0.1 <= args.window <= 30:
+        parser.error("--pairs: 1..2000; --window: 0.1..30 s")
+    if not 1 <= args.connections <= 1000 or not 0 <= args.warmup <= 60:
+        parser.error("--connections: 1..1000; --warmup: 0..60 s")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not on PATH")
+    return float(args.warmup + 2 * args.pairs * args.window)
+
+
+def shower(
+    versus: tuple[str, str], figure: str, unit: str, fmt: str
+) -> Callable[[int, Window, Window], None]:
+    """A `windows` callback printing each pair's ``figure`` (a `Window` attribute) and ratio."""
+    a, b = versus
+
+    def show(i: int, first: Window, second: Window) -> None:
+        x, y = getattr(first, figure), getattr(second, figure)
+        print(
+            f"  pair {i + 1:3}: {a} {x:{fmt}} {unit} ({first.requests} req) | {b} {y:{fmt}} "
+            f"{unit} ({second.requests} req) | ratio {y / x:.3f}"
+        )
+
+    return show
+
+
+def summarise(
+    measured: list[tuple[Window, Window]],
+    versus: tuple[str, str],
+    figures: list[tuple[str, str, str]],
+    machine: str,
+) -> None:
+    """Print the table of ``figures`` (label, `Window` attribute, format) over the pairs."""
+    from _wrk import print_table  # only the scripts summarise (uvicorn imports this too)
+
+    rows = [[HEADER[0], *versus, *HEADER[3:]]]
+    for label, figure, fmt in figures:
+        rows.append(
+            summary_row(label, [getattr(x, figure) for x, _ in measured],
+                        [getattr(y, figure) for _, y in measured], fmt)
+        )  # fmt: skip
+    requests = sum(x.requests + y.requests for x, y in measured)
+    print(f"\n{len(measured)} pairs, {requests:,} requests measured, one server process:")
+    print_table(rows, left=1)
+    print(f"machine: {machine}")
+
+
+def verdict(ratios: list[float], what: str, target: float, *, at_most: bool) -> bool:
+    """Print PASS or FAIL for the median of ``ratios`` against ``target``, with its CI."""
+    low, high = bootstrap(ratios)
+    median = statistics.median(ratios)
+    ok = median <= target if at_most else median >= target
+    print(f"{'PASS' if ok else 'FAIL'}  {what} {'<=' if at_most else '>='} {target}: "
+          f"{median:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
+    return ok

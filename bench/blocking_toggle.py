@@ -41,16 +41,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _machine import Watch
-from _toggle import HEADER, WRK_DONE, Window, bootstrap, loaded, summary_row, windows
-from _wrk import Served, print_table
+from _toggle import (
+    WRK_DONE,
+    add_arguments,
+    checked,
+    loaded,
+    shower,
+    summarise,
+    verdict,
+    windows,
+)
+from _wrk import Served
 
 MODES = ("off", "pass", "on", "requests", "heartbeat", "notap", "polling", "quiet")
 CPU_TARGET = 1.01  # on/off, server CPU per request
@@ -71,19 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--versus", nargs=2, default=["off", "on"], choices=MODES,
                         metavar=("A", "B"), help="the two modes (default: off on)")  # fmt: skip
-    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
-    parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    add_arguments(parser, connections=8)
     parser.add_argument("--think", type=int, default=5, help="ms, most between requests")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     args = parser.parse_args(argv)
-    if not 1 <= args.pairs <= 2000 or not 0.1 <= args.window <= 30:
-        parser.error("--pairs: 1..2000; --window: 0.1..30 s")
-    if shutil.which("wrk") is None:
-        parser.error("wrk is not on PATH")
+    seconds = checked(parser, args)
     a, b = args.versus
-    seconds = args.warmup + 2 * args.pairs * args.window
     print(
         f"python {platform.python_version()}, nproc {os.cpu_count()}, "
         f"load {os.getloadavg()[0]:.2f}, loop {args.loop}; one server, {a} vs {b}, "
@@ -102,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             first = control.switch("off")
             reports_before, tasks_before = first["blocks"], first["tasks"]
 
-            def show(i: int, first: Window, second: Window) -> None:
-                print(
-                    f"  pair {i + 1:3}: {a} {first.cpu_us:6.1f} µs/req ({first.requests} req) | "
-                    f"{b} {second.cpu_us:6.1f} µs/req ({second.requests} req) | ratio "
-                    f"{second.cpu_us / first.cpu_us:.3f}"
-                )
-
+            show = shower((a, b), "cpu_us", "µs/req", "6.1f")
             measured = windows(control, (a, b), args.pairs, args.window, show)
             # How often the detector beats and its watchdog looks under this load, once
             # started (a start makes a look of its own).
@@ -136,19 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             detected = blocks - final["blocks"]
             watchdog = control.get("/_stats")["watchdog"]
             control.switch("off")
-    rows = [
-        [*HEADER[:1], a, b, *HEADER[3:]],
-        summary_row("CPU µs/req (all threads)", [x.cpu_us for x, _ in measured],
-                    [y.cpu_us for _, y in measured], ".2f"),
-        summary_row("  of which the loop thread", [x.loop_us for x, _ in measured],
-                    [y.loop_us for _, y in measured], ".2f"),
-    ]  # fmt: skip
-    requests = sum(x.requests + y.requests for x, y in measured)
-    ratios = [y.cpu_us / x.cpu_us for x, y in measured]
-    low, high = bootstrap(ratios)
-    print(f"\n{args.pairs} pairs, {requests:,} requests measured, one server process:")
-    print_table(rows, left=1)
-    print(f"machine: {watch.summary()}")
+    summarise(
+        measured,
+        (a, b),
+        [
+            ("CPU µs/req (all threads)", "cpu_us", ".2f"),
+            ("  of which the loop thread", "loop_us", ".2f"),
+        ],
+        watch.summary(),
+    )
     print(
         f"wrk: {load.counts}; stalls reported while measuring: {false_reports}; tasks left "
         f"by the switches: {tasks_left}; "
@@ -165,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if (a, b) != ("off", "on"):
         return 0
-    verdict = statistics.median(ratios)
-    ok = verdict <= CPU_TARGET
-    print(f"{'PASS' if ok else 'FAIL'}  server CPU per request, on/off <= {CPU_TARGET}: "
-          f"{verdict:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
+    ratios = [y.cpu_us / x.cpu_us for x, y in measured]
+    ok = verdict(ratios, "server CPU per request, on/off", CPU_TARGET, at_most=True)
     return 0 if ok else 1
 
 

@@ -32,16 +32,24 @@ import argparse
 import http.client
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _machine import Watch
-from _toggle import HEADER, WRK_DONE, Control, Window, bootstrap, loaded, summary_row, windows
-from _wrk import Served, print_table
+from _toggle import (
+    WRK_DONE,
+    Control,
+    add_arguments,
+    checked,
+    loaded,
+    shower,
+    summarise,
+    verdict,
+    windows,
+)
+from _wrk import Served
 
 MODES = ("bare", "pass", "guarded", "no_headers", "app_headers")
 APPS = {"starlette": "bench._apps:toggled", "fastapi": "bench._apps:toggled_fastapi"}
@@ -77,18 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         "--versus", nargs=2, default=["bare", "guarded"], choices=MODES, metavar=("A", "B"),
         help="the two modes (default: bare guarded)",
     )  # fmt: skip
-    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
-    parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("-c", "--connections", type=int, default=32, help="wrk connections")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    add_arguments(parser, connections=32)
     args = parser.parse_args(argv)
-    if not 1 <= args.pairs <= 2000 or not 0.1 <= args.window <= 30:
-        parser.error("--pairs: 1..2000; --window: 0.1..30 s")
-    if shutil.which("wrk") is None:
-        parser.error("wrk is not on PATH")
+    seconds = checked(parser, args)
     a, b = args.versus
-    seconds = args.warmup + 2 * args.pairs * args.window
     print(
         f"python {platform.python_version()}, nproc {os.cpu_count()}, "
         f"load {os.getloadavg()[0]:.2f}, app {args.app}, loop {args.loop}; one server, {a} "
@@ -107,26 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             check_guarded(control)
             time.sleep(args.warmup)
 
-            def show(i: int, first: Window, second: Window) -> None:
-                print(
-                    f"  pair {i + 1:3}: {a} {first.rps:7,.0f} req/s {first.cpu_us:6.1f} µs/req | "
-                    f"{b} {second.rps:7,.0f} req/s {second.cpu_us:6.1f} µs/req | ratio "
-                    f"{second.rps / first.rps:.3f}"
-                )
-
+            show = shower((a, b), "rps", "req/s", "7,.0f")
             measured = windows(control, (a, b), args.pairs, args.window, show)
             control.switch("bare")
-    rows = [
-        [HEADER[0], a, b, *HEADER[3:]],
-        summary_row("requests/s", [x.rps for x, _ in measured],
-                    [y.rps for _, y in measured], ",.0f"),
-        summary_row("CPU µs/req (all threads)", [x.cpu_us for x, _ in measured],
-                    [y.cpu_us for _, y in measured], ".2f"),
-    ]  # fmt: skip
-    requests = sum(x.requests + y.requests for x, y in measured)
-    print(f"\n{args.pairs} pairs, {requests:,} requests measured, one server process:")
-    print_table(rows, left=1)
-    print(f"machine: {watch.summary()}")
+    summarise(
+        measured,
+        (a, b),
+        [("requests/s", "rps", ",.0f"), ("CPU µs/req (all threads)", "cpu_us", ".2f")],
+        watch.summary(),
+    )
     print(f"wrk: {load.counts}")
     if load.problems():
         print(f"FAIL  {load.problems()}: the run is not valid", file=sys.stderr)
@@ -134,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if (a, b) != ("bare", "guarded"):
         return 0
     ratios = [y.rps / x.rps for x, y in measured]
-    low, high = bootstrap(ratios)
-    verdict = statistics.median(ratios)
-    ok = verdict >= RPS_TARGET
-    print(f"{'PASS' if ok else 'FAIL'}  requests/s, guarded/bare >= {RPS_TARGET}: "
-          f"{verdict:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
+    ok = verdict(ratios, "requests/s, guarded/bare", RPS_TARGET, at_most=False)
     return 0 if ok else 1
 
 

@@ -98,11 +98,11 @@ class LoadSheddingMiddleware:
         max_queue: How many requests may wait (0: none). Default: as many as the limit,
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
-            seconds (default: ``codel_interval``); once a standing queue has formed, a
-            request waits no longer than ``codel_target``.
+            seconds (default: half of ``codel_interval``, 50 ms, as scaled); once a
+            standing queue has formed, a request waits no longer than ``codel_target``.
         codel_target: The wait allowed once a standing queue has formed (5 ms).
-        codel_interval: How long the queue must stay non-empty to be standing, and the
-            wait allowed before (100 ms). Both scale up for slow applications.
+        codel_interval: How long the queue must stay non-empty to be standing (100 ms);
+            half of it is the wait allowed before. Both scale up for slow applications.
         priority: Rules mapping paths or route-like templates (``"/batch/{rest:path}"``)
             to a class, or a callable of the scope returning a class name (or ``None``).
             Classes, highest first: ``critical-plus``, ``critical``, ``sheddable-plus``,

@@ -2,8 +2,9 @@
 
 A newcomer that the places freeing within its wait (one every ``rtt / limit`` on average)
 cannot reach is refused at arrival, not after waiting for nothing: on a slow worker, a
-burst queue of 32 took more than its 100 ms interval to serve, and its last waiters were
-refused after 100 ms (measured: rejection p99 108 ms at 2x capacity).
+burst queue of 32 took more than its 100 ms wait (then the whole interval) to serve, and its
+last waiters were refused after 100 ms (measured: rejection p99 108 ms at 2x capacity). A
+burst's waiters now wait at most half the interval: 50 ms here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.anyio
 
 
 def slow_worker(now: list[float]) -> ConcurrencyLimiter:
-    """Limit 2, requests of 10 ms: a place frees every 5 ms, 20 within the 100 ms interval."""
+    """Limit 2, requests of 10 ms: a place frees every 5 ms, 10 within a burst's 50 ms wait
+    (half the 100 ms interval)."""
     limiter = ConcurrencyLimiter(
         Fixed(2), max_queue=32, codel_interval=0.1, codel_target=0.005, clock=lambda: now[0]
     )
@@ -67,15 +69,15 @@ async def start_waiting(
             await anyio.lowlevel.checkpoint()
 
 
-async def test_a_newcomer_beyond_what_the_interval_serves_is_refused_at_arrival() -> None:
+async def test_a_newcomer_beyond_what_a_bursts_wait_serves_is_refused_at_arrival() -> None:
     now = [0.0]
     limiter = slow_worker(now)
     assert limiter.try_acquire(1)
     assert limiter.try_acquire(1)
-    outcomes = await queue_up(limiter, 21)
+    outcomes = await queue_up(limiter, 11)
     assert limiter.queued == 0  # cancelled at the end
-    assert outcomes == ["queue_full"], "only the 21st, at once; 20 places free within 100 ms"
-    assert limiter.counts["queued"] == 20
+    assert outcomes == ["queue_full"], "only the 11th, at once; 10 places free within 50 ms"
+    assert limiter.counts["queued"] == 10
     assert limiter.counts["queue_full"] == 1
 
 
@@ -119,7 +121,7 @@ async def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() ->
 async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() -> None:
     """rtt / limit says a place frees every 5 ms; measured while requests waited, one freed
     every 10 ms (the worker also spends time outside its requests: refusals, pacing): the
-    measurement wins, and 10 waiters fill the 100 ms interval."""
+    measurement wins, and 5 waiters fill a burst's 50 ms wait."""
     now = [0.0]
     limiter = slow_worker(now)
     held = [limiter.try_acquire(1), limiter.try_acquire(1)]
@@ -134,5 +136,21 @@ async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() 
         assert limiter.rtt / limiter.limit < 0.01
         group.cancel_scope.cancel()
     assert limiter.inflight == 2  # the two waiters hold the places now
-    assert await queue_up(limiter, 11) == ["queue_full"]
-    assert limiter.counts["queued"] == 2 + 10
+    assert await queue_up(limiter, 6) == ["queue_full"]
+    assert limiter.counts["queued"] == 2 + 5
+
+
+async def test_a_bursts_waiter_waits_half_the_interval_by_default() -> None:
+    """CoDel's burst wait is a whole interval; ours is half of it (a whole one kept admitted
+    requests past a 100 ms objective at 4x capacity, measured), scaled as the interval is,
+    and ``queue_timeout`` still sets it."""
+    limiter = ConcurrencyLimiter(Fixed(1), max_queue=4, codel_interval=1.0)
+    held = limiter.try_acquire(1)
+    assert held is not None
+    started = anyio.current_time()
+    assert await limiter.acquire(1) == "queue_timeout"
+    waited = anyio.current_time() - started
+    assert 0.45 <= waited < 0.9, f"waited {waited:.3f} s: half of the 1 s interval is 0.5 s"
+    limiter.rtt, limiter.counts["sampled"] = 1.0, 1  # slow requests: the interval is 2 s
+    assert limiter._max_wait(False) == pytest.approx(1.0)
+    assert ConcurrencyLimiter(Fixed(1), queue_timeout=0.3)._max_wait(False) == 0.3

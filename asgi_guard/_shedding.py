@@ -1,27 +1,26 @@
 """The load-shedding engine: a concurrency limit with a bounded, managed wait queue.
 
-`ConcurrencyLimiter` admits a request at once while fewer than ``limit`` are in flight
-(the limit comes from a `LimitAlgorithm`); otherwise the request waits in a bounded queue,
-one queue per priority class, the highest class served first. The queue is managed after
-Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter
-may wait up to half the ``interval`` (a burst is absorbed) and is served first in, first out; once
-a standing queue has formed (not empty for a whole interval, its first-in-first-out waits
-above the target), a waiter may wait only ``target``, the newest is served first (adaptive
-LIFO: the oldest have the least time left and are likely given up on by their clients),
-and the queue keeps one waiter: enough to fill the next place that frees, while newcomers
-are refused at once, when a refusal is fastest. (Pushing its oldest out for a newcomer
-refused it only when the next request arrived, and then a loop iteration later: measured,
-refusals took 6-7 ms at p99 where refusing at arrival took 4-5 ms.) Those that queued
-during the burst before it keep the wait they were allowed and go first. A standing queue
-that empties stays standing until more than twice the limit have been admitted without
-waiting (see `standing`).
-When lower classes arrive too (within the last interval), a class above them is spared
-those cuts: it keeps the whole queue, the longer wait and first in, first out, and the
-lower classes take the cuts, being served after it and pushed out for it.
-A request whose deadline cannot be met is refused at once. Lower classes are shed first:
-a full queue makes room for a higher class by pushing out the lowest class's oldest
-waiter. A class may be guaranteed a share of the limit: below its share it is admitted
-even when the limit is reached (others may borrow the share while the class is idle).
+`ConcurrencyLimiter` admits a request at once while fewer than ``limit`` are in flight (the
+limit comes from a `LimitAlgorithm`); otherwise the request waits in a bounded queue, one
+queue per priority class, the highest class served first. The queue is managed after
+Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter may
+wait up to ``interval`` (half of it in the middleware: a burst is absorbed) and is served
+first in, first out; once a standing queue has formed (not empty for a whole interval, its
+first-in-first-out waits above the target), a waiter may wait only ``target``, the newest is
+served first (adaptive LIFO: the oldest have the least time left and are likely given up on
+by their clients), and the queue keeps one waiter: enough to fill the next place that frees,
+while newcomers are refused at once, when a refusal is fastest. (Pushing its oldest out for
+a newcomer refused it only when the next request arrived, and then a loop iteration later:
+measured, refusals took 6-7 ms at p99 where refusing at arrival took 4-5 ms.) Those that
+queued during the burst before it keep the wait they were allowed and go first. A standing
+queue that empties stays standing until more than twice the limit have been admitted without
+waiting (see `standing`). When lower classes arrive too (within the last interval), a class
+above them is spared those cuts: it keeps the whole queue, the longer wait and first in,
+first out, and the lower classes take the cuts, being served after it and pushed out for it.
+A request whose deadline cannot be met is refused at once. Lower classes are shed first: a
+full queue makes room for a higher class by pushing out the lowest class's oldest waiter. A
+class may be guaranteed a share of the limit: below its share it is admitted even when the
+limit is reached (others may borrow the share while the class is idle).
 
 Plain async Python, no ASGI: the middleware and the bulkhead dependency drive it.
 """
@@ -56,8 +55,8 @@ CLASSES = ("critical-plus", "critical", "sheddable-plus", "sheddable")
 #: The default queue is as long as the limit, and at least this long.
 MIN_QUEUE = 32
 
-#: While the queue absorbs a burst, a waiter waits at most this share of the interval
-#: (unless ``queue_timeout`` says otherwise).
+#: The share of the interval a burst's waiter may wait in `LoadSheddingMiddleware` (unless
+#: ``queue_timeout`` says otherwise); CoDel's own, the limiter's default, is the whole one.
 BURST_WAIT = 0.5
 
 _NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
@@ -170,16 +169,19 @@ class ConcurrencyLimiter:
             as the current limit, and at least `MIN_QUEUE` (a small limit, as a CPU-bound
             worker has, still absorbs the bursts of random arrivals).
         queue_timeout: The longest a request waits while the queue absorbs a burst
-            (default: half of ``codel_interval``, as scaled); once a standing queue has
-            formed, no more than ``codel_target`` (or this, if shorter).
+            (default: ``burst_share`` of ``codel_interval``, as scaled); once a standing
+            queue has formed, no more than ``codel_target`` (or this, if shorter).
         codel_target: The wait allowed once a standing queue has formed.
-        codel_interval: How long the queue must stay non-empty to count as standing, and
-            the wait allowed before that. Both scale up for slow applications: the target
-            to a quarter, the interval to twice, the typical time requests take; at a small
-            limit the target is at least the time three places take to free (``3 * rtt /
-            limit``: a CPU-bound worker at limit 3 frees a place only every few
-            milliseconds); and the interval is never shorter than ``queue_timeout``.
+        codel_interval: How long the queue must stay non-empty to count as standing; the
+            wait allowed before that is ``burst_share`` of it. Both scale up for slow
+            applications: the target to a quarter, the interval to twice, the typical time
+            requests take; at a small limit the target is at least the time three places
+            take to free (``3 * rtt / limit``: a CPU-bound worker at limit 3 frees a place
+            only every few milliseconds); and the interval is never shorter than
+            ``queue_timeout``.
         shares: Guaranteed shares of the limit, by class index, as fractions.
+        burst_share: The share of the interval a burst's waiter may wait without a
+            ``queue_timeout``: 1 (CoDel's) by default, `BURST_WAIT` in the middleware.
         clock: A monotonic clock (seconds).
     """
 
@@ -192,9 +194,11 @@ class ConcurrencyLimiter:
         codel_target: float = 0.005,
         codel_interval: float = 0.1,
         shares: Mapping[int, float] | None = None,
+        burst_share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.algorithm = algorithm
+        self.burst_share = burst_share
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.codel_target = codel_target
@@ -540,16 +544,16 @@ class ConcurrencyLimiter:
 
     def _max_wait(self, cut: bool) -> float:
         """How long a newcomer may wait: the target when CoDel's cuts apply to it (``cut``),
-        else half the interval (or ``queue_timeout``). (A whole interval, CoDel's own burst
-        wait, put admitted requests at 4x capacity at 123-135 ms p99 in our benchmark, past
-        a 100 ms objective; half gave 72-87 ms.)"""
+        else ``burst_share`` of the interval (or ``queue_timeout``). (In the middleware, a
+        whole interval, CoDel's own burst wait, put admitted requests at 4x capacity at
+        123-135 ms p99 in our benchmark, past a 100 ms objective; half gave 72-87 ms.)"""
         timeout = self.queue_timeout
         if cut:
             wait = self._target()
             if timeout is not None and timeout < wait:
                 wait = timeout
         else:
-            wait = BURST_WAIT * self._interval() if timeout is None else timeout
+            wait = self.burst_share * self._interval() if timeout is None else timeout
         return wait
 
     def refuse_trigger(self) -> Refusal:

@@ -346,8 +346,8 @@ def bulkhead(
     Args:
         max_concurrency: Requests served at once.
         max_queue: Requests that may wait for a place (0: none wait).
-        queue_timeout: The longest a request waits (default: 50 ms, or half of twice the
-            time requests take for a slow route; less once a queue stands).
+        queue_timeout: The longest a request waits (default: 100 ms, less once a queue
+            stands).
 
     Raises:
         ConfigurationError: A limit below 1, a negative queue, a queue timeout without a

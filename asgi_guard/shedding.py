@@ -40,6 +40,7 @@ from ._problem import (
 )
 from ._record import get_record
 from ._shedding import (
+    BURST_WAIT,
     ConcurrencyLimiter,
     Permit,
     Refusal,
@@ -231,6 +232,7 @@ class LoadSheddingMiddleware:
             codel_target=float(codel_target),
             codel_interval=float(codel_interval),
             shares=shares,
+            burst_share=BURST_WAIT,
             # The default clock's own ``time.monotonic``: one call less per reading, and
             # the limiter reads it twice a request.
             clock=time.monotonic if isinstance(self._clock, MonotonicClock) else self._clock.now,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
+from starlette.responses import PlainTextResponse
 
+from asgi_guard import LoadSheddingMiddleware
 from asgi_guard._algorithms import Fixed
-from asgi_guard._shedding import ConcurrencyLimiter, Permit, Refusal
+from asgi_guard._shedding import BURST_WAIT, ConcurrencyLimiter, Permit, Refusal
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +25,12 @@ def slow_worker(now: list[float]) -> ConcurrencyLimiter:
     """Limit 2, requests of 10 ms: a place frees every 5 ms, 10 within a burst's 50 ms wait
     (half the 100 ms interval)."""
     limiter = ConcurrencyLimiter(
-        Fixed(2), max_queue=32, codel_interval=0.1, codel_target=0.005, clock=lambda: now[0]
+        Fixed(2),
+        max_queue=32,
+        codel_interval=0.1,
+        codel_target=0.005,
+        burst_share=BURST_WAIT,  # as the middleware has it
+        clock=lambda: now[0],
     )
     limiter.rtt = 0.01
     limiter.counts["sampled"] = 1
@@ -140,17 +147,20 @@ async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() 
     assert limiter.counts["queued"] == 2 + 5
 
 
-async def test_a_bursts_waiter_waits_half_the_interval_by_default() -> None:
-    """CoDel's burst wait is a whole interval; ours is half of it (a whole one kept admitted
-    requests past a 100 ms objective at 4x capacity, measured), scaled as the interval is,
-    and ``queue_timeout`` still sets it."""
-    limiter = ConcurrencyLimiter(Fixed(1), max_queue=4, codel_interval=1.0)
+async def test_a_bursts_waiter_waits_half_the_interval_in_the_middleware() -> None:
+    """CoDel's burst wait is a whole interval (the limiter's default, which the bulkhead
+    keeps); the middleware's is half of it (a whole one kept admitted requests past a
+    100 ms objective at 4x capacity, measured), scaled as the interval is, and
+    ``queue_timeout`` still sets it."""
+    limiter = LoadSheddingMiddleware(PlainTextResponse("ok"), limit=1, codel_interval=0.4).limiter
+    assert limiter.burst_share == BURST_WAIT == 0.5
     held = limiter.try_acquire(1)
     assert held is not None
     started = anyio.current_time()
     assert await limiter.acquire(1) == "queue_timeout"
     waited = anyio.current_time() - started
-    assert 0.45 <= waited < 0.9, f"waited {waited:.3f} s: half of the 1 s interval is 0.5 s"
+    assert 0.18 <= waited < 0.38, f"waited {waited:.3f} s: half of the 0.4 s interval is 0.2 s"
     limiter.rtt, limiter.counts["sampled"] = 1.0, 1  # slow requests: the interval is 2 s
     assert limiter._max_wait(False) == pytest.approx(1.0)
+    assert ConcurrencyLimiter(Fixed(1))._max_wait(False) == pytest.approx(0.1)
     assert ConcurrencyLimiter(Fixed(1), queue_timeout=0.3)._max_wait(False) == 0.3

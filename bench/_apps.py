@@ -18,13 +18,15 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from asgi_guard import Policy, RateLimitMiddleware
 
 if TYPE_CHECKING:  # mypy reads bench/ as top-level modules, as the scripts import them
+    from _asgi import PassThrough
     from _toggle import Switched, answer_lifespan
 else:  # uvicorn imports this module as bench.<name>
+    from ._asgi import PassThrough
     from ._toggle import Switched, answer_lifespan
 
 LIMIT = Policy("1000000000/hour", name="default")
@@ -38,7 +40,7 @@ def _starlette(guarded: bool, passing: bool = False) -> Starlette:
     """The tiny app, behind the guard (``guarded``) or a pass-through middleware (``passing``)."""
     middleware = [Middleware(RateLimitMiddleware, limit=LIMIT, headers="ietf")] if guarded else []
     if passing and not guarded:
-        middleware = [Middleware(_PassThrough)]
+        middleware = [Middleware(PassThrough)]
     return Starlette(routes=[Route("/", _home)], middleware=middleware)
 
 
@@ -52,7 +54,7 @@ def _fastapi(guarded: bool, passing: bool = False) -> FastAPI:
     if guarded:
         app.add_middleware(RateLimitMiddleware, limit=LIMIT, headers="ietf")
     elif passing:
-        app.add_middleware(_PassThrough)
+        app.add_middleware(PassThrough)
     return app
 
 
@@ -69,14 +71,6 @@ async def raw(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-class _PassThrough:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
 
 
 async def _raw_static_headers(scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,7 +118,7 @@ fastapi_guarded = _fastapi(True)
 raw_bare = raw
 raw_guarded = RateLimitMiddleware(raw, limit=LIMIT, headers="ietf")
 raw_guarded_no_headers = RateLimitMiddleware(raw, limit=LIMIT, headers="none")
-raw_passthrough = _PassThrough(raw)
+raw_passthrough = PassThrough(raw)
 raw_static_headers = _raw_static_headers
 raw_spin = _raw_spin
 

@@ -254,6 +254,13 @@ class Wrk:
         if match is not None:
             self.counts = {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
 
+    def invalid(self) -> bool:
+        """Whether the load went wrong (then said on stderr): the run is not valid."""
+        problems = self.problems()
+        if problems:
+            print(f"FAIL  {problems}: the run is not valid", file=sys.stderr)
+        return bool(problems)
+
     def problems(self) -> str:
         """What went wrong with the load, or an empty string."""
         if self.ended_early:
@@ -314,8 +321,18 @@ def ready(
     raise RuntimeError(f"port {port} did not answer within {timeout} s")
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, connections: int) -> None:
-    """The options both one-process benchmarks take."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    modes: tuple[str, ...],
+    versus: tuple[str, str],
+    connections: int,
+) -> None:
+    """The options both one-process benchmarks take (``--versus``: two of ``modes``)."""
+    parser.add_argument(
+        "--versus", nargs=2, default=list(versus), choices=modes, metavar=("A", "B"),
+        help=f"the two modes (default: {' '.join(versus)})",
+    )  # fmt: skip
     parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
     parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")

@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--versus", nargs=2, default=["off", "on"], choices=MODES,
-                        metavar=("A", "B"), help="the two modes (default: off on)")  # fmt: skip
-    add_arguments(parser, connections=8)
+    add_arguments(parser, modes=MODES, versus=("off", "on"), connections=8)
     parser.add_argument("--think", type=int, default=5, help="ms, most between requests")
     args = parser.parse_args(argv)
     seconds = checked(parser, args)
@@ -146,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     quiet = false_reports == 0 and tasks_left <= args.connections
     ok_checks = quiet and detected == 1 and watchdog is True
-    if load.problems():
-        print(f"FAIL  {load.problems()}: the run is not valid", file=sys.stderr)
+    if load.invalid():
         return 1
     if not ok_checks:
         print("FAIL  the detector's checks (see the line above)")

@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--app", choices=sorted(APPS), default="starlette")
-    parser.add_argument(
-        "--versus", nargs=2, default=["bare", "guarded"], choices=MODES, metavar=("A", "B"),
-        help="the two modes (default: bare guarded)",
-    )  # fmt: skip
-    add_arguments(parser, connections=32)
+    add_arguments(parser, modes=MODES, versus=("bare", "guarded"), connections=32)
     args = parser.parse_args(argv)
     seconds = checked(parser, args)
     a, b = args.versus
@@ -117,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.summary(),
     )
     print(f"wrk: {load.counts}")
-    if load.problems():
-        print(f"FAIL  {load.problems()}: the run is not valid", file=sys.stderr)
+    if load.invalid():
         return 1
     if (a, b) != ("bare", "guarded"):
         return 0

@@ -42,6 +42,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def patient(url: str) -> RateLimiter:
+    """A limiter that waits up to 2 s for Redis. These tests check what the storage decides;
+    under a loaded full-suite run one call took longer than the 50 ms default, and its
+    request was let through as the storage failure policy says: admitted, with no
+    ``RateLimit`` field."""
+    return RateLimiter(url, timeout=2.0)
+
+
 def client_for(app: RateLimitMiddleware) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 1234))
     return httpx.AsyncClient(transport=transport, base_url="http://testserver")
@@ -79,7 +87,7 @@ async def until_counted_again(client: httpx.AsyncClient) -> httpx.Response:
 async def test_strategy_admits_exactly_the_limit(redis_url: str, strategy: Strategy) -> None:
     """Each strategy on Redis admits exactly 5 of 8 requests, with sane RateLimit headers."""
     policy = Policy("5/minute", name="api", strategy=strategy)
-    app = RateLimitMiddleware(ok_app, limit=policy, storage=redis_url)
+    app = RateLimitMiddleware(ok_app, limit=policy, limiter=patient(redis_url))
     async with client_for(app) as client:
         responses = [await client.get("/") for _ in range(8)]
     assert [r.status_code for r in responses] == [200] * 5 + [429] * 3, [
@@ -219,7 +227,7 @@ async def test_refused_request_consumes_no_other_quota(redis_url: str, strategy:
     """On Redis the scripted strategies decide a whole policy atomically: a request refused by
     its short quota leaves the long quota untouched."""
     policy = Policy("2/minute;10/hour", name="p", strategy=strategy)
-    app = RateLimitMiddleware(ok_app, limit=policy, storage=redis_url)
+    app = RateLimitMiddleware(ok_app, limit=policy, limiter=patient(redis_url))
     async with client_for(app) as client:
         codes = [(await client.get("/")).status_code for _ in range(5)]
         assert codes == [200, 200, 429, 429, 429], codes
@@ -255,7 +263,7 @@ async def test_a_short_stall_is_not_an_outage(
 async def test_limits_strategies_count_no_quota_after_the_refusing_one(redis_url: str) -> None:
     """Moving window via limits: quotas after the one that refuses are read, not counted."""
     policy = Policy("2/minute;10/hour", name="m", strategy="moving-window")
-    app = RateLimitMiddleware(ok_app, limit=policy, storage=redis_url)
+    app = RateLimitMiddleware(ok_app, limit=policy, limiter=patient(redis_url))
     async with client_for(app) as client:
         codes = [(await client.get("/")).status_code for _ in range(4)]
         r = await client.get("/")
@@ -267,7 +275,7 @@ async def test_limits_strategies_count_no_quota_after_the_refusing_one(redis_url
 async def test_cost_above_the_quota_has_no_retry_after(redis_url: str, strategy: Strategy) -> None:
     """On Redis too, a request costing more than the whole quota gets a 429 without Retry-After."""
     app = RateLimitMiddleware(
-        ok_app, limit=Policy("2/minute", cost=5, strategy=strategy), storage=redis_url
+        ok_app, limit=Policy("2/minute", cost=5, strategy=strategy), limiter=patient(redis_url)
     )
     async with client_for(app) as client:
         r = await client.get("/")

@@ -148,6 +148,8 @@ class _SleepingThread(_HeartbeatOnly):
     _sleeper: threading.Thread | None = None
 
     def _start_threads(self) -> None:
+        if self._sleeper is not None:
+            return  # started already (a second start keeps it, as the detector's does)
         self._wake = threading.Event()
         self._sleeper = threading.Thread(target=self._wake.wait, name="sleeper", daemon=True)
         self._sleeper.start()
@@ -223,7 +225,7 @@ class _QuietBeats(BlockingDetectorMiddleware):
         watchdog.beat = beat  # type: ignore[method-assign]
 
 
-class _FiveFoldBeats(BlockingDetectorMiddleware):
+class _FastBeats(BlockingDetectorMiddleware):
     """The detector with a poll interval of 4 ms instead of 20 (beats about six times as
     often under ``blocking_toggle.py``'s load): what a beat costs, by amplifying it."""
 
@@ -264,8 +266,8 @@ class Toggled(Switched):
     def on_leave(self, app: Any) -> None:
         if isinstance(app, BlockingDetectorMiddleware):
             # `stop()` cancels the heartbeat only from the watchdog's loop thread, which the
-            # variants without a watchdog (``requests``, ``heartbeat``) never set: cancel it
-            # here, or every switch would leave one behind.
+            # variants without a watchdog (``requests``, ``heartbeat``, ``sleeper``) never
+            # set: cancel it here, or every switch would leave one behind.
             heartbeat = app._heartbeat_task
             app.stop()
             if isinstance(heartbeat, asyncio.Task) and not heartbeat.done():
@@ -291,7 +293,7 @@ TOGGLED_DETECTORS: dict[str, type[BlockingDetectorMiddleware]] = {
     "requests": _RequestsOnly,
     "heartbeat": _HeartbeatOnly,
     "sleeper": _SleepingThread,
-    "beats": _FiveFoldBeats,
+    "beats": _FastBeats,
     "notap": _NoTap,
     "polling": _Polling,
     "quiet": _QuietBeats,

@@ -21,8 +21,8 @@ the next, so the switches themselves are left out.
 For each pair, the CPU time per request of B over A; the verdict is on the median of those
 ratios (with a 95% bootstrap interval). ``--versus off off`` shows the method's own spread.
 At the end: how often the detector beats and its watchdog looks under this load (5 s in mode
-``on``), no stall reported while measuring, and in mode ``on`` a 150 ms ``time.sleep`` on the
-loop reported once.
+B, or ``on`` when B is ``off`` or ``pass``), no stall reported while measuring, and in mode
+``on`` a 150 ms ``time.sleep`` on the loop reported once.
 
     python bench/blocking_toggle.py                      # off vs on, 240 pairs of 0.25 s (~2.5 min)
     python bench/blocking_toggle.py --versus off off     # the method's spread
@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 
             show = shower((a, b), "cpu_us", "µs/req", "6.1f")
             measured = windows(control, (a, b), args.pairs, args.window, show)
-            # How often the detector beats and its watchdog looks under this load, once
-            # started (a start makes a look of its own).
-            control.switch("on")
+            # How often the detector (mode B, if it is one) beats and its watchdog looks
+            # under this load, once started (a start makes a look of its own).
+            probe = b if b not in ("off", "pass") else "on"
+            control.switch(probe)
             time.sleep(1.0)
-            start = control.switch("on")
+            start = control.switch(probe)
             time.sleep(5.0)
-            end = control.switch("on")
+            end = control.switch(probe)
             span = end["before"]["t"] - start["after"]["t"]
             beats = (end["beats"] - start["beats"]) / span
             looks = (end["looks"] - start["looks"]) / span
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk: {load.counts}; stalls reported while measuring: {false_reports}; tasks left "
         f"by the switches: {tasks_left}; "
         f"a 150 ms stall in mode on reported {detected} time(s), watchdog alive: {watchdog}; "
-        f"in mode on, {beats:.0f} beats and {looks:.1f} looks a second"
+        f"in mode {probe}, {beats:.0f} beats and {looks:.1f} looks a second"
     )
     quiet = false_reports == 0 and tasks_left <= args.connections
     ok_checks = quiet and detected == 1 and watchdog is True

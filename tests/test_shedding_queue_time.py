@@ -7,8 +7,11 @@ last waiters were refused after 100 ms (measured: rejection p99 108 ms at 2x cap
 burst's waiters now wait at most half the interval.
 
 The decisions read a manual clock, but a waiter's wait runs in real time: these tests run
-twenty times slower than the benchmark's worker (requests of 200 ms, a 2 s interval), so
-that a busy machine's pause while a test sets up its queue does not time its waiters out.
+at twenty times the scale they first had (requests of 200 ms instead of 10, a 2 s interval
+instead of 100 ms), so that a busy machine's pause while a test sets up its queue does not
+time its waiters out. Some boundaries are exact ties (10 places of 0.1 s fill the 1 s
+wait; so do 5 of 0.2 s): a newcomer is refused only when its place is strictly past the
+wait, and these products are exact in binary floating point.
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ async def test_memcached_admits_exactly_the_limit(memcached_url: str) -> None:
     # The fixed window on memcached starts at the first hit (the key's expiry), so no window
     # boundary can fall inside the test; limits' memcached sliding window is clock-aligned.
     policy = Policy("5/minute", name="api")
-    app = RateLimitMiddleware(ok_app, limit=policy, storage=memcached_url)
+    # Up to 2 s a call: a call past the 50 ms default would be let through, uncounted.
+    limiter = RateLimiter(memcached_url, timeout=2.0)
+    app = RateLimitMiddleware(ok_app, limit=policy, limiter=limiter)
     async with client_for(app) as client:
         responses = [await client.get("/") for _ in range(8)]
     summary = [(r.status_code, r.headers.get("ratelimit")) for r in responses]

@@ -42,12 +42,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: Seconds a storage call may take in the tests that check what the storage decides.
+PATIENT = 2.0
+
+
 def patient(url: str) -> RateLimiter:
-    """A limiter that waits up to 2 s for Redis. These tests check what the storage decides;
-    under a loaded full-suite run one call took longer than the 50 ms default, and its
-    request was let through as the storage failure policy says: admitted, with no
-    ``RateLimit`` field."""
-    return RateLimiter(url, timeout=2.0)
+    """A limiter that waits up to `PATIENT` seconds for Redis. These tests check what the
+    storage decides; under a loaded full-suite run one call took longer than the 50 ms
+    default, and its request was let through as the storage failure policy says: admitted,
+    with no ``RateLimit`` field."""
+    return RateLimiter(url, timeout=PATIENT)
 
 
 def client_for(app: RateLimitMiddleware) -> httpx.AsyncClient:
@@ -158,7 +162,7 @@ async def test_storage_outage_and_recovery(
 
         own_redis.start()  # same port, empty
         r = await until_counted_again(client)
-        limiter.timeout = 2.0  # the outage is over: what follows checks the counts (patient())
+        limiter.timeout = PATIENT  # the outage is over: what follows checks the counts
         assert quota_state(r, "open")[0] == 2, r.headers
         statuses = [(await client.get("/strict")).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429], statuses
@@ -247,7 +251,7 @@ async def test_a_short_stall_is_not_an_outage(
     limiter = RateLimiter(own_redis.url, timeout=0.05)
     app = RateLimitMiddleware(ok_app, limit=Policy("100/minute", name="api"), limiter=limiter)
     async with client_for(app) as client:
-        limiter.timeout = 2.0  # before and after the stall, calls are answered (patient())
+        limiter.timeout = PATIENT  # before and after the stall, calls are answered
         assert "ratelimit" in (await client.get("/")).headers
         limiter.timeout = 0.05
         own_redis.pause()
@@ -257,7 +261,7 @@ async def test_a_short_stall_is_not_an_outage(
                     tg.start_soon(client.get, "/")
         finally:
             own_redis.resume()
-        limiter.timeout = 2.0
+        limiter.timeout = PATIENT
         r = await client.get("/")
     assert app.stats["storage_errors"] == 16, app.stats
     assert "ratelimit" in r.headers, r.headers

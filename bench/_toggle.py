@@ -389,11 +389,25 @@ def summarise(
     print(f"machine: {machine}")
 
 
-def verdict(ratios: list[float], what: str, target: float, *, at_most: bool) -> bool:
-    """Print PASS or FAIL for the median of ``ratios`` against ``target``, with its CI."""
+def verdict(
+    measured: list[tuple[Window, Window]],
+    versus: tuple[str, str],
+    default: tuple[str, str],
+    figure: str,
+    what: str,
+    target: float,
+    *,
+    at_most: bool,
+) -> int:
+    """A toggle script's exit status. For the ``default`` pair, print PASS or FAIL for the
+    median of the pairs' B/A ``figure`` (a `Window` attribute) against ``target``, with its
+    CI (1 on FAIL); any other pair has no verdict (0)."""
+    if tuple(versus) != default:
+        return 0
+    ratios = [getattr(b, figure) / getattr(a, figure) for a, b in measured]
     low, high = bootstrap(ratios)
     median = statistics.median(ratios)
     ok = median <= target if at_most else median >= target
     print(f"{'PASS' if ok else 'FAIL'}  {what} {'<=' if at_most else '>='} {target}: "
           f"{median:.4f} (95% CI {low:.4f}..{high:.4f})")  # fmt: skip
-    return ok
+    return 0 if ok else 1

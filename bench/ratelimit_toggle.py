@@ -115,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrk: {load.counts}")
     if load.invalid():
         return 1
-    if (a, b) != ("bare", "guarded"):
-        return 0
-    ratios = [y.rps / x.rps for x, y in measured]
-    ok = verdict(ratios, "requests/s, guarded/bare", RPS_TARGET, at_most=False)
-    return 0 if ok else 1
+    return verdict(
+        measured,
+        (a, b),
+        ("bare", "guarded"),
+        "rps",
+        "requests/s, guarded/bare",
+        RPS_TARGET,
+        at_most=False,
+    )
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ MIN_QUEUE = 32
 BURST_WAIT = 0.5
 
 _NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
+_UNCALM = math.inf  # no request admitted with room to spare since the last refusal
 
 #: Why a request was refused.
 Refusal = Literal["queue_full", "queue_timeout", "pushed_out", "deadline", "trigger"]
@@ -219,8 +220,9 @@ class ConcurrencyLimiter:
         #: When the queue last became empty, and how many had been admitted then.
         self._emptied_at = -math.inf
         self._admitted_at_empty = -1
-        #: When a newcomer was last refused at arrival.
-        self._refused_at = -math.inf
+        #: When the first request since the last refusal at arrival was admitted with a
+        #: place to spare (see `try_acquire`): `_UNCALM` until then, `_NEVER` before any.
+        self._calm_since = _NEVER
         #: Seconds between two places freeing while requests wait (smoothed), when the
         #: last request ended, and when the queue last began to fill.
         self.place_time = 0.0
@@ -257,8 +259,9 @@ class ConcurrencyLimiter:
         arrivals fill; only a worker with room to spare admits more than that. (Ending it
         at the first such admission began a new burst period, whose waiters were refused
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
-        request admitted at once with a place still free after it, while nobody was refused
-        within the target, ends it too: the worker has room. (Without that, at 0.8x
+        request admitted at once with a place still free after it ends it too, when the
+        first request admitted since the last refusal, more than the target before, had a
+        place to spare as well: the worker has room. (Without that, at 0.8x
         capacity and a limit of 3, one waiter at a time kept refilling the queue and the
         standing state held for up to 400 ms, refusing newcomers all along: measured.)"""
         if self.queued > 0:
@@ -318,16 +321,23 @@ class ConcurrencyLimiter:
             if self.queued:
                 if any(self._queues[i] for i in range(priority + 1)):
                     return None  # an equal or higher class waits: it goes first
-            elif (
-                self._emptied_at != _NEVER
-                and inflight + 2 <= limit
-                and self._clock() - self._refused_at > self._target()
-            ):
-                # Admitted with a place to spare, nobody waiting, nobody refused lately:
-                # the worker keeps up, and a standing queue that emptied is over (see
-                # `_still_standing`). (Under overload, completions in one loop iteration
-                # leave places to spare too, but arrivals were refused a moment ago.)
-                self._emptied_at = _NEVER
+            elif self._emptied_at != _NEVER and inflight + 2 <= limit:
+                # Admitted with a place to spare and nobody waiting, as was the first
+                # request since the last refusal, more than the target ago: the worker
+                # keeps up, and a standing queue that emptied is over (see
+                # `_still_standing`). Under overload, completions in one loop iteration
+                # leave places to spare too, but arrivals were refused a moment before
+                # and are again a moment after. It takes two such admissions: after a
+                # pause of the loop longer than the target (several handlers' steps in one
+                # iteration), "nobody refused lately" held because no arrival had been
+                # read, and the first arrival after it ended the standing state about
+                # twice a second at 4x capacity (measured), each time starting a burst
+                # whose waiters were refused after tens of milliseconds.
+                now = self._clock()
+                if self._calm_since == _UNCALM:
+                    self._calm_since = now
+                elif now - self._calm_since > self._target():
+                    self._emptied_at = _NEVER
         elif not (
             self._has_shares and self.inflight_by_class[priority] < self._shares[priority] * limit
         ):
@@ -359,7 +369,7 @@ class ConcurrencyLimiter:
         self._arrivals[priority] = now
         if self.max_queue == 0:  # no queue
             self.counts["queue_full"] += 1
-            self._refused_at = now
+            self._calm_since = _UNCALM
             return "queue_full"
         standing = self.standing(now)
         # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
@@ -367,7 +377,7 @@ class ConcurrencyLimiter:
         full = self.queued >= self._capacity(cut)
         if full and not any(self._queues[priority + 1 :]):
             self.counts["queue_full"] += 1
-            self._refused_at = now
+            self._calm_since = _UNCALM
             return "queue_full"  # nobody of a lower class to push out
         wait = self._max_wait(cut)
         why: Refusal = "queue_full"
@@ -387,7 +397,7 @@ class ConcurrencyLimiter:
             per_place = self.place_time
         if wait <= 0.0 or (ahead + 1) * per_place > wait:
             self.counts[why] += 1
-            self._refused_at = now
+            self._calm_since = _UNCALM
             return why
         # A push-out below swaps waiters: the queue stays non-empty. An empty queue that
         # still stands goes on with its busy period.

@@ -304,3 +304,53 @@ async def test_places_to_spare_just_after_a_refusal_do_not_end_the_standing_stat
     now[0] += 0.05  # longer than the target (10 ms) without a refusal
     assert limiter.try_acquire(1) is not None
     assert not limiter.standing(now[0])
+
+
+async def test_a_pause_of_the_loop_after_refusals_does_not_end_the_standing_state() -> None:
+    """Measured at 4x capacity: a pause of the loop longer than the target (handlers'
+    steps run back to back) read no arrival, so nobody had been refused "lately", and the
+    first arrival after it, finding places to spare, ended the standing state about twice
+    a second; each time a burst began whose waiters were refused after tens of
+    milliseconds. A place to spare ends the standing state only when the first request
+    admitted since the last refusal, more than the target before, had one too."""
+    now = [0.0]
+    limiter = limiter_at(now, 4, codel_target=0.05)
+    permits = hold(limiter, 4)
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.queue(group, "burst")
+        now[0] = 2.0
+        assert limiter.standing(now[0])
+        assert await limiter.acquire(1) == "queue_full"  # the standing queue keeps one
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: "burst" in waiters.outcomes)
+    permits.append(waiters.outcomes["burst"])  # type: ignore[arg-type]
+    for _ in range(2):
+        end(limiter, permits.pop(0), now[0])
+    assert limiter.inflight == 2
+
+    now[0] += 0.1  # the loop pauses: no arrival read for longer than the target (50 ms)
+    permits.append(limiter.try_acquire(1))  # type: ignore[arg-type]
+    assert limiter.standing(now[0]), "the first room after a pause ended the standing state"
+
+    # Arrivals are refused again: the calm starts over.
+    permits.append(limiter.try_acquire(1))  # type: ignore[arg-type]
+    assert limiter.inflight == 4
+    async with anyio.create_task_group() as group:
+        await waiters.queue(group, "standing")
+        assert await limiter.acquire(1) == "queue_full"
+        end(limiter, permits.pop(0), now[0])
+        await until(lambda: "standing" in waiters.outcomes)
+    permits.append(waiters.outcomes["standing"])  # type: ignore[arg-type]
+    for _ in range(2):
+        end(limiter, permits.pop(0), now[0])
+    now[0] += 0.1
+    permits.append(limiter.try_acquire(1))  # type: ignore[arg-type]
+    assert limiter.standing(now[0]), "room after a refusal, once, ended the standing state"
+
+    # Room again, more than the target later, with nobody refused since: it is over.
+    now[0] += 0.06
+    end(limiter, permits.pop(0), now[0])
+    assert limiter.try_acquire(1) is not None
+    assert not limiter.standing(now[0])
+    assert limiter.queue_capacity(now[0]) == 8

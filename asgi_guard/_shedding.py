@@ -221,8 +221,10 @@ class ConcurrencyLimiter:
         self._emptied_at = -math.inf
         self._admitted_at_empty = -1
         #: When the first request since the last refusal at arrival was admitted with a
-        #: place to spare (see `try_acquire`): `_UNCALM` until then, `_NEVER` before any.
+        #: place to spare (see `try_acquire`): `_UNCALM` until then, `_NEVER` before any;
+        #: and how many had been admitted then.
         self._calm_since = _NEVER
+        self._calm_admitted = 0
         #: Seconds between two places freeing while requests wait (smoothed), when the
         #: last request ended, and when the queue last began to fill.
         self.place_time = 0.0
@@ -260,8 +262,9 @@ class ConcurrencyLimiter:
         at the first such admission began a new burst period, whose waiters were refused
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
         request admitted at once with a place still free after it ends it too, when the
-        first request admitted since the last refusal, more than the target before, had a
-        place to spare as well: the worker has room. (Without that, at 0.8x
+        first request admitted since the last refusal, more than the target and at least
+        a limit's worth of admissions before, had a place to spare as well: the worker
+        has room. (Without that, at 0.8x
         capacity and a limit of 3, one waiter at a time kept refilling the queue and the
         standing state held for up to 400 ms, refusing newcomers all along: measured.)"""
         if self.queued > 0:
@@ -323,20 +326,24 @@ class ConcurrencyLimiter:
                     return None  # an equal or higher class waits: it goes first
             elif self._emptied_at != _NEVER and inflight + 2 <= limit:
                 # Admitted with a place to spare and nobody waiting, as was the first
-                # request since the last refusal, more than the target ago: the worker
-                # keeps up, and a standing queue that emptied is over (see
-                # `_still_standing`). Under overload, completions in one loop iteration
-                # leave places to spare too, but arrivals were refused a moment before
-                # and are again a moment after. It takes two such admissions: after a
-                # pause of the loop longer than the target (several handlers' steps in one
-                # iteration), "nobody refused lately" held because no arrival had been
-                # read, and the first arrival after it ended the standing state about
-                # twice a second at 4x capacity (measured), each time starting a burst
-                # whose waiters were refused after tens of milliseconds.
+                # request since the last refusal, more than the target and more than a
+                # limit's worth of admissions ago: the worker keeps up, and a standing
+                # queue that emptied is over (see `_still_standing`). Under overload,
+                # places come free for a moment too (completions in one loop iteration, a
+                # lull in arrivals, a limit that grows), but arrivals were refused a moment
+                # before and are again a few admissions later. At 4x capacity, ending it
+                # on one such admission (nobody refused within the target: after a pause
+                # of the loop, no arrival had been read) did so twice a second (measured),
+                # each time starting a burst whose waiters were refused after tens of
+                # milliseconds.
                 now = self._clock()
                 if self._calm_since == _UNCALM:
                     self._calm_since = now
-                elif now - self._calm_since > self._target():
+                    self._calm_admitted = self.counts["admitted"]
+                elif (
+                    now - self._calm_since > self._target()
+                    and self.counts["admitted"] - self._calm_admitted >= limit
+                ):
                     self._emptied_at = _NEVER
         elif not (
             self._has_shares and self.inflight_by_class[priority] < self._shares[priority] * limit

@@ -282,7 +282,9 @@ async def test_in_a_standing_queue_one_waits_and_newcomers_are_refused_at_arriva
 async def test_places_to_spare_just_after_a_refusal_do_not_end_the_standing_state() -> None:
     """Under overload, completions that come in one event-loop iteration leave places to
     spare for a moment, while arrivals were being refused: that is no room. A place to
-    spare ends the standing state only when nobody was refused within the target."""
+    spare ends the standing state only when nobody was refused within the target, nor
+    within the last limit's worth of admissions (a limit that grows, or a lull in
+    arrivals, frees places for a few)."""
     now = [0.0]
     limiter = limiter_at(now, 3)
     permits = hold(limiter, 3)
@@ -301,8 +303,13 @@ async def test_places_to_spare_just_after_a_refusal_do_not_end_the_standing_stat
     assert permit is not None
     assert limiter.standing(now[0])
     end(limiter, permit, now[0])
-    now[0] += 0.05  # longer than the target (10 ms) without a refusal
-    assert limiter.try_acquire(1) is not None
+    now[0] += 0.05  # longer than the target (10 ms) without a refusal ...
+    for _ in range(2):  # ... but fewer admissions than the limit since the first room
+        permit = limiter.try_acquire(1)
+        assert permit is not None
+        assert limiter.standing(now[0])
+        end(limiter, permit, now[0])
+    assert limiter.try_acquire(1) is not None  # the limit's worth: the worker keeps up
     assert not limiter.standing(now[0])
 
 
@@ -348,9 +355,15 @@ async def test_a_pause_of_the_loop_after_refusals_does_not_end_the_standing_stat
     permits.append(limiter.try_acquire(1))  # type: ignore[arg-type]
     assert limiter.standing(now[0]), "room after a refusal, once, ended the standing state"
 
-    # Room again, more than the target later, with nobody refused since: it is over.
+    # Room again, more than the target later, with nobody refused since, and the limit's
+    # worth of admissions: it is over.
     now[0] += 0.06
     end(limiter, permits.pop(0), now[0])
+    for _ in range(3):
+        permit = limiter.try_acquire(1)
+        assert permit is not None
+        assert limiter.standing(now[0])
+        end(limiter, permit, now[0])
     assert limiter.try_acquire(1) is not None
     assert not limiter.standing(now[0])
     assert limiter.queue_capacity(now[0]) == 8

@@ -33,11 +33,13 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import random
 import selectors
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +50,17 @@ SLO = 0.100
 
 
 class _VirtualSelector(selectors.BaseSelector):
-    """Never waits: a `select` with a timeout moves the virtual clock past it instead."""
+    """Never waits: a `select` with a timeout moves the virtual clock past it instead, or
+    to the next arrival, which it reports as the ``arrivals`` reader being readable: the
+    loop then reads the arrivals in its I/O phase, before its timers, as a server reads
+    requests from its sockets."""
 
     def __init__(self) -> None:
         self._map: dict[Any, selectors.SelectorKey] = {}
         self.now = 0.0
+        #: Times of the requests not read yet, in order, and the reader that reads them.
+        self.arrivals: deque[float] = deque()
+        self.reader: Any = None
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -64,10 +72,15 @@ class _VirtualSelector(selectors.BaseSelector):
         return self._map.pop(fileobj)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        due = self.arrivals[0] if self.arrivals else math.inf
         if timeout is None:
+            timeout = math.inf
+        if due <= self.now + timeout:
+            self.now = max(self.now, due)
+            return [(self._map[self.reader], selectors.EVENT_READ)]
+        if timeout == math.inf:
             raise RuntimeError("the simulation has nothing left to wait for")
-        if timeout > 0:
-            self.now += timeout
+        self.now += timeout
         return []
 
     def close(self) -> None:
@@ -207,19 +220,25 @@ def simulate(
         await guard(scope, receive, send)
 
     tasks: set[asyncio.Task[None]] = set()
+    unread: deque[Outcome] = deque()
+    selector = loop._virtual
 
-    def arrive(outcome: Outcome) -> None:
-        # Read between callbacks (a timer runs after the iteration's I/O), run in the next
-        # iteration: as a server's protocol creates the request's task.
-        task = loop.create_task(serve(outcome))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    def read() -> None:
+        # Every request that has arrived by now, read in the loop's I/O phase; each task
+        # runs in the next iteration, as a server's protocol creates a request's task.
+        now = loop.time()
+        while selector.arrivals and selector.arrivals[0] <= now:
+            selector.arrivals.popleft()
+            task = loop.create_task(serve(unread.popleft()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def main() -> None:
         for at in poisson(phases, seed):
             outcome = Outcome(at)
             run.outcomes.append(outcome)
-            loop.call_at(at, arrive, outcome)
+            unread.append(outcome)
+            selector.arrivals.append(at)
         end = sum(seconds for seconds, _ in phases)
         if pauses:
             rng = random.Random(seed * 104729 + 3)
@@ -231,6 +250,9 @@ def simulate(
         if tasks:
             await asyncio.wait(set(tasks))
 
+    reading, writing = os.pipe()  # a descriptor to stand for the server's sockets
+    selector.reader = reading
+    loop.add_reader(reading, read)
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main())
@@ -239,7 +261,10 @@ def simulate(
         loop.run_until_complete(asyncio.sleep(0))
     finally:
         asyncio.set_event_loop(None)
+        loop.remove_reader(reading)
         loop.close()
+        os.close(reading)
+        os.close(writing)
     run.busy = loop.busy
     run.horizon = sum(seconds for seconds, _ in phases)
     run.counts = dict(guard.limiter.counts)

@@ -11,6 +11,7 @@ were answered within 3 ms at p99 (see docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
 
 from asgi_guard import ConfigurationError, LoadSheddingMiddleware, ManualClock
-from asgi_guard._pacing import MAX_HELD, Pacer
+from asgi_guard._pacing import LATE, MAX_HELD, Pacer
 
 from .asgi_driver import Driven, drive, http_scope
 
@@ -198,6 +199,58 @@ class Recording:
 
     def state(self) -> dict[str, float]:
         return {"limit": self.limit}
+
+
+async def test_a_start_let_through_long_before_it_runs_gives_way_once() -> None:
+    """The loop runs long after letting a start through (a pause, a slow step): requests
+    that arrived meanwhile are read in the next iteration only, and the start, let
+    through before them, would run first. It gives way to them once."""
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    async def arrival() -> None:
+        order.append("arrival")
+
+    def read() -> None:
+        order.append("read")
+        tasks.append(loop.create_task(arrival()))
+
+    tasks: list[asyncio.Task[None]] = []
+
+    class Paused(Pacer):
+        def _release(self, waiting: Any) -> bool:
+            went = super()._release(waiting)
+            if went and not order:
+                time.sleep(LATE + 0.003)  # the loop pauses after letting it through
+                # A request arrives during the pause: read in the next iteration.
+                loop.call_soon(read)
+            return went
+
+    pacer = Paused(loop)
+
+    async def start() -> None:
+        await pacer.start()
+        order.append("start")
+
+    await asyncio.wait_for(start(), 1.0)
+    await asyncio.gather(*tasks)
+    assert order == ["read", "arrival", "start"]
+    assert pacer.waiting == 0
+
+
+async def test_a_start_let_through_just_before_it_runs_goes() -> None:
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(loop)
+    iterations = 0
+
+    def count() -> None:
+        nonlocal iterations
+        iterations += 1
+        loop.call_soon(count)
+
+    loop.call_soon(count)
+    await pacer.start()
+    assert iterations <= 2  # the timer's iteration and the next one: no second hold
 
 
 async def test_the_hold_is_not_time_in_the_application() -> None:

@@ -148,6 +148,7 @@ class Costs:
 @dataclass
 class Outcome:
     at: float  # scheduled arrival (virtual s)
+    critical: bool = False
     status: int = 0
     latency: float = math.nan
     why: str = ""
@@ -185,10 +186,13 @@ def simulate(
     *,
     drift: float = 0.0,
     pauses: float = 0.0,
+    critical: float = 0.0,
 ) -> Run:
     """One run: Poisson arrivals in ``phases`` of (seconds, requests/s); the machine's
     speed drifting by ``drift`` (see `VirtualLoop`), and ``pauses`` a second on average
-    in which the loop is held for 3-8 ms (a collection, a stall of the machine)."""
+    in which the loop is held for 3-8 ms (a collection, a stall of the machine). A share
+    ``critical`` of the requests carry ``X-Priority: critical`` (trusted), the rest are
+    ``sheddable``, as in `overload.py`'s priority scenario."""
     loop = VirtualLoop(drift, seed)
     run = Run()
     random.seed(seed)  # Retry-After's jitter and the algorithm's probe jitter
@@ -200,7 +204,14 @@ def simulate(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    guard = LoadSheddingMiddleware(app, clock=VirtualClock(loop))
+    options: dict[str, Any] = {}
+    if critical:
+        options = {
+            "priority_header": "x-priority",
+            "trust_priority_header": lambda scope: True,
+            "default_priority": "sheddable",
+        }
+    guard = LoadSheddingMiddleware(app, clock=VirtualClock(loop), **options)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -216,7 +227,8 @@ def simulate(
             elif not message.get("more_body"):
                 outcome.latency = loop.time() - outcome.at
 
-        scope = {"type": "http", "method": "GET", "path": "/work", "headers": []}
+        headers = [(b"x-priority", b"critical")] if outcome.critical else []
+        scope = {"type": "http", "method": "GET", "path": "/work", "headers": headers}
         await guard(scope, receive, send)
 
     tasks: set[asyncio.Task[None]] = set()
@@ -234,8 +246,9 @@ def simulate(
             task.add_done_callback(tasks.discard)
 
     async def main() -> None:
+        pick = random.Random(seed * 31 + 7)
         for at in poisson(phases, seed):
-            outcome = Outcome(at)
+            outcome = Outcome(at, critical=pick.random() < critical)
             run.outcomes.append(outcome)
             unread.append(outcome)
             selector.arrivals.append(at)
@@ -315,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=0.66, help="C as a share of T")
     parser.add_argument("--no-step", action="store_true", help="skip the 1x -> 4x -> 1x step")
     parser.add_argument(
+        "--no-priority", action="store_true", help="skip 4x with 25%% critical requests"
+    )
+    parser.add_argument(
         "--drift", type=float, default=0.15, help="the machine's speed: sigma of log factor/50 ms"
     )
     parser.add_argument("--pauses", type=float, default=2.0, help="3-8 ms loop pauses a second")
@@ -388,6 +404,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bad = sum(1 for o in window if o.status != 200)
                 per_second.append(100.0 * bad / len(window) if window else 0.0)
             print(f"seed {seed}: " + " ".join(f"{x:4.1f}" for x in per_second))
+    if not args.no_priority:
+        print()
+        print("4x, 25% 'X-Priority: critical' (the rest sheddable): answered 2xx %")
+        for seed in seeds:
+            run = simulate(
+                [(args.seconds, 4 * capacity)],
+                costs,
+                seed,
+                drift=args.drift,
+                pauses=args.pauses,
+                critical=0.25,
+            )
+            window = [o for o in run.outcomes if o.at >= 1.0]
+            crit = [o for o in window if o.critical]
+            rest = [o for o in window if not o.critical]
+            ok_crit = sum(1 for o in crit if o.status == 200) / len(crit)
+            ok_rest = sum(1 for o in rest if o.status == 200) / len(rest)
+            print(
+                f"seed {seed}: critical {ok_crit * 100:6.2f}%  sheddable {ok_rest * 100:6.2f}%  "
+                f"CPU {run.busy / run.horizon * 100:.0f}%"
+            )
     print(f"\n{time.perf_counter() - started:.0f} s of real time")
     return 0
 

@@ -99,8 +99,9 @@ class LoadSheddingMiddleware:
         max_queue: How many requests may wait (0: none). Default: as many as the limit,
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
-            seconds (default: half of ``codel_interval``, 50 ms, as scaled); once a
-            standing queue has formed, a request waits no longer than ``codel_target``.
+            seconds (default: half of ``codel_interval``, 50 ms, as scaled, and the whole
+            interval for a class while lower classes arrive too); once a standing queue
+            has formed, a request waits no longer than ``codel_target``.
         codel_target: The wait allowed once a standing queue has formed (5 ms).
         codel_interval: How long the queue must stay non-empty to be standing (100 ms);
             half of it is the wait allowed before. Both scale up for slow applications.

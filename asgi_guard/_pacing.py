@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -47,7 +48,9 @@ MAX_HELD = 4
 #: capacity with 3-8 ms pauses twice a second, those refusals waited for the pause and then
 #: a whole start: refusal p99 5.4-7.4 ms, and 5.2-6.2 ms with this.) Normally a start runs
 #: soon after, behind the first steps of a few new arrivals; on a real server at 8x capacity
-#: those took over 2 ms for 35% of the starts (measured), over 4 ms for 9%.
+#: those took over 2 ms for 35% of the starts (measured), over 4 ms for 9%. (Not past
+#: `MAX_HELD`: a start that the cap let through never waits again, nor one that would make
+#: more than `MAX_HELD` held.)
 LATE = 0.004
 
 
@@ -55,14 +58,17 @@ class Pacer:
     """One per middleware and event loop: `start` holds an admitted request until an
     iteration of its own."""
 
-    __slots__ = ("_let_at", "_loop", "_rest", "_scheduled", "_waiting", "paced")
+    __slots__ = ("_clock", "_loop", "_rest", "_scheduled", "_waiting", "paced")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float] | None = None
+    ) -> None:
         self._loop = loop
+        self._clock = clock or loop.time  # for `LATE`
         self._scheduled = False
         self._rest = False
-        self._waiting: deque[asyncio.Future[None]] = deque()
-        self._let_at = 0.0  # when the last start was let through (loop time)
+        #: Held starts: each future's result is when it was let through.
+        self._waiting: deque[asyncio.Future[float]] = deque()
         #: How many starts were held (for metrics and tests).
         self.paced = 0
 
@@ -76,20 +82,21 @@ class Pacer:
         starts held before this one (one per iteration)."""
         waiting = self._waiting
         if len(waiting) >= MAX_HELD:
-            self._release(waiting)  # the oldest goes now
+            self._release(waiting, at=math.inf)  # the oldest goes now, and never waits again
         self.paced += 1
-        await self._hold(waiting.append)
-        if self._loop.time() - self._let_at > LATE:
+        let_at = await self._hold(waiting.append)
+        if self._clock() - let_at > LATE and len(waiting) < MAX_HELD:
             # Let through long ago: give way to what arrived meanwhile, first in line.
             await self._hold(waiting.appendleft)
 
-    async def _hold(self, line_up: Callable[[asyncio.Future[None]], None]) -> None:
-        future = self._loop.create_future()
+    async def _hold(self, line_up: Callable[[asyncio.Future[float]], None]) -> float:
+        """Wait in line until let through; when that was."""
+        future: asyncio.Future[float] = self._loop.create_future()
         line_up(future)
         if not self._scheduled:
             self._schedule()
         try:
-            await future
+            return await future
         except BaseException:
             if future.done() and not future.cancelled():
                 # Let through as it was cancelled: the next one takes its iteration.
@@ -98,7 +105,7 @@ class Pacer:
                 self._forget(future)
             raise
 
-    def _forget(self, future: asyncio.Future[None]) -> None:
+    def _forget(self, future: asyncio.Future[float]) -> None:
         with contextlib.suppress(ValueError):  # already let through
             self._waiting.remove(future)
 
@@ -128,12 +135,12 @@ class Pacer:
             # start asked for later does not wait out a pause that has long passed.
             self._schedule()
 
-    def _release(self, waiting: deque[asyncio.Future[None]]) -> bool:
-        """Let the oldest held start go (skipping cancelled ones); whether one went."""
+    def _release(self, waiting: deque[asyncio.Future[float]], at: float | None = None) -> bool:
+        """Let the oldest held start go (skipping cancelled ones), telling it when (``at``:
+        now, by default); whether one went."""
         while waiting:
             future = waiting.popleft()
             if not future.done():
-                future.set_result(None)
-                self._let_at = self._loop.time()
+                future.set_result(self._clock() if at is None else at)
                 return True
         return False

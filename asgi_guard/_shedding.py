@@ -60,12 +60,12 @@ MIN_QUEUE = 32
 #: ``queue_timeout`` says otherwise); CoDel's own, the limiter's default, is the whole one.
 BURST_WAIT = 0.5
 
-#: The share of a newcomer's allowed wait that the places freeing ahead of it may take, as
-#: measured: the time a place takes varies with the machine's speed and the loop's pauses,
-#: and a waiter refused at the end of its wait is the slowest refusal there is. (With all
-#: of it, at 2x capacity 1-2% of refusals came after the whole burst wait, 50 ms, and
-#: refusals took 54 ms at p99 in `bench/shedding_sim.py`; with 80%, 7 ms, for the same
-#: goodput.)
+#: The share of a burst's allowed wait (not a standing queue's short one) that the places
+#: freeing ahead of a newcomer may take, as measured, in `LoadSheddingMiddleware`: the time
+#: a place takes varies with the machine's speed and the loop's pauses, and a waiter refused
+#: at the end of its wait is the slowest refusal there is. (With all of it, at 2x capacity
+#: 1-2% of refusals came after the whole burst wait, 50 ms, and refusals took 54 ms at p99
+#: in `bench/shedding_sim.py`; with 80%, 7 ms, for the same goodput.)
 WAIT_MARGIN = 0.8
 
 _NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
@@ -192,6 +192,9 @@ class ConcurrencyLimiter:
         shares: Guaranteed shares of the limit, by class index, as fractions.
         burst_share: The share of the interval a burst's waiter may wait without a
             ``queue_timeout``: 1 (CoDel's) by default, `BURST_WAIT` in the middleware.
+        wait_margin: The share of a burst's allowed wait that the places freeing ahead of a
+            newcomer may take, or it is refused at arrival: 1 by default, `WAIT_MARGIN` in
+            the middleware.
         clock: A monotonic clock (seconds).
     """
 
@@ -205,10 +208,12 @@ class ConcurrencyLimiter:
         codel_interval: float = 0.1,
         shares: Mapping[int, float] | None = None,
         burst_share: float = 1.0,
+        wait_margin: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.algorithm = algorithm
         self.burst_share = burst_share
+        self.wait_margin = wait_margin
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.codel_target = codel_target
@@ -229,9 +234,10 @@ class ConcurrencyLimiter:
         #: When the queue last became empty, and how many had been admitted then.
         self._emptied_at = -math.inf
         self._admitted_at_empty = -1
-        #: When the first request since the last refusal at arrival was admitted with a
-        #: place to spare (see `try_acquire`): `_UNCALM` until then, `_NEVER` before any;
-        #: and how many had been admitted then.
+        #: When the first request admitted with a place to spare since the last refusal at
+        #: arrival (or since a standing queue emptied) was admitted (see `try_acquire`):
+        #: `_UNCALM` until then, `_NEVER` before any refusal; and how many had been
+        #: admitted then.
         self._calm_since = _NEVER
         self._calm_admitted = 0
         #: Seconds between two places freeing while requests wait (smoothed), when the
@@ -270,10 +276,10 @@ class ConcurrencyLimiter:
         arrivals fill; only a worker with room to spare admits more than that. (Ending it
         at the first such admission began a new burst period, whose waiters were refused
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
-        request admitted at once with a place still free after it ends it too, when the
-        first request admitted since the last refusal, more than the target and at least
-        a limit's worth of admissions before, had a place to spare as well: the worker
-        has room. (Without that, at 0.8x
+        request admitted at once with a place still free after it ends it too, when a
+        request admitted with a place to spare since the last refusal at arrival (and
+        since the queue emptied) was admitted more than the target and at least a limit's
+        worth of admissions before: the worker has room. (Without that, at 0.8x
         capacity and a limit of 3, one waiter at a time kept refilling the queue and the
         standing state held for up to 400 ms, refusing newcomers all along: measured.)"""
         if self.queued > 0:
@@ -289,6 +295,9 @@ class ConcurrencyLimiter:
         )
 
     def _emptied(self, now: float) -> None:
+        if now - self._empty_since_or_at > self._interval():
+            # A standing queue emptied: room counts only from now (see `try_acquire`).
+            self._calm_since = _UNCALM
         self._emptied_at = now
         self._admitted_at_empty = self.counts["admitted"]
 
@@ -335,8 +344,9 @@ class ConcurrencyLimiter:
                     return None  # an equal or higher class waits: it goes first
             elif self._emptied_at != _NEVER and inflight + 2 <= limit:
                 # Admitted with a place to spare and nobody waiting, as was the first
-                # request since the last refusal, more than the target and more than a
-                # limit's worth of admissions ago: the worker keeps up, and a standing
+                # request so admitted since the last refusal at arrival (or since a standing
+                # queue emptied), more than the target and at least a limit's worth of
+                # admissions ago: the worker keeps up, and a standing
                 # queue that emptied is over (see `_still_standing`). Under overload,
                 # places come free for a moment too (completions in one loop iteration, a
                 # lull in arrivals, a limit that grows), but arrivals were refused a moment
@@ -412,16 +422,16 @@ class ConcurrencyLimiter:
             if left < wait:
                 wait = left
                 why = "deadline"
-        # The places that free within its wait, with a margin (`WAIT_MARGIN`), must reach
-        # it: else it would wait, and be refused late. (Refused now, it is refused at once:
-        # a queue as long as the worker serves in an interval, not longer.) A place frees
-        # every `place_time` as measured while requests waited, and every rtt / limit at
-        # least.
+        # The places that free within its wait (a burst's: with a margin, `wait_margin`)
+        # must reach it: else it would wait, and be refused late. (Refused now, it is
+        # refused at once: a queue as long as the worker serves in an interval, not
+        # longer.) A place frees every `place_time` as measured while requests waited, and
+        # every rtt / limit at least.
         ahead = sum(map(len, self._queues[: priority + 1]))  # those served before it
         per_place = self.rtt / limit
         if self.place_time > per_place:
             per_place = self.place_time
-        if wait <= 0.0 or (ahead + 1) * per_place > wait * WAIT_MARGIN:
+        if wait <= 0.0 or (ahead + 1) * per_place > (wait if cut else wait * self.wait_margin):
             self.counts[why] += 1
             self._calm_since = _UNCALM
             return why
@@ -430,7 +440,9 @@ class ConcurrencyLimiter:
         empty = self.queued == 0 and not self._still_standing()
         if full:
             self._make_room(priority)
-        waiter = _Waiter(priority, now, not standing, asyncio._get_running_loop())
+        # Promised the long wait (a burst's, or a spared class's): kept if the queue turns
+        # standing, or the class stops being spared, while it waits.
+        waiter = _Waiter(priority, now, not cut, asyncio._get_running_loop())
         if empty:
             self._empty_since_or_at = now
         if not self.queued:

@@ -41,6 +41,7 @@ from ._problem import (
 from ._record import get_record
 from ._shedding import (
     BURST_WAIT,
+    WAIT_MARGIN,
     ConcurrencyLimiter,
     Permit,
     Refusal,
@@ -234,6 +235,7 @@ class LoadSheddingMiddleware:
             codel_interval=float(codel_interval),
             shares=shares,
             burst_share=BURST_WAIT,
+            wait_margin=WAIT_MARGIN,
             # The default clock's own ``time.monotonic``: one call less per reading, and
             # the limiter reads it twice a request.
             clock=time.monotonic if isinstance(self._clock, MonotonicClock) else self._clock.now,

@@ -18,13 +18,17 @@ iteration after that. Latency is from the arrival's time to the response's end. 
 capacity C is ``--load`` (0.66 by default, as `overload.py` measured on the AMD machine)
 times the most the worker serves, T = 1 / (arrive + work + respond).
 
-What it leaves out: the network, the generator's own delays, the machine's drift and pauses,
-the interpreter's cost of the guard itself (a fixed ``--arrive`` stands for all of it), and
-client timeouts (none is reached at these rates with the guard on). So its figures are the
-policy's, not a server's: use it to compare rules, and `overload.py` for the targets.
+The machine is modelled crudely: its speed drifts (every cost, pauses included, is scaled
+by a log-normal factor drawn per 50 ms of virtual time, ``--drift``), and the loop pauses
+for 3-8 ms ``--pauses`` times a second (Poisson), as a collection or a stall of the VM
+would hold it; pauses count in "CPU %". What it leaves out: the network, the generator's own
+delays, the interpreter's cost of the guard itself (a fixed ``--arrive`` stands for all of
+it), and client timeouts (none is reached at these rates with the guard on). So its figures
+are the policy's, not a server's: use it to compare rules, and `overload.py` for the targets.
 
-    python bench/shedding_sim.py                       # 0.8x .. 8x and a step, ~1 min
+    python bench/shedding_sim.py                       # 0.8x .. 8x, a step, priorities: ~15 s
     python bench/shedding_sim.py --rates 1,4 --seeds 5 # more seeds
+    python bench/shedding_sim.py --load 0.85           # a worker slower than its calibration
 """
 
 from __future__ import annotations
@@ -195,6 +199,7 @@ def simulate(
     ``sheddable``, as in `overload.py`'s priority scenario."""
     loop = VirtualLoop(drift, seed)
     run = Run()
+    saved = random.getstate()
     random.seed(seed)  # Retry-After's jitter and the algorithm's probe jitter
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -273,6 +278,7 @@ def simulate(
             task.cancel()
         loop.run_until_complete(asyncio.sleep(0))
     finally:
+        random.setstate(saved)
         asyncio.set_event_loop(None)
         loop.remove_reader(reading)
         loop.close()
@@ -335,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--pauses", type=float, default=2.0, help="3-8 ms loop pauses a second")
     args = parser.parse_args(argv)
+    if args.seconds < 2:
+        parser.error("--seconds must be at least 2 (the first second is left out)")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     logging.getLogger("asgi_guard").setLevel(logging.ERROR)  # "shedding started", per run
     costs = Costs(
         arrive=args.arrive / 1e3,

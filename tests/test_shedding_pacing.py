@@ -11,19 +11,26 @@ were answered within 3 ms at p99 (see docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from typing import Any
 
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
 
-from asgi_guard import ConfigurationError, LoadSheddingMiddleware, ManualClock
+from asgi_guard import ConfigurationError, LoadSheddingMiddleware, ManualClock, _pacing
 from asgi_guard._pacing import LATE, MAX_HELD, Pacer
 
 from .asgi_driver import Driven, drive, http_scope
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def never_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start gives way twice when it runs late (`LATE`, real time): the tests not about
+    that must not depend on how long this machine takes between two loop iterations."""
+    monkeypatch.setattr(_pacing, "LATE", math.inf)
 
 
 @pytest.fixture
@@ -201,12 +208,17 @@ class Recording:
         return {"limit": self.limit}
 
 
-async def test_a_start_let_through_long_before_it_runs_gives_way_once() -> None:
+async def test_a_start_let_through_long_before_it_runs_gives_way_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The loop runs long after letting a start through (a pause, a slow step): requests
     that arrived meanwhile are read in the next iteration only, and the start, let
     through before them, would run first. It gives way to them once."""
+    monkeypatch.setattr(_pacing, "LATE", LATE)
     loop = asyncio.get_running_loop()
+    now = [0.0]
     order: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
 
     async def arrival() -> None:
         order.append("arrival")
@@ -215,18 +227,15 @@ async def test_a_start_let_through_long_before_it_runs_gives_way_once() -> None:
         order.append("read")
         tasks.append(loop.create_task(arrival()))
 
-    tasks: list[asyncio.Task[None]] = []
-
     class Paused(Pacer):
-        def _release(self, waiting: Any) -> bool:
-            went = super()._release(waiting)
+        def _release(self, waiting: Any, at: float | None = None) -> bool:
+            went = super()._release(waiting, at)
             if went and not order:
-                time.sleep(LATE + 0.003)  # the loop pauses after letting it through
-                # A request arrives during the pause: read in the next iteration.
-                loop.call_soon(read)
+                now[0] += LATE + 0.005  # the loop runs long after letting it through
+                loop.call_soon(read)  # a request arrives meanwhile: read next iteration
             return went
 
-    pacer = Paused(loop)
+    pacer = Paused(loop, clock=lambda: now[0])
 
     async def start() -> None:
         await pacer.start()
@@ -238,9 +247,12 @@ async def test_a_start_let_through_long_before_it_runs_gives_way_once() -> None:
     assert pacer.waiting == 0
 
 
-async def test_a_start_let_through_just_before_it_runs_goes() -> None:
+async def test_a_start_let_through_just_before_it_runs_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_pacing, "LATE", LATE)
     loop = asyncio.get_running_loop()
-    pacer = Pacer(loop)
+    pacer = Pacer(loop, clock=lambda: 0.0)  # no time passes: never late
     iterations = 0
 
     def count() -> None:
@@ -251,6 +263,37 @@ async def test_a_start_let_through_just_before_it_runs_goes() -> None:
     loop.call_soon(count)
     await pacer.start()
     assert iterations <= 2  # the timer's iteration and the next one: no second hold
+
+
+async def test_late_starts_never_make_more_than_the_most_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every start runs late (the clock jumps at each release); the second holds still
+    keep at most `MAX_HELD` starts held, and the cap's own releases never wait again."""
+    monkeypatch.setattr(_pacing, "LATE", LATE)
+    loop = asyncio.get_running_loop()
+    now = [0.0]
+    most = 0
+
+    class Slow(Pacer):
+        def _release(self, waiting: Any, at: float | None = None) -> bool:
+            nonlocal most
+            most = max(most, self.waiting)
+            went = super()._release(waiting, at)
+            now[0] += 0.01
+            return went
+
+    pacer = Slow(loop, clock=lambda: now[0])
+    started: list[int] = []
+
+    async def start(n: int) -> None:
+        await pacer.start()
+        started.append(n)
+
+    await asyncio.wait_for(asyncio.gather(*(start(n) for n in range(MAX_HELD + 3))), 2.0)
+    assert sorted(started) == list(range(MAX_HELD + 3))
+    assert most <= MAX_HELD
+    assert pacer.waiting == 0
 
 
 async def test_the_hold_is_not_time_in_the_application() -> None:

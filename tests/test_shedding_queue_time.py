@@ -37,7 +37,8 @@ def slow_worker(now: list[float]) -> ConcurrencyLimiter:
         max_queue=32,
         codel_interval=2.0,
         codel_target=0.1,
-        burst_share=BURST_WAIT,  # as the middleware has it
+        burst_share=BURST_WAIT,  # as the middleware has them
+        wait_margin=WAIT_MARGIN,
         clock=lambda: now[0],
     )
     limiter.rtt = 0.2

@@ -124,8 +124,10 @@ async def test_a_standing_queue_that_empties_stands_until_the_worker_has_room() 
 async def test_a_standing_queue_that_empties_ends_when_a_request_leaves_a_place_free() -> None:
     """Measured at 0.8x capacity (a CPU-bound worker at limit 3-4): a moment's backlog
     made the queue stand, and with one waiter at a time refilling it, the standing state
-    held for 100-400 ms, refusing newcomers all along. A request admitted with a place to
-    spare and nobody waiting shows the worker has room: the standing state ends at once."""
+    held for 100-400 ms, refusing newcomers all along. Requests admitted with a place to
+    spare and nobody waiting show the worker has room: the standing state ends once that
+    room has lasted more than the target and a limit's worth of admissions since the queue
+    emptied."""
     now = [0.0]
     limiter = limiter_at(now, 3)
     permits = hold(limiter, 3)
@@ -142,8 +144,17 @@ async def test_a_standing_queue_that_empties_ends_when_a_request_leaves_a_place_
     assert limiter.standing(now[0])
     end(limiter, permit, now[0])
     end(limiter, permits.pop(), now[0])  # two places free now
-    permit = limiter.try_acquire(1)  # leaves one free
+    permit = limiter.try_acquire(1)  # leaves one free: the room counts from here
     assert permit is not None
+    assert limiter.standing(now[0])
+    now[0] += 0.02  # more than the target (10 ms) later ...
+    for _ in range(2):  # ... and a limit's worth of admissions, each with room to spare
+        end(limiter, permit, now[0])
+        permit = limiter.try_acquire(1)
+        assert permit is not None
+        assert limiter.standing(now[0])
+    end(limiter, permit, now[0])
+    assert limiter.try_acquire(1) is not None
     assert not limiter.standing(now[0])
     assert limiter.queue_capacity(now[0]) == 8
 
@@ -206,11 +217,30 @@ async def test_at_a_small_limit_the_target_is_three_places_freeing(
         group.cancel_scope.cancel()
 
 
-async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters() -> None:
-    """In a standing queue, waiters kept past the target are refused rather than served
+async def test_a_standing_queue_fills_a_free_place_before_cutting_a_stale_waiter() -> None:
+    """In a standing queue, a waiter kept past the target is refused rather than served
     late, but not before the free places are filled, newest first: cutting first would
-    leave a place empty while requests wait. (Several wait in a standing queue only when
-    they queued while a lower class spared theirs, which keeps the whole queue.)"""
+    leave a place empty while a request waits."""
+    now = [0.0]
+    limiter = limiter_at(now, 8, codel_target=0.5)
+    permits = hold(limiter, 8)
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.stand_then_empty(group, permits)
+        assert limiter.queue_capacity(now[0], 1) == 1
+        await waiters.queue(group, "late")
+        now[0] += 1.0  # past the target
+        end(limiter, permits.pop(), now[0])
+        await until(lambda: "late" in waiters.outcomes)
+    assert isinstance(waiters.outcomes["late"], Permit)
+    assert limiter.inflight == 8, "a place was left empty"
+    assert limiter.queued == 0
+
+
+async def test_a_spared_classs_waiters_keep_their_wait_when_the_lower_classes_stop() -> None:
+    """Waiters that queued while a lower class spared theirs (the whole queue and the long
+    wait) were promised that wait: when no lower class has come for an interval, they are
+    not cut nor served newest first, but first in, first out, as a burst's waiters are."""
     now = [0.0]
     limiter = limiter_at(now, 8, codel_target=0.5)
     permits = hold(limiter, 8)
@@ -223,12 +253,14 @@ async def test_a_standing_queue_fills_free_places_before_cutting_stale_waiters()
         now[0] = 4.0  # past the target, and no sheddable request for an interval
         assert limiter.queue_capacity(now[0], 1) == 1
         end(limiter, permits.pop(), now[0])
-        await until(lambda: len(waiters.outcomes) == 4)
+        await until(lambda: "oldest" in waiters.outcomes)
+        assert list(waiters.outcomes) == ["burst", "oldest"]
+        for name in ("middle", "newest"):
+            end(limiter, permits.pop(), now[0])
+            await until(lambda name=name: name in waiters.outcomes)  # type: ignore[misc]
     outcomes = waiters.outcomes
-    assert isinstance(outcomes["burst"], Permit)
-    assert isinstance(outcomes["newest"], Permit)
-    assert outcomes["oldest"] == outcomes["middle"] == "queue_timeout"
-    assert limiter.inflight == 8, "a place was left empty"
+    assert all(isinstance(outcomes[n], Permit) for n in ("oldest", "middle", "newest"))
+    assert limiter.inflight == 8
     assert limiter.queued == 0
 
 

@@ -72,6 +72,17 @@ class Waiters:
     def _queued(self, n: int) -> bool:
         return self.limiter.queued == n
 
+    async def stand_and_refuse(self, group: anyio.abc.TaskGroup, permits: list[Permit]) -> None:
+        """A queue that stands (one waiter, "burst", for longer than the interval), refuses
+        a newcomer at arrival (it keeps one waiter), then empties: the waiter takes the
+        place of one of ``permits`` that ends."""
+        await self.queue(group, "burst")
+        self.now[0] = 2.0
+        assert self.limiter.standing(self.now[0])
+        assert await self.limiter.acquire(1) == "queue_full"
+        end(self.limiter, permits.pop(), self.now[0])
+        await until(lambda: "burst" in self.outcomes)
+
     async def stand_then_empty(self, group: anyio.abc.TaskGroup, permits: list[Permit]) -> None:
         """A queue that stands (one waiter, "burst", for longer than the interval), then
         empties (the waiter takes a place that ends): it still stands."""
@@ -322,12 +333,7 @@ async def test_places_to_spare_just_after_a_refusal_do_not_end_the_standing_stat
     permits = hold(limiter, 3)
     waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
-        await waiters.queue(group, "burst")
-        now[0] = 2.0
-        assert limiter.standing(now[0])
-        assert await limiter.acquire(1) == "queue_full"  # the standing queue keeps one
-        end(limiter, permits.pop(), now[0])
-        await until(lambda: "burst" in waiters.outcomes)
+        await waiters.stand_and_refuse(group, permits)
     for held in permits:
         end(limiter, held, now[0])
     assert limiter.inflight == 1
@@ -357,12 +363,7 @@ async def test_a_pause_of_the_loop_after_refusals_does_not_end_the_standing_stat
     permits = hold(limiter, 4)
     waiters = Waiters(limiter, now)
     async with anyio.create_task_group() as group:
-        await waiters.queue(group, "burst")
-        now[0] = 2.0
-        assert limiter.standing(now[0])
-        assert await limiter.acquire(1) == "queue_full"  # the standing queue keeps one
-        end(limiter, permits.pop(), now[0])
-        await until(lambda: "burst" in waiters.outcomes)
+        await waiters.stand_and_refuse(group, permits)
     permits.append(waiters.outcomes["burst"])  # type: ignore[arg-type]
     for _ in range(2):
         end(limiter, permits.pop(0), now[0])

@@ -346,15 +346,14 @@ class ConcurrencyLimiter:
                 # Admitted with a place to spare and nobody waiting, as was the first
                 # request so admitted since the last refusal at arrival (or since a standing
                 # queue emptied), more than the target and at least a limit's worth of
-                # admissions ago: the worker keeps up, and a standing
-                # queue that emptied is over (see `_still_standing`). Under overload,
-                # places come free for a moment too (completions in one loop iteration, a
-                # lull in arrivals, a limit that grows), but arrivals were refused a moment
-                # before and are again a few admissions later. At 4x capacity, ending it
-                # on one such admission (nobody refused within the target: after a pause
-                # of the loop, no arrival had been read) did so twice a second (measured),
-                # each time starting a burst whose waiters were refused after tens of
-                # milliseconds.
+                # admissions ago: the worker keeps up, and a standing queue that emptied is
+                # over (see `_still_standing`). Under overload places come free for a moment
+                # too (completions in one loop iteration, a lull in arrivals, a limit that
+                # grows), and arrivals are refused again a few admissions later. Ending it
+                # on one such admission while nobody had been refused within the target
+                # (after a pause of the loop no arrival had been read) did so twice a
+                # second at 4x capacity (measured), each time starting a burst whose
+                # waiters were refused after tens of milliseconds.
                 now = self._clock()
                 if self._calm_since == _UNCALM:
                     self._calm_since = now

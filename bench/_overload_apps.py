@@ -254,20 +254,57 @@ class PassThrough:
         await self.app(scope, receive, send)
 
 
-def _pass_through() -> FastAPI:
-    """The app (with ``GET /state``, answering no state) behind `PassThrough`."""
+class RefuseAll:
+    """A pure ASGI middleware that answers every ``/work`` request at once with the 503 that
+    `LoadSheddingMiddleware` sends (the same headers and a body of the same kind), keeping no
+    state: what any refusal at that place costs, the floor of a refusal's latency."""
+
+    BODY = json.dumps(
+        {
+            "type": "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "The service is at capacity and its wait queue is full; retry later.",
+        }
+    ).encode()
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/work":
+            await self.app(scope, receive, send)
+            return
+        body = self.BODY
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", b"%d" % len(body)),
+                    (b"retry-after", b"1"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _behind(middleware: type[PassThrough] | type[RefuseAll]) -> FastAPI:
+    """The app (with ``GET /state``, answering no state) behind ``middleware``."""
     app = build_app()
 
     @app.get("/state")
     async def state() -> Response:
         return Response(json.dumps({"state": None}), media_type="application/json")
 
-    app.add_middleware(PassThrough)
+    app.add_middleware(middleware)
     return app
 
 
 _GUARDED = {
-    "pass_through": _pass_through,
+    "pass_through": lambda: _behind(PassThrough),
+    "refuse_all": lambda: _behind(RefuseAll),
     "shed_default": lambda: build_guarded(limit=None),
     "shed_unpaced": lambda: build_guarded(limit=None, pace=False),
     "shed_fixed": lambda: build_guarded(limit=int(os.environ.get("SHED_FIXED_LIMIT") or 8)),

@@ -31,7 +31,10 @@ as tasks, and its 503 closes the connection, so each refusal costs the client a 
 queue); ``default`` (``limit=None``); ``unpaced`` (the default with ``pace=False``);
 ``aimd``, ``vegas``, ``gradient2`` (those algorithms
 with their defaults; ``SHED_ALGORITHM_KWARGS`` in ``--server-env`` sets their options); and,
-only when named, ``adaptive`` (the default algorithm, ``Adaptive``, with those options).
+only when named, ``adaptive`` (the default algorithm, ``Adaptive``, with those options) and
+``refuse`` (a middleware in the guard's place that answers every ``/work`` request at once
+with the guard's 503, keeping no state: the floor of a refusal's latency on this machine,
+with this server and this generator; there is no handler step for a refusal to wait behind).
 Scenarios, each variant in turn:
 
 * rates: 0.5x, 0.8x, 1x, 2x, 4x and 8x C for ``--duration`` s (7), the first second left
@@ -129,7 +132,7 @@ from loadgen import (
 RATES = (0.5, 0.8, 1.0, 2.0, 4.0, 8.0)
 VARIANTS = ("none", "uvicorn", "fixed", "default", "unpaced", "aimd", "vegas", "gradient2")
 #: Variants run only when named (not in the default list).
-EXTRA_VARIANTS = ("adaptive",)
+EXTRA_VARIANTS = ("adaptive", "refuse")
 SCENARIOS = ("rates", "step", "priority", "overhead")
 TARGETS = {
     "none": "bench._overload_apps:unguarded",
@@ -143,6 +146,7 @@ TARGETS = {
     "gradient2": "bench._overload_apps:shed_gradient2",
     "adaptive": "bench._overload_apps:shed_adaptive",
     "priority": "bench._overload_apps:shed_priority",
+    "refuse": "bench._overload_apps:refuse_all",
 }
 GUARDED = frozenset(
     {"fixed", "default", "unpaced", "aimd", "vegas", "gradient2", "adaptive", "priority"}

@@ -48,6 +48,8 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadgen import _percentile  # the generator's: the same percentiles as overload.py
+
 from asgi_guard import LoadSheddingMiddleware
 
 SLO = 0.100
@@ -290,13 +292,6 @@ def simulate(
     return run
 
 
-def _p(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 @dataclass
 class Figures:
     goodput: float  # /s
@@ -314,9 +309,9 @@ def figures(run: Run, since: float, until: float) -> Figures:
     good = sum(1 for x in ok if x <= SLO)
     return Figures(
         goodput=good / (until - since),
-        p99=_p(ok, 0.99),
+        p99=_percentile(sorted(ok), 99),
         refused=len(refused) / len(window) if window else 0.0,
-        rej_p99=_p(refused, 0.99),
+        rej_p99=_percentile(sorted(refused), 99),
         rej_fast=sum(1 for x in refused if x <= 0.005) / len(refused) if refused else 1.0,
         late=sum(1 for x in refused if x > 0.005),
     )

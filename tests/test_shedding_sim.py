@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,15 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def sim() -> ModuleType:
+def sim() -> Iterator[ModuleType]:
+    """The script as a module; the bench modules it imports are forgotten afterwards."""
     path = ROOT / "bench" / "shedding_sim.py"
-    spec = importlib.util.spec_from_file_location("shedding_sim", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shedding_sim"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(path.parent))  # it imports its neighbour loadgen.py
+        spec = importlib.util.spec_from_file_location("shedding_sim", path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["shedding_sim"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        yield module
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
 
 
 def costs(sim: Any) -> Any:

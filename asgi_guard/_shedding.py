@@ -6,7 +6,8 @@ queue per priority class, the highest class served first. The queue is managed a
 Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter may
 wait up to ``interval`` (half of it in the middleware: a burst is absorbed) and is served
 first in, first out; once a standing queue has formed (not empty for a whole interval, its
-first-in-first-out waits above the target), a waiter may wait only ``target``, the newest is
+first-in-first-out waits above the target and above half a burst's wait), a waiter may wait
+only ``target``, the newest is
 served first (adaptive LIFO: the oldest have the least time left and are likely given up on
 by their clients), and the queue keeps one waiter: enough to fill the next place that frees,
 while newcomers are refused at once, when a refusal is fastest. (Pushing its oldest out for
@@ -278,10 +279,11 @@ class ConcurrencyLimiter:
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
         request admitted at once with a place still free after it ends it too, when a
         request admitted with a place to spare since the last refusal at arrival (and
-        since the queue emptied) was admitted more than the target and at least a limit's
-        worth of admissions before: the worker has room. (Without that, at 0.8x
-        capacity and a limit of 3, one waiter at a time kept refilling the queue and the
-        standing state held for up to 400 ms, refusing newcomers all along: measured.)"""
+        since the queue emptied) was admitted more than half the interval (see `_calm`)
+        and at least a limit's worth of admissions before: the worker has room. (Without
+        that, at 0.8x capacity and a limit of 3, one waiter at a time kept refilling the
+        queue and the standing state held for up to 400 ms, refusing newcomers all along:
+        measured.)"""
         if self.queued > 0:
             return now - self._empty_since_or_at > self._interval()
         return self._still_standing()
@@ -301,6 +303,15 @@ class ConcurrencyLimiter:
         self._emptied_at = now
         self._admitted_at_empty = self.counts["admitted"]
 
+    def _calm(self) -> float:
+        """How long room to spare must last to end a standing state: the target, and at
+        least half the interval. (Random arrivals leave gaps: at 4x capacity, 4-5 arrivals
+        in 8-10 ms, with room all along, ended it twice in 7 s, and each end began a
+        burst period whose waiters waited up to the whole burst wait: the admitted p99 was
+        52 ms, and 27 ms with half the interval (and `_drained`), medians of 10 seeds in
+        `bench/shedding_sim.py`.)"""
+        return max(self._target(), 0.5 * self._interval())
+
     def _spared(self, priority: int, now: float) -> bool:
         """Whether a lower class than ``priority`` arrived within the last interval: the
         lower classes then take CoDel's cuts, and this one keeps the ordinary queue."""
@@ -313,6 +324,18 @@ class ConcurrencyLimiter:
         # A queue is not standing before the wait it was allowed is over.
         allowed = self.queue_timeout or 0.0
         return max(self.codel_interval, 2.0 * self.rtt, allowed)
+
+    def _drained(self) -> float:
+        """A waiter served first in, first out within this wait shows a queue that drains:
+        the target, and at least half the wait a burst is allowed. (CoDel's standing queue
+        is one whose waits stay above the target for an interval. A worker near its
+        capacity has such queues by chance: at 1x capacity, on a worker slower than its
+        calibration, an interval of waits above the target came several times a second,
+        the queue was cut to one waiter, and 1.9% of requests were refused where the
+        unguarded app served every one within 100 ms. With half the burst wait (and
+        `_calm`), 0.5%, medians of 10 seeds in `bench/shedding_sim.py`; at 2x and 4x the
+        waits stay near the whole burst wait and the queue still counts as standing.)"""
+        return max(self._target(), 0.5 * self._max_wait(False))
 
     def _target(self) -> float:
         # A quarter of the time requests take, and at a small limit the time three places
@@ -345,21 +368,21 @@ class ConcurrencyLimiter:
             elif self._emptied_at != _NEVER and inflight + 2 <= limit:
                 # Admitted with a place to spare and nobody waiting, as was the first
                 # request so admitted since the last refusal at arrival (or since a standing
-                # queue emptied), more than the target and at least a limit's worth of
-                # admissions ago: the worker keeps up, and a standing queue that emptied is
-                # over (see `_still_standing`). Under overload places come free for a moment
-                # too (completions in one loop iteration, a lull in arrivals, a limit that
-                # grows), and arrivals are refused again a few admissions later. Ending it
-                # on one such admission while nobody had been refused within the target
-                # (after a pause of the loop no arrival had been read) did so twice a
-                # second at 4x capacity (measured), each time starting a burst whose
-                # waiters were refused after tens of milliseconds.
+                # queue emptied), more than half the interval (`_calm`) and at least a
+                # limit's worth of admissions ago: the worker keeps up, and a standing queue
+                # that emptied is over (see `_still_standing`). Under overload places come
+                # free for a moment too (completions in one loop iteration, a lull in
+                # arrivals, a limit that grows), and arrivals are refused again a few
+                # admissions later. Ending it on one such admission while nobody had been
+                # refused within the target (after a pause of the loop no arrival had been
+                # read) did so twice a second at 4x capacity (measured), each time starting
+                # a burst whose waiters were refused after tens of milliseconds.
                 now = self._clock()
                 if self._calm_since == _UNCALM:
                     self._calm_since = now
                     self._calm_admitted = self.counts["admitted"]
                 elif (
-                    now - self._calm_since > self._target()
+                    now - self._calm_since > self._calm()
                     and self.counts["admitted"] - self._calm_admitted >= limit
                 ):
                     self._emptied_at = _NEVER
@@ -529,10 +552,9 @@ class ConcurrencyLimiter:
                     continue
                 waiter = queue.popleft()
                 self._hand_over(waiter)
-                if not lifo and now - waiter.enqueued < self._target():
-                    # Served first in, first out within the target: the queue drains as
-                    # it should, it is not standing (CoDel: a standing queue is one whose
-                    # waits stay above the target for an interval).
+                if not lifo and now - waiter.enqueued < self._drained():
+                    # Served first in, first out soon enough: the queue drains as it
+                    # should, it is not standing (see `_drained`).
                     self._empty_since_or_at = now
             if self.inflight >= limit and not self._has_shares:
                 break

@@ -59,7 +59,19 @@ MIN_QUEUE = 32
 
 #: The share of the interval a burst's waiter may wait in `LoadSheddingMiddleware` (unless
 #: ``queue_timeout`` says otherwise); CoDel's own, the limiter's default, is the whole one.
-BURST_WAIT = 0.5
+#: Within `STANDING_MEMORY` intervals of a standing queue, `RECENT_BURST_WAIT` of it.
+#: (A worker near its capacity queues for tens of milliseconds by chance: with half the
+#: interval, 50 ms, at all times, the guard refused 0.2-4.6% of the requests at 1x capacity
+#: on a real server, mostly for a queue longer than that wait serves, where the unguarded
+#: app served every one within 100 ms. Under overload the standing state ends
+#: for a moment now and then, and each burst after it would have its waiters wait the
+#: long wait: the short one keeps their latency down. Measured in `bench/overload.py` and
+#: `bench/shedding_sim.py`.)
+BURST_WAIT = 0.8
+RECENT_BURST_WAIT = 0.5
+
+#: How long a standing queue is remembered, in intervals (see `BURST_WAIT`).
+STANDING_MEMORY = 10
 
 #: The share of a burst's allowed wait (not a standing queue's short one) that the places
 #: freeing ahead of a newcomer may take, as measured, in `LoadSheddingMiddleware`: the time
@@ -193,6 +205,8 @@ class ConcurrencyLimiter:
         shares: Guaranteed shares of the limit, by class index, as fractions.
         burst_share: The share of the interval a burst's waiter may wait without a
             ``queue_timeout``: 1 (CoDel's) by default, `BURST_WAIT` in the middleware.
+        recent_share: The same within `STANDING_MEMORY` intervals of a standing queue:
+            ``burst_share`` by default, `RECENT_BURST_WAIT` in the middleware.
         wait_margin: The share of a burst's allowed wait that the places freeing ahead of a
             newcomer may take, or it is refused at arrival: 1 by default, `WAIT_MARGIN` in
             the middleware.
@@ -209,11 +223,13 @@ class ConcurrencyLimiter:
         codel_interval: float = 0.1,
         shares: Mapping[int, float] | None = None,
         burst_share: float = 1.0,
+        recent_share: float | None = None,
         wait_margin: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.algorithm = algorithm
         self.burst_share = burst_share
+        self.recent_share = burst_share if recent_share is None else recent_share
         self.wait_margin = wait_margin
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -241,6 +257,8 @@ class ConcurrencyLimiter:
         #: admitted then.
         self._calm_since = _NEVER
         self._calm_admitted = 0
+        #: When an arrival last found a standing queue (see `_max_wait`).
+        self._stood_at = _NEVER
         #: Seconds between two places freeing while requests wait (smoothed), when the
         #: last request ended, and when the queue last began to fill.
         self.place_time = 0.0
@@ -327,7 +345,8 @@ class ConcurrencyLimiter:
 
     def _drained(self) -> float:
         """A waiter served first in, first out within this wait shows a queue that drains:
-        the target, and at least half the wait a burst is allowed. (CoDel's standing queue
+        the target, and at least half the wait a burst is allowed after a standing queue
+        (`_burst_wait`; in the middleware, 25 ms). (CoDel's standing queue
         is one whose waits stay above the target for an interval. A worker near its
         capacity has such queues by chance: at 1x capacity, on a worker slower than its
         calibration, an interval of waits above the target came several times a second,
@@ -335,7 +354,7 @@ class ConcurrencyLimiter:
         unguarded app served every one within 100 ms. With half the burst wait (and
         `_calm`), 0.5%, medians of 10 seeds in `bench/shedding_sim.py`; at 2x and 4x the
         waits stay near the whole burst wait and the queue still counts as standing.)"""
-        return max(self._target(), 0.5 * self._max_wait(False))
+        return max(self._target(), 0.5 * self._burst_wait(recent=True))
 
     def _target(self) -> float:
         # A quarter of the time requests take, and at a small limit the time three places
@@ -420,6 +439,8 @@ class ConcurrencyLimiter:
             self._calm_since = _UNCALM
             return "queue_full"
         standing = self.standing(now)
+        if standing:
+            self._stood_at = now
         # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
         cut = standing and not self._spared(priority, now)
         full = self.queued >= self._capacity(cut)
@@ -427,7 +448,7 @@ class ConcurrencyLimiter:
             self.counts["queue_full"] += 1
             self._calm_since = _UNCALM
             return "queue_full"  # nobody of a lower class to push out
-        wait = self._max_wait(cut)
+        wait = self._max_wait(cut, now)
         if not cut and self.queue_timeout is None and (standing or self._spared(priority, now)):
             # Lower classes take the cuts, and this class is the one to keep: it may wait a
             # whole interval, CoDel's own burst wait, not the middleware's half of it. (At
@@ -611,19 +632,29 @@ class ConcurrencyLimiter:
                 return True
         return False
 
-    def _max_wait(self, cut: bool) -> float:
-        """How long a newcomer may wait: the target when CoDel's cuts apply to it (``cut``),
-        else ``burst_share`` of the interval (or ``queue_timeout``). (In the middleware, a
-        whole interval, CoDel's own burst wait, put admitted requests at 4x capacity at
-        123-135 ms p99 in our benchmark, past a 100 ms objective; half gave 72-87 ms.)"""
-        timeout = self.queue_timeout
+    def _max_wait(self, cut: bool, now: float) -> float:
+        """How long a newcomer may wait now: the target when CoDel's cuts apply to it
+        (``cut``), else a burst's wait (`_burst_wait`), the shorter one within
+        `STANDING_MEMORY` intervals of a standing queue."""
         if cut:
             wait = self._target()
+            timeout = self.queue_timeout
             if timeout is not None and timeout < wait:
                 wait = timeout
-        else:
-            wait = self.burst_share * self._interval() if timeout is None else timeout
-        return wait
+            return wait
+        return self._burst_wait(now - self._stood_at <= STANDING_MEMORY * self._interval())
+
+    def _burst_wait(self, recent: bool) -> float:
+        """A burst's waiter's wait: ``queue_timeout``, else ``burst_share`` of the interval,
+        or ``recent_share`` of it (``recent``: a standing queue was seen lately). (In the
+        middleware, a whole interval at all times, CoDel's own burst wait, put admitted
+        requests at 4x capacity at 123-135 ms p99 in our benchmark, past a 100 ms
+        objective, when the standing state still ended several times a second; half gave
+        72-87 ms.)"""
+        timeout = self.queue_timeout
+        if timeout is not None:
+            return timeout
+        return (self.recent_share if recent else self.burst_share) * self._interval()
 
     def refuse_trigger(self) -> Refusal:
         """Count a refusal made by a trigger (loop lag, memory)."""

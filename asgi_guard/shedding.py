@@ -41,6 +41,7 @@ from ._problem import (
 from ._record import get_record
 from ._shedding import (
     BURST_WAIT,
+    RECENT_BURST_WAIT,
     WAIT_MARGIN,
     ConcurrencyLimiter,
     Permit,
@@ -100,12 +101,13 @@ class LoadSheddingMiddleware:
         max_queue: How many requests may wait (0: none). Default: as many as the limit,
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
-            seconds (default: half of ``codel_interval``, 50 ms, as scaled, and the whole
-            interval for a class while lower classes arrive too); once a standing queue
-            has formed, a request waits no longer than ``codel_target``.
+            seconds (default: 80% of ``codel_interval``, 80 ms, as scaled; half of it
+            within ten intervals of a standing queue; the whole interval for a class while
+            lower classes arrive too); once a standing queue has formed, a request waits no
+            longer than ``codel_target``.
         codel_target: The wait allowed once a standing queue has formed (5 ms).
         codel_interval: How long the queue must stay non-empty to be standing (100 ms);
-            half of it is the wait allowed before. Both scale up for slow applications.
+            the wait allowed before is a share of it. Both scale up for slow applications.
         priority: Rules mapping paths or route-like templates (``"/batch/{rest:path}"``)
             to a class, or a callable of the scope returning a class name (or ``None``).
             Classes, highest first: ``critical-plus``, ``critical``, ``sheddable-plus``,
@@ -235,6 +237,7 @@ class LoadSheddingMiddleware:
             codel_interval=float(codel_interval),
             shares=shares,
             burst_share=BURST_WAIT,
+            recent_share=RECENT_BURST_WAIT,
             wait_margin=WAIT_MARGIN,
             # The default clock's own ``time.monotonic``: one call less per reading, and
             # the limiter reads it twice a request.

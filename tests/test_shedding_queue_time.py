@@ -5,7 +5,8 @@ less a margin (`WAIT_MARGIN`, 80%: the time a place takes varies), cannot reach 
 at arrival, not after waiting for nothing: on a slow worker, a
 burst queue of 32 took more than its 100 ms wait (then the whole interval) to serve, and its
 last waiters were refused after 100 ms (measured: rejection p99 108 ms at 2x capacity). A
-burst's waiters now wait at most half the interval.
+burst's waiters now wait at most 80% of the interval in the middleware, and half of it
+within ten intervals of a standing queue (these tests use the half).
 
 The decisions read a manual clock, but a waiter's wait runs in real time: these tests run
 at twenty times the scale they first had (requests of 200 ms instead of 10, a 2 s interval
@@ -24,21 +25,30 @@ from starlette.responses import PlainTextResponse
 
 from asgi_guard import LoadSheddingMiddleware
 from asgi_guard._algorithms import Fixed
-from asgi_guard._shedding import BURST_WAIT, WAIT_MARGIN, ConcurrencyLimiter, Permit, Refusal
+from asgi_guard._shedding import (
+    BURST_WAIT,
+    RECENT_BURST_WAIT,
+    STANDING_MEMORY,
+    WAIT_MARGIN,
+    ConcurrencyLimiter,
+    Permit,
+    Refusal,
+)
 
 pytestmark = pytest.mark.anyio
 
 
 def slow_worker(now: list[float]) -> ConcurrencyLimiter:
     """Limit 2, requests of 200 ms: a place frees every 100 ms, 8 within 80% of a burst's
-    1 s wait (half the 2 s interval)."""
+    1 s wait (half the 2 s interval, as the middleware has it after a standing queue)."""
     limiter = ConcurrencyLimiter(
         Fixed(2),
         max_queue=32,
         codel_interval=2.0,
         codel_target=0.1,
-        burst_share=BURST_WAIT,  # as the middleware has them
-        wait_margin=WAIT_MARGIN,
+        burst_share=RECENT_BURST_WAIT,
+        recent_share=RECENT_BURST_WAIT,
+        wait_margin=WAIT_MARGIN,  # as the middleware has it
         clock=lambda: now[0],
     )
     limiter.rtt = 0.2
@@ -172,21 +182,29 @@ async def test_the_time_a_place_takes_to_free_is_measured_while_requests_wait() 
     assert limiter.counts["queued"] == 2 + 4
 
 
-async def test_a_bursts_waiter_waits_half_the_interval_in_the_middleware() -> None:
+async def test_a_bursts_waiter_waits_most_of_the_interval_and_half_after_a_standing_queue() -> None:
     """CoDel's burst wait is a whole interval (the limiter's default, which the bulkhead
-    keeps); the middleware's is half of it (a whole one kept admitted requests past a
-    100 ms objective at 4x capacity, measured), scaled as the interval is, and
-    ``queue_timeout`` still sets it."""
+    keeps). The middleware's is 80% of it (at 1x capacity half of it refused requests
+    that a queue of the unguarded app served in time, measured), and half of it within
+    ten intervals of a standing queue (the standing state ends for a moment now and then
+    under overload, and the burst after it must not keep its waiters long); scaled as the
+    interval is, and ``queue_timeout`` still sets it."""
     limiter = LoadSheddingMiddleware(PlainTextResponse("ok"), limit=1, codel_interval=1.0).limiter
-    assert limiter.burst_share == BURST_WAIT == 0.5
+    assert (limiter.burst_share, limiter.recent_share) == (BURST_WAIT, RECENT_BURST_WAIT)
+    assert (BURST_WAIT, RECENT_BURST_WAIT, STANDING_MEMORY) == (0.8, 0.5, 10)
     held = limiter.try_acquire(1)
     assert held is not None
     started = anyio.current_time()
     assert await limiter.acquire(1) == "queue_timeout"
     waited = anyio.current_time() - started
     # Timers never fire early: a whole interval would be 1 s or more.
-    assert 0.45 <= waited < 1.0, f"waited {waited:.3f} s: half of the 1 s interval is 0.5 s"
+    assert 0.78 <= waited < 1.0, f"waited {waited:.3f} s: 80% of the 1 s interval is 0.8 s"
+
+    limiter._stood_at = 10.0  # an arrival found the queue standing then
+    assert limiter._max_wait(False, 10.0 + 10 * 1.0) == pytest.approx(0.5)  # 10 intervals
+    assert limiter._max_wait(False, 10.0 + 10 * 1.0 + 0.01) == pytest.approx(0.8)
     limiter.rtt, limiter.counts["sampled"] = 1.0, 1  # slow requests: the interval is 2 s
-    assert limiter._max_wait(False) == pytest.approx(1.0)
-    assert ConcurrencyLimiter(Fixed(1))._max_wait(False) == pytest.approx(0.1)
-    assert ConcurrencyLimiter(Fixed(1), queue_timeout=0.3)._max_wait(False) == 0.3
+    assert limiter._max_wait(False, 10.0) == pytest.approx(1.0)
+    assert limiter._max_wait(False, 100.0) == pytest.approx(1.6)
+    assert ConcurrencyLimiter(Fixed(1))._max_wait(False, 0.0) == pytest.approx(0.1)
+    assert ConcurrencyLimiter(Fixed(1), queue_timeout=0.3)._max_wait(False, 0.0) == 0.3

@@ -29,16 +29,21 @@ async def until(check: Callable[[], bool]) -> None:
 
 
 def limiter_at(
-    now: list[float], limit: int, codel_target: float = 0.01, burst_share: float = 1.0
+    now: list[float],
+    limit: int,
+    codel_target: float = 0.01,
+    burst_share: float = 1.0,
+    recent_share: float | None = None,
 ) -> ConcurrencyLimiter:
     """A limiter on the fake clock ``now``: a 1 s interval, and a burst's waiter may wait
-    ``burst_share`` of it."""
+    ``burst_share`` of it (``recent_share`` after a standing queue)."""
     return ConcurrencyLimiter(
         Fixed(limit),
         max_queue=8,
         codel_target=codel_target,
         codel_interval=1.0,
         burst_share=burst_share,
+        recent_share=recent_share,
         clock=lambda: now[0],
     )
 
@@ -435,3 +440,21 @@ async def test_a_pause_of_the_loop_after_refusals_does_not_end_the_standing_stat
     assert limiter.try_acquire(1) is not None
     assert not limiter.standing(now[0])
     assert limiter.queue_capacity(now[0]) == 8
+
+
+async def test_after_a_standing_queue_a_burst_waits_less_for_ten_intervals() -> None:
+    """Under overload the standing state ends for a moment now and then (room for a while,
+    by chance), and the burst that follows would let its waiters wait the long wait: for
+    ten intervals after an arrival found the queue standing, a burst's waiter may wait only
+    ``recent_share`` of the interval, then ``burst_share`` again."""
+    now = [0.0]
+    limiter = limiter_at(now, 3, burst_share=0.8, recent_share=0.5)
+    permits = hold(limiter, 3)
+    assert limiter._max_wait(False, now[0]) == pytest.approx(0.8)  # no standing queue yet
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.stand_and_refuse(group, permits)  # an arrival finds it standing at 2 s
+    assert limiter._max_wait(False, now[0]) == pytest.approx(0.5)
+    assert limiter._max_wait(False, now[0] + 10.0) == pytest.approx(0.5)
+    assert limiter._max_wait(False, now[0] + 10.01) == pytest.approx(0.8)
+    assert limiter._max_wait(True, now[0]) == pytest.approx(0.01)  # the cut: the target

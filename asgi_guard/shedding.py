@@ -102,7 +102,7 @@ class LoadSheddingMiddleware:
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
             seconds (default: 80% of ``codel_interval``, 80 ms, as scaled; half of it
-            within ten intervals of a standing queue; the whole interval for a class while
+            within ten intervals of a standing queue; two intervals for a class while
             lower classes arrive too); once a standing queue has formed, a request waits no
             longer than ``codel_target``.
         codel_target: The wait allowed once a standing queue has formed (5 ms).

@@ -28,6 +28,7 @@ from asgi_guard._algorithms import Fixed
 from asgi_guard._shedding import (
     BURST_WAIT,
     RECENT_BURST_WAIT,
+    SPARED_WAIT,
     STANDING_MEMORY,
     WAIT_MARGIN,
     ConcurrencyLimiter,
@@ -108,19 +109,21 @@ async def test_a_newcomer_beyond_what_a_bursts_wait_serves_is_refused_at_arrival
     assert limiter.counts["queue_full"] == 1
 
 
-async def test_a_class_spared_by_lower_ones_may_wait_the_whole_interval() -> None:
+async def test_a_class_spared_by_lower_ones_may_wait_two_intervals() -> None:
     """With a lower class arriving too, the lower class takes CoDel's cuts and the higher
-    one is the one to keep: its newcomers may wait the whole 2 s interval (CoDel's own
-    burst wait), not the middleware's half, so 16 places of 0.1 s fill 80% of it. Alone,
-    the same class gets half (8 places: the test above)."""
+    one is the one to keep: its newcomers may wait two 2 s intervals (`SPARED_WAIT`), not
+    a burst's 1 s, so 32 places of 0.1 s fill 80% of it. Alone, the same class gets a
+    burst's wait (8 places: the test above)."""
     now = [0.0]
     limiter = slow_worker(now)
+    limiter.max_queue = 64  # the wait, not the queue's length, is what refuses here
     assert limiter.try_acquire(1)
     assert limiter.try_acquire(1)
     limiter._arrivals[3] = now[0]  # a sheddable request came: class 1 (critical) is spared
-    outcomes = await queue_up(limiter, 17)
-    assert outcomes == ["queue_full"], "only the 17th, at once; 16 places free within 1.6 s"
-    assert limiter.counts["queued"] == 16
+    outcomes = await queue_up(limiter, 33)
+    assert outcomes == ["queue_full"], "only the 33rd, at once; 32 places free within 3.2 s"
+    assert limiter.counts["queued"] == 32
+    assert SPARED_WAIT == 2.0
 
 
 async def test_lower_classes_in_the_queue_do_not_count_against_a_higher_one() -> None:

@@ -4,21 +4,21 @@
 limit comes from a `LimitAlgorithm`); otherwise the request waits in a bounded queue, one
 queue per priority class, the highest class served first. The queue is managed after
 Facebook's CoDel variant: while it has been empty within the last ``interval``, a waiter may
-wait up to ``interval`` (half of it in the middleware: a burst is absorbed) and is served
-first in, first out; once a standing queue has formed (not empty for a whole interval, its
-first-in-first-out waits above the target and above half a burst's wait), a waiter may wait
-only ``target``, the newest is
-served first (adaptive LIFO: the oldest have the least time left and are likely given up on
-by their clients), and the queue keeps one waiter: enough to fill the next place that frees,
-while newcomers are refused at once, when a refusal is fastest. (Pushing its oldest out for
-a newcomer refused it only when the next request arrived, and then a loop iteration later:
-measured, refusals took 6-7 ms at p99 where refusing at arrival took 4-5 ms.) Those that
-queued during the burst before it keep the wait they were allowed and go first. A standing
-queue that empties stays standing until more than twice the limit have been admitted without
-waiting (see `standing`). When lower classes arrive too (within the last interval), a class
-above them is spared those cuts: it keeps the whole queue, first in, first out, and a whole
-interval's wait (CoDel's burst wait, twice the middleware's), and the lower classes take the
-cuts, being served after it and pushed out for it.
+wait up to ``interval`` (in the middleware 80% of it, and half of it within ten intervals of
+a standing queue: a burst is absorbed) and is served first in, first out; once a standing
+queue has formed (not empty for a whole interval, its first-in-first-out waits above the
+target and above half the burst wait allowed after a standing queue), a waiter may wait only
+``target``, the newest is served first (adaptive LIFO: the oldest have the least time left
+and are likely given up on by their clients), and the queue keeps one waiter: enough to fill
+the next place that frees, while newcomers are refused at once, when a refusal is fastest.
+(Pushing its oldest out for a newcomer refused it only when the next request arrived, and
+then a loop iteration later: measured, refusals took 6-7 ms at p99 where refusing at arrival
+took 4-5 ms.) Those that queued during the burst before it keep the wait they were allowed
+and go first. A standing queue that empties stays standing until more than twice the limit
+have been admitted without waiting (see `standing`). When lower classes arrive too (within
+the last interval), a class above them is spared those cuts: it keeps the whole queue, first
+in, first out, and may wait `SPARED_WAIT` intervals, and the lower classes take the cuts,
+being served after it and pushed out for it.
 A request whose deadline cannot be met is refused at once. Lower classes are shed first: a
 full queue makes room for a higher class by pushing out the lowest class's oldest waiter. A
 class may be guaranteed a share of the limit: below its share it is admitted even when the
@@ -59,14 +59,15 @@ MIN_QUEUE = 32
 
 #: The share of the interval a burst's waiter may wait in `LoadSheddingMiddleware` (unless
 #: ``queue_timeout`` says otherwise); CoDel's own, the limiter's default, is the whole one.
-#: Within `STANDING_MEMORY` intervals of a standing queue, `RECENT_BURST_WAIT` of it.
-#: (A worker near its capacity queues for tens of milliseconds by chance: with half the
+#: Within `STANDING_MEMORY` intervals of a standing queue, `RECENT_BURST_WAIT` of it. (A
+#: worker near its capacity queues for tens of milliseconds by chance: with half the
 #: interval, 50 ms, at all times, the guard refused 0.2-4.6% of the requests at 1x capacity
-#: on a real server, mostly for a queue longer than that wait serves, where the unguarded
-#: app served every one within 100 ms. Under overload the standing state ends
-#: for a moment now and then, and each burst after it would have its waiters wait the
-#: long wait: the short one keeps their latency down. Measured in `bench/overload.py` and
-#: `bench/shedding_sim.py`.)
+#: in five runs on a real server, in the two traced mostly for a queue longer than that wait
+#: serves, where the unguarded app served every one within 100 ms; with 80% the step down to
+#: 1x was met in 4 of 5 alternating runs, in none of two with half. Under overload the
+#: standing state ends for a moment now and then, and each burst after it would have its
+#: waiters wait the long wait: the short one keeps their latency down. Measured in
+#: `bench/overload.py` and `bench/shedding_sim.py`.)
 BURST_WAIT = 0.8
 RECENT_BURST_WAIT = 0.5
 
@@ -203,16 +204,19 @@ class ConcurrencyLimiter:
             as the current limit, and at least `MIN_QUEUE` (a small limit, as a CPU-bound
             worker has, still absorbs the bursts of random arrivals).
         queue_timeout: The longest a request waits while the queue absorbs a burst
-            (default: ``burst_share`` of ``codel_interval``, as scaled); once a standing
-            queue has formed, no more than ``codel_target`` (or this, if shorter).
+            (default: ``burst_share`` of ``codel_interval``, as scaled, ``recent_share``
+            of it within `STANDING_MEMORY` intervals of a standing queue, and
+            `SPARED_WAIT` intervals for a class that lower classes spare); once a
+            standing queue has formed, no more than ``codel_target`` (or this, if
+            shorter).
         codel_target: The wait allowed once a standing queue has formed.
         codel_interval: How long the queue must stay non-empty to count as standing; the
-            wait allowed before that is ``burst_share`` of it. Both scale up for slow
-            applications: the target to a quarter, the interval to twice, the typical time
-            requests take; at a small limit the target is at least the time three places
-            take to free (``3 * rtt / limit``: a CPU-bound worker at limit 3 frees a place
-            only every few milliseconds); and the interval is never shorter than
-            ``queue_timeout``.
+            wait allowed before that is a share of it (see ``queue_timeout``). Both scale up
+            for slow applications: the target to a quarter, the interval to twice, the
+            typical time requests take; at a small limit the target is at least the time
+            three places take to free (``3 * rtt / limit``: a CPU-bound worker at limit 3
+            frees a place only every few milliseconds); and the interval is never shorter
+            than ``queue_timeout``.
         shares: Guaranteed shares of the limit, by class index, as fractions.
         burst_share: The share of the interval a burst's waiter may wait without a
             ``queue_timeout``: 1 (CoDel's) by default, `BURST_WAIT` in the middleware.
@@ -268,7 +272,9 @@ class ConcurrencyLimiter:
         #: admitted then.
         self._calm_since = _NEVER
         self._calm_admitted = 0
-        #: When an arrival last found a standing queue (see `_max_wait`).
+        #: When an arrival last found a standing queue (see `_max_wait`). Set in `wait`
+        #: only: a refusal by a trigger (loop lag, memory) never gets there, and one
+        #: standing moment near capacity is enough to shorten bursts for a while.
         self._stood_at = _NEVER
         #: Seconds between two places freeing while requests wait (smoothed), when the
         #: last request ended, and when the queue last began to fill.
@@ -308,7 +314,7 @@ class ConcurrencyLimiter:
         after tens of milliseconds, several times a second at 2x capacity: measured.) A
         request admitted at once with a place still free after it ends it too, when a
         request admitted with a place to spare since the last refusal at arrival (and
-        since the queue emptied) was admitted more than half the interval (see `_calm`)
+        since the queue emptied) was admitted more than half the interval (`_calm_time`)
         and at least a limit's worth of admissions before: the worker has room. (Without
         that, at 0.8x capacity and a limit of 3, one waiter at a time kept refilling the
         queue and the standing state held for up to 400 ms, refusing newcomers all along:
@@ -332,7 +338,7 @@ class ConcurrencyLimiter:
         self._emptied_at = now
         self._admitted_at_empty = self.counts["admitted"]
 
-    def _calm(self) -> float:
+    def _calm_time(self) -> float:
         """How long room to spare must last to end a standing state: the target, and at
         least half the interval. (Random arrivals leave gaps: at 4x capacity, 4-5 arrivals
         in 8-10 ms, with room all along, ended it twice in 7 s, and each end began a
@@ -357,13 +363,14 @@ class ConcurrencyLimiter:
     def _drained(self) -> float:
         """A waiter served first in, first out within this wait shows a queue that drains:
         the target, and at least half the wait a burst is allowed after a standing queue
-        (`_burst_wait`; in the middleware, 25 ms). (CoDel's standing queue
+        (`_burst_wait`: in the middleware 25 ms, in a bulkhead 50 ms, or half the
+        ``queue_timeout`` when one is set). (CoDel's standing queue
         is one whose waits stay above the target for an interval. A worker near its
         capacity has such queues by chance: at 1x capacity, on a worker slower than its
         calibration, an interval of waits above the target came several times a second,
         the queue was cut to one waiter, and 1.9% of requests were refused where the
         unguarded app served every one within 100 ms. With half the burst wait (and
-        `_calm`), 0.5%, medians of 10 seeds in `bench/shedding_sim.py`; at 2x and 4x the
+        `_calm_time`), 0.5%, medians of 10 seeds in `bench/shedding_sim.py`; at 2x and 4x the
         waits stay near the whole burst wait and the queue still counts as standing.)"""
         return max(self._target(), 0.5 * self._burst_wait(recent=True))
 
@@ -398,7 +405,7 @@ class ConcurrencyLimiter:
             elif self._emptied_at != _NEVER and inflight + 2 <= limit:
                 # Admitted with a place to spare and nobody waiting, as was the first
                 # request so admitted since the last refusal at arrival (or since a standing
-                # queue emptied), more than half the interval (`_calm`) and at least a
+                # queue emptied), more than half the interval (`_calm_time`) and at least a
                 # limit's worth of admissions ago: the worker keeps up, and a standing queue
                 # that emptied is over (see `_still_standing`). Under overload places come
                 # free for a moment too (completions in one loop iteration, a lull in
@@ -412,7 +419,7 @@ class ConcurrencyLimiter:
                     self._calm_since = now
                     self._calm_admitted = self.counts["admitted"]
                 elif (
-                    now - self._calm_since > self._calm()
+                    now - self._calm_since > self._calm_time()
                     and self.counts["admitted"] - self._calm_admitted >= limit
                 ):
                     self._emptied_at = _NEVER
@@ -570,6 +577,7 @@ class ConcurrencyLimiter:
         limit = self.algorithm.limit
         now = self._clock()
         lifo = self.standing(now)
+        drained = 0.0 if lifo else self._drained()
         for index, queue in enumerate(self._queues):
             share = self._shares[index] * limit  # below it, a class is admitted at the limit
             newest_first = lifo and not self._spared(index, now)
@@ -579,7 +587,7 @@ class ConcurrencyLimiter:
                     continue
                 waiter = queue.popleft()
                 self._hand_over(waiter)
-                if not lifo and now - waiter.enqueued < self._drained():
+                if not lifo and now - waiter.enqueued < drained:
                     # Served first in, first out soon enough: the queue drains as it
                     # should, it is not standing (see `_drained`).
                     self._empty_since_or_at = now

@@ -101,10 +101,10 @@ class LoadSheddingMiddleware:
         max_queue: How many requests may wait (0: none). Default: as many as the limit,
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
-            seconds (default: 80% of ``codel_interval``, 80 ms, as scaled; half of it
-            within ten intervals of a standing queue; two intervals for a class while
-            lower classes arrive too); once a standing queue has formed, a request waits no
-            longer than ``codel_target``.
+            seconds (default: 80% of ``codel_interval``, 80 ms, as scaled; half the
+            interval, 50 ms, within ten intervals of a standing queue; two intervals for a
+            class while lower classes arrive too); once a standing queue has formed, a
+            request waits no longer than ``codel_target``.
         codel_target: The wait allowed once a standing queue has formed (5 ms).
         codel_interval: How long the queue must stay non-empty to be standing (100 ms);
             the wait allowed before is a share of it. Both scale up for slow applications.

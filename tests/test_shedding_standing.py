@@ -14,7 +14,9 @@ from functools import partial
 
 import anyio
 import pytest
+from starlette.responses import PlainTextResponse
 
+from asgi_guard import LoadSheddingMiddleware
 from asgi_guard._algorithms import Fixed
 from asgi_guard._shedding import ConcurrencyLimiter, Permit, Refusal
 
@@ -215,10 +217,11 @@ async def test_waits_above_the_target_within_half_a_bursts_wait_are_no_standing_
     here) for an interval by chance. Cut to one waiter then, the queue refused requests
     the worker would have served in time (at 1x capacity, on a worker slower than its
     calibration: 1.9% of them, in `bench/shedding_sim.py`). A waiter served first in,
-    first out within half the wait a burst is allowed (0.5 s here, so 0.25 s) shows a
-    queue that drains; one served later starts the interval that makes it standing."""
+    first out within half the wait a burst is allowed after a standing queue (0.5 s here,
+    so 0.25 s; not half the 0.8 s a burst waits otherwise) shows a queue that drains; one
+    served later starts the interval that makes it standing."""
     now = [0.0]
-    limiter = limiter_at(now, 1, burst_share=0.5)
+    limiter = limiter_at(now, 1, burst_share=0.8, recent_share=0.5)
     (permit,) = hold(limiter, 1)
     waiters = Waiters(limiter, now)
     outcomes = waiters.outcomes
@@ -247,9 +250,10 @@ async def test_at_a_small_limit_the_target_is_three_places_freeing(
     capacity on a CPU-bound worker at limit 3-4, where a 12 ms request frees a place every
     3-4 ms: waiting for two of them already passed the 5 ms default, and the queue stood.)"""
     now = [0.0]
-    # A burst waits 10 ms at most here, so the target, not half that wait, is what a
-    # waiter must be served within for the queue to drain (see `_drained`).
-    limiter = limiter_at(now, limit, burst_share=0.01)
+    # A burst waits 10 ms at most after a standing queue here, so the target, not half
+    # that wait, is what a waiter must be served within for the queue to drain (see
+    # `_drained`); these waiters, with no standing queue yet, may wait the whole 1 s.
+    limiter = limiter_at(now, limit, burst_share=1.0, recent_share=0.01)
     permits = hold(limiter, limit)
     limiter.rtt = 0.01
     limiter.counts["sampled"] = 1
@@ -458,3 +462,24 @@ async def test_after_a_standing_queue_a_burst_waits_less_for_ten_intervals() -> 
     assert limiter._max_wait(False, now[0] + 10.0) == pytest.approx(0.5)
     assert limiter._max_wait(False, now[0] + 10.01) == pytest.approx(0.8)
     assert limiter._max_wait(True, now[0]) == pytest.approx(0.01)  # the cut: the target
+
+
+def test_the_drain_threshold_by_configuration() -> None:
+    """Half the burst wait allowed after a standing queue, or the target if longer: 25 ms
+    in the middleware, 50 ms in a bulkhead's limiter (a whole interval's burst wait), half
+    of ``queue_timeout`` when one is set."""
+    app = PlainTextResponse("ok")
+    assert LoadSheddingMiddleware(app).limiter._drained() == pytest.approx(0.025)
+    assert ConcurrencyLimiter(Fixed(2))._drained() == pytest.approx(0.05)
+    assert ConcurrencyLimiter(Fixed(2), queue_timeout=0.4)._drained() == pytest.approx(0.2)
+    assert ConcurrencyLimiter(Fixed(2), codel_target=0.08)._drained() == pytest.approx(0.08)
+    limiter = ConcurrencyLimiter(Fixed(20))  # (at limit 2 the target would be 0.3 s)
+    limiter.rtt, limiter.counts["sampled"] = 0.2, 1  # slow requests: a 0.4 s interval
+    assert limiter._drained() == pytest.approx(0.2)
+
+
+def test_room_must_last_half_an_interval_or_the_target() -> None:
+    """How long room to spare must last to end a standing state: half the interval, or
+    the target when that is longer."""
+    assert ConcurrencyLimiter(Fixed(2))._calm_time() == pytest.approx(0.05)
+    assert ConcurrencyLimiter(Fixed(2), codel_target=0.08)._calm_time() == pytest.approx(0.08)

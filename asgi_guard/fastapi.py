@@ -346,8 +346,8 @@ def bulkhead(
     Args:
         max_concurrency: Requests served at once.
         max_queue: Requests that may wait for a place (0: none wait).
-        queue_timeout: The longest a request waits (default: 100 ms, less once a queue
-            stands).
+        queue_timeout: The longest a request waits (default: 100 ms; 200 ms for a class
+            while lower classes arrive too; less once a queue stands).
 
     Raises:
         ConfigurationError: A limit below 1, a negative queue, a queue timeout without a

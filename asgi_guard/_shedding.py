@@ -361,17 +361,17 @@ class ConcurrencyLimiter:
         return max(self.codel_interval, 2.0 * self.rtt, allowed)
 
     def _drained(self) -> float:
-        """A waiter served first in, first out within this wait shows a queue that drains:
-        the target, and at least half the wait a burst is allowed after a standing queue
+        """A waiter served first in, first out within this wait shows a queue that drains: the
+        target, and at least half the wait a burst is allowed after a standing queue
         (`_burst_wait`: in the middleware 25 ms, in a bulkhead 50 ms, or half the
-        ``queue_timeout`` when one is set). (CoDel's standing queue
-        is one whose waits stay above the target for an interval. A worker near its
-        capacity has such queues by chance: at 1x capacity, on a worker slower than its
-        calibration, an interval of waits above the target came several times a second,
-        the queue was cut to one waiter, and 1.9% of requests were refused where the
-        unguarded app served every one within 100 ms. With half the burst wait (and
-        `_calm_time`), 0.5%, medians of 10 seeds in `bench/shedding_sim.py`; at 2x and 4x the
-        waits stay near the whole burst wait and the queue still counts as standing.)"""
+        ``queue_timeout`` when one is set). (CoDel's standing queue is one whose waits stay
+        above the target for an interval. A worker near its capacity has such queues by
+        chance: at 1x capacity, on a worker slower than its calibration, an interval of
+        waits above the target came several times a second, the queue was cut to one waiter,
+        and 1.9% of requests were refused where the unguarded app served every one within
+        100 ms. With half the burst wait (and `_calm_time`), 0.5%, medians of 10 seeds in
+        `bench/shedding_sim.py`; at 2x and 4x the waits stay near the whole burst wait and
+        the queue still counts as standing.)"""
         return max(self._target(), 0.5 * self._burst_wait(recent=True))
 
     def _target(self) -> float:

@@ -466,11 +466,12 @@ class ConcurrencyLimiter:
             self.counts["queue_full"] += 1
             self._calm_since = _UNCALM
             return "queue_full"  # nobody of a lower class to push out
-        wait = self._max_wait(cut, now)
         if not cut and self.queue_timeout is None and (standing or self._spared(priority, now)):
             # Lower classes take the cuts, and this class is the one to keep: it may wait
             # `SPARED_WAIT` intervals, not a burst's wait.
             wait = SPARED_WAIT * self._interval()
+        else:
+            wait = self._max_wait(cut, now)
         why: Refusal = "queue_full"
         if deadline is not None:
             # It must start early enough to finish: leave it the typical time requests take.

@@ -36,6 +36,13 @@ load shedding:
 * ``shed_priority``: ``limit=None``; the class from the ``X-Priority`` header, trusted from
   every client (the benchmark is the gateway), ``sheddable`` without one.
 
+``shed_toggled``, for ``shedding_toggle.py``: one process serving the app behind a switch
+(``_toggle.Switched``, counting ``GET /light``) between four modes, each a FastAPI app of
+its own: ``none`` (unguarded), ``pass`` (behind `PassThrough`), ``fixed``
+(``limit=SHED_FIXED_LIMIT`` or 8) and ``default`` (``limit=None``). Switching away from a
+guarded mode cancels its middleware's ticker (the next request in that mode starts it
+again), so that no mode's ticker runs in another mode's windows.
+
 Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds),
 ``SHED_MAX_LOOP_LAG`` (seconds) and ``SHED_PACE`` (``0``: ``pace=False``) when set;
 otherwise the middleware's defaults. With
@@ -49,11 +56,13 @@ refusals (the client's refusal latency adds the wait for the event loop before t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -61,7 +70,11 @@ from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from _toggle import Switched
+
     from asgi_guard import LoadSheddingMiddleware
+else:  # uvicorn imports this module as bench.<name>
+    from ._toggle import Switched
 
 #: CPU seconds one ``GET /work`` spends in its loop, and its await.
 WORK_CPU = 0.002
@@ -302,7 +315,63 @@ def _behind(middleware: type[PassThrough] | type[RefuseAll]) -> FastAPI:
     return app
 
 
-_GUARDED = {
+def _guard_of(app: ASGIApp) -> LoadSheddingMiddleware | None:
+    """The `LoadSheddingMiddleware` in ``app``'s middleware stack, once it is built."""
+    from asgi_guard import LoadSheddingMiddleware
+
+    node: Any = getattr(app, "middleware_stack", None)
+    while node is not None and not isinstance(node, LoadSheddingMiddleware):
+        node = getattr(node, "app", None)
+    return node
+
+
+_REFUSALS = ("queue_full", "queue_timeout", "pushed_out", "deadline", "trigger")
+
+
+class ShedSwitched(Switched):
+    """`Switched` whose guarded modes stop ticking when switched away from; its answers
+    say what each guard counted (``refused``: all its refusals so far, every mode)."""
+
+    def on_leave(self, app: ASGIApp) -> None:
+        guard = _guard_of(app)
+        ticker = getattr(guard, "_ticker", None)
+        if isinstance(ticker, asyncio.Task) and not ticker.done():
+            ticker.cancel()  # its ``finally`` unbinds the guard: the next request restarts it
+
+    def extra(self) -> dict[str, Any]:
+        refused = admitted = 0
+        for app in self.modes.values():
+            guard = _guard_of(app)
+            if guard is not None:
+                counts = guard.limiter.counts
+                admitted += counts["admitted"]
+                refused += sum(counts[why] for why in _REFUSALS)
+        tickers = sum(1 for task in asyncio.all_tasks() if "tick_until" in repr(task.get_coro()))
+        return {"admitted": admitted, "refused": refused, "tickers": tickers}
+
+
+def _toggled() -> ShedSwitched:
+    def behind(middleware: Any, **options: Any) -> FastAPI:
+        app = build_app()
+        app.add_middleware(middleware, **options)
+        return app
+
+    from asgi_guard import LoadSheddingMiddleware
+
+    fixed = int(os.environ.get("SHED_FIXED_LIMIT") or 8)
+    return ShedSwitched(
+        {
+            "none": build_app(),
+            "pass": behind(PassThrough),
+            "fixed": behind(LoadSheddingMiddleware, limit=fixed),
+            "default": behind(LoadSheddingMiddleware, limit=None),
+        },
+        "none",
+        counted="/light",
+    )
+
+
+_GUARDED: dict[str, Callable[[], ASGIApp]] = {
     "pass_through": lambda: _behind(PassThrough),
     "refuse_all": lambda: _behind(RefuseAll),
     "shed_default": lambda: build_guarded(limit=None),
@@ -313,10 +382,11 @@ _GUARDED = {
     "shed_gradient2": lambda: build_guarded(limit=_algorithm("Gradient2")),
     "shed_adaptive": lambda: build_guarded(limit=_algorithm("Adaptive")),
     "shed_priority": _shed_priority,
+    "shed_toggled": _toggled,
 }
 
 
-def __getattr__(name: str) -> FastAPI:
+def __getattr__(name: str) -> ASGIApp:
     """Build a guarded variant on first use (uvicorn's ``getattr`` of the module)."""
     if name not in _GUARDED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

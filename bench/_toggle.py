@@ -35,11 +35,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 class Switched:
     """Serves each request with the app of the current mode; ``GET /_mode?to=<mode>``
     switches (``on_leave`` and ``on_enter`` run then, between the two readings), and
-    ``GET /`` requests are counted. Lifespan is answered here: none of the apps has any."""
+    requests for ``counted`` (``GET /`` unless told) are counted. Lifespan is answered
+    here: none of the apps has any."""
 
-    def __init__(self, modes: Mapping[str, ASGIApp], first: str) -> None:
+    def __init__(self, modes: Mapping[str, ASGIApp], first: str, counted: str = "/") -> None:
         self.modes = dict(modes)
         self.mode = first
+        self.counted = counted
         self.served = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,7 +50,7 @@ class Switched:
             if scope["path"] == "/_mode":
                 await self._switch(scope, send)
                 return
-            if scope["path"] == "/":
+            if scope["path"] == self.counted:
                 self.served += 1
         elif kind == "lifespan":
             await answer_lifespan(receive, send)

@@ -1,0 +1,83 @@
+"""The switch ``bench/shedding_toggle.py`` measures through (``bench/_overload_apps.py``'s
+``shed_toggled``): its figures mean something only if a guarded mode's ticker stops when
+the switch leaves it (else it would tick in the other mode's windows) and starts again
+with the mode's next request, and if only the counted route is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+
+@pytest.fixture(scope="module")
+def apps() -> Iterator[ModuleType]:
+    """``bench._overload_apps`` without its calibration; forgotten afterwards."""
+    before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT))
+        patch.setenv("OVERLOAD_WORK_ROUNDS", "10")
+        yield importlib.import_module("bench._overload_apps")
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+async def switch(client: httpx.AsyncClient, mode: str) -> dict[str, Any]:
+    response = await client.get(f"/_mode?to={mode}")
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def test_a_guarded_modes_ticker_runs_only_in_its_windows(apps: ModuleType) -> None:
+    toggled = apps.shed_toggled
+    transport = httpx.ASGITransport(app=toggled)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await switch(client, "default"))["tickers"] == 0
+        assert (await client.get("/light")).status_code == 200
+        assert (await switch(client, "default"))["tickers"] == 1
+
+        await switch(client, "none")  # cancels it; the task ends in a later iteration
+        await asyncio.sleep(0.01)
+        left = await switch(client, "none")
+        assert left["tickers"] == 0
+        assert left["admitted"] == 1
+        assert left["refused"] == 0
+        assert (await client.get("/light")).status_code == 200  # unguarded: not admitted
+        assert (await switch(client, "fixed"))["admitted"] == 1
+
+        # The fixed guard starts a ticker of its own; back in the default mode, the default
+        # guard starts one again with its next request, and the fixed one's is stopped.
+        assert (await client.get("/light")).status_code == 200
+        await switch(client, "default")
+        assert (await client.get("/light")).status_code == 200
+        await asyncio.sleep(0.01)
+        after = await switch(client, "default")
+        assert after["tickers"] == 1
+        assert after["admitted"] == 3
+        assert after["refused"] == 0
+        await switch(client, "none")
+        await asyncio.sleep(0.01)
+        assert (await switch(client, "none"))["tickers"] == 0
+
+
+async def test_only_the_counted_route_is_counted(apps: ModuleType) -> None:
+    toggled = apps.shed_toggled
+    transport = httpx.ASGITransport(app=toggled)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        start = (await switch(client, "pass"))["after"]["served"]
+        assert (await client.get("/light")).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await switch(client, "pass"))["before"]["served"] == start + 1
+        await switch(client, "none")

@@ -56,12 +56,13 @@ Scenarios, each variant in turn:
   its CPU loop) and 5 s of ``GET /work`` (``--overhead-rounds`` rounds, order rotated;
   with ``--overhead-side-by-side`` the servers of a round run at once, each under its own
   load, so that the machine's drift is the same for all: far steadier);
-  medians, and the overhead = median - median of ``none``. The middleware's ticker (50
-  wake-ups a second while requests come) counts in it. The target is checked on ``/light``:
+  medians, and the overhead = median - median of ``none``. The middleware's ticker counts
+  in it (at this load it naps a second at a time). The target is checked on ``/light``:
   on ``/work`` the 2.2 ms a request varies by a few percent from one process to the next
   (more than the 30 µs looked for, even with the same rounds and ``PYTHONHASHSEED=0`` in
   every server). Then, 1 s after the loads, the server's CPU over 4 s with no traffic at
-  all (ms per second): what an idle worker pays for the guard.
+  all (ms per second): what an idle worker pays for the guard. Server processes differ by
+  more than the target here; ``shedding_toggle.py`` measures the same inside one process.
 
 Per run: goodput (2xx within the SLO per second) and goodput/C, 2xx p50/p99, rejection (503)
 p50/p99 and the share answered within 5 ms, the rejected share, client timeouts by phase

@@ -209,19 +209,25 @@ async def test_a_queue_served_within_the_target_is_not_standing() -> None:
         group.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize(("served_after", "standing"), [(0.2, False), (0.3, True)])
+@pytest.mark.parametrize(
+    ("recent", "served_after", "standing"),
+    [(False, 0.35, False), (False, 0.45, True), (True, 0.2, False), (True, 0.3, True)],
+)
 async def test_waits_above_the_target_within_half_a_bursts_wait_are_no_standing_queue(
-    served_after: float, standing: bool
+    recent: bool, served_after: float, standing: bool
 ) -> None:
     """Near capacity, random arrivals keep a queue whose waits pass CoDel's target (10 ms
     here) for an interval by chance. Cut to one waiter then, the queue refused requests
     the worker would have served in time (at 1x capacity, on a worker slower than its
     calibration: 1.9% of them, in `bench/shedding_sim.py`). A waiter served first in,
-    first out within half the wait a burst is allowed after a standing queue (0.5 s here,
-    so 0.25 s; not half the 0.8 s a burst waits otherwise) shows a queue that drains; one
-    served later starts the interval that makes it standing."""
+    first out within half the wait a burst is allowed at the time shows a queue that
+    drains; one served later starts the interval that makes it standing. That wait is
+    0.8 s here, and 0.5 s within ten intervals of a standing queue (``recent``: an
+    arrival found one standing at 0 s): half is 0.4 s, or 0.25 s."""
     now = [0.0]
     limiter = limiter_at(now, 1, burst_share=0.8, recent_share=0.5)
+    if recent:
+        limiter._stood_at = 0.0
     (permit,) = hold(limiter, 1)
     waiters = Waiters(limiter, now)
     outcomes = waiters.outcomes
@@ -250,9 +256,10 @@ async def test_at_a_small_limit_the_target_is_three_places_freeing(
     capacity on a CPU-bound worker at limit 3-4, where a 12 ms request frees a place every
     3-4 ms: waiting for two of them already passed the 5 ms default, and the queue stood.)"""
     now = [0.0]
-    # A burst waits 10 ms at most after a standing queue here, so the target, not half
-    # that wait, is what a waiter must be served within for the queue to drain (see
-    # `_drained`); these waiters, with no standing queue yet, may wait the whole 1 s.
+    # These waiters, with no standing queue yet, may wait the whole 1 s. Then an arrival
+    # finds a standing queue (the memory of it is set by hand): a burst may wait 10 ms at
+    # most now, so the target, not half that wait, is what a waiter must be served within
+    # for the queue to drain (see `_drained`).
     limiter = limiter_at(now, limit, burst_share=1.0, recent_share=0.01)
     permits = hold(limiter, limit)
     limiter.rtt = 0.01
@@ -262,6 +269,7 @@ async def test_at_a_small_limit_the_target_is_three_places_freeing(
 
     async with anyio.create_task_group() as group:
         await waiters.queue(group, "a", "b")
+        limiter._stood_at = now[0]
         now[0] = served_after
         end(limiter, permits.pop(), now[0])  # "a" is served first in, first out
         await until(lambda: "a" in outcomes)
@@ -465,17 +473,26 @@ async def test_after_a_standing_queue_a_burst_waits_less_for_ten_intervals() -> 
 
 
 def test_the_drain_threshold_by_configuration() -> None:
-    """Half the burst wait allowed after a standing queue, or the target if longer: 25 ms
-    in the middleware, 50 ms in a bulkhead's limiter (a whole interval's burst wait), half
-    of ``queue_timeout`` when one is set."""
+    """Half the wait a burst is allowed at the time, or the target if longer: in the
+    middleware 40 ms, and 25 ms within ten intervals (1 s) of an arrival that found the
+    queue standing; in a bulkhead's limiter 50 ms (a whole interval's burst wait, at all
+    times); half of ``queue_timeout`` when one is set."""
     app = PlainTextResponse("ok")
-    assert LoadSheddingMiddleware(app).limiter._drained() == pytest.approx(0.025)
-    assert ConcurrencyLimiter(Fixed(2))._drained() == pytest.approx(0.05)
-    assert ConcurrencyLimiter(Fixed(2), queue_timeout=0.4)._drained() == pytest.approx(0.2)
-    assert ConcurrencyLimiter(Fixed(2), codel_target=0.08)._drained() == pytest.approx(0.08)
+    middleware = LoadSheddingMiddleware(app).limiter
+    assert middleware._drained(0.0) == pytest.approx(0.04)
+    middleware._stood_at = 0.0
+    assert middleware._drained(1.0) == pytest.approx(0.025)
+    assert middleware._drained(1.01) == pytest.approx(0.04)
+    bulkhead = ConcurrencyLimiter(Fixed(2))
+    assert bulkhead._drained(0.0) == pytest.approx(0.05)
+    bulkhead._stood_at = 0.0
+    assert bulkhead._drained(0.5) == pytest.approx(0.05)
+    timed = ConcurrencyLimiter(Fixed(2), queue_timeout=0.4)
+    assert timed._drained(0.0) == pytest.approx(0.2)
+    assert ConcurrencyLimiter(Fixed(2), codel_target=0.08)._drained(0.0) == pytest.approx(0.08)
     limiter = ConcurrencyLimiter(Fixed(20))  # (at limit 2 the target would be 0.3 s)
     limiter.rtt, limiter.counts["sampled"] = 0.2, 1  # slow requests: a 0.4 s interval
-    assert limiter._drained() == pytest.approx(0.2)
+    assert limiter._drained(0.0) == pytest.approx(0.2)
 
 
 def test_room_must_last_half_an_interval_or_the_target() -> None:

@@ -39,9 +39,9 @@ load shedding:
 ``shed_toggled``, for ``shedding_toggle.py``: one process serving the app behind a switch
 (``_toggle.Switched``, counting ``GET /light``) between four modes, each a FastAPI app of
 its own: ``none`` (unguarded), ``pass`` (behind `PassThrough`), ``fixed``
-(``limit=SHED_FIXED_LIMIT`` or 8) and ``default`` (``limit=None``). Switching away from a
-guarded mode cancels its middleware's ticker (the next request in that mode starts it
-again), so that no mode's ticker runs in another mode's windows.
+(``limit=SHED_FIXED_LIMIT`` or 8) and ``default`` (``limit=None``); the guarded modes take
+the ``SHED_*`` options below but ``SHED_TIMINGS``. A guarded mode's ticker runs only in its
+own windows (see `ShedSwitched`).
 
 Every ``shed_*`` also takes ``SHED_MAX_QUEUE``, ``SHED_QUEUE_TIMEOUT`` (seconds),
 ``SHED_MAX_LOOP_LAG`` (seconds) and ``SHED_PACE`` (``0``: ``pace=False``) when set;
@@ -62,7 +62,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -325,29 +325,54 @@ def _guard_of(app: ASGIApp) -> LoadSheddingMiddleware | None:
     return node
 
 
-_REFUSALS = ("queue_full", "queue_timeout", "pushed_out", "deadline", "trigger")
-
-
 class ShedSwitched(Switched):
-    """`Switched` whose guarded modes stop ticking when switched away from; its answers
-    say what each guard counted (``refused``: all its refusals so far, every mode)."""
+    """`Switched` between the app unguarded and behind guards whose tickers run only in
+    their own mode's windows: entering a guarded mode starts its guard's ticker (once the
+    mode's middleware stack is built, by its first request: the warm-up's), leaving it
+    cancels the ticker, and the next switch waits for that task to end; both happen
+    between a switch's two readings, outside every window. Lifespan never reaches the
+    apps (`Switched` answers it): a guard's lifespan would start a ticker of its own,
+    which the switch could not stop. Its answers add, summed over the guards, the
+    requests admitted and refused so far and how many tickers are running."""
+
+    def __init__(self, modes: Mapping[str, ASGIApp], first: str, *, counted: str) -> None:
+        super().__init__(modes, first, counted=counted)
+        self._stopping: list[asyncio.Task[Any]] = []
 
     def on_leave(self, app: ASGIApp) -> None:
+        ticker = _ticker_of(_guard_of(app))
+        if ticker is not None:
+            ticker.cancel()
+            self._stopping.append(ticker)
+
+    async def on_enter(self, app: ASGIApp) -> None:
+        if self._stopping:
+            await asyncio.wait(self._stopping)  # its ``finally`` unbinds the guard
+            self._stopping.clear()
         guard = _guard_of(app)
-        ticker = getattr(guard, "_ticker", None)
-        if isinstance(ticker, asyncio.Task) and not ticker.done():
-            ticker.cancel()  # its ``finally`` unbinds the guard: the next request restarts it
+        if guard is not None and _ticker_of(guard) is None:
+            guard._start(asyncio.get_running_loop())
 
     def extra(self) -> dict[str, Any]:
-        refused = admitted = 0
+        from typing import get_args
+
+        from asgi_guard._shedding import Refusal
+
+        refused = admitted = tickers = 0
         for app in self.modes.values():
             guard = _guard_of(app)
             if guard is not None:
                 counts = guard.limiter.counts
                 admitted += counts["admitted"]
-                refused += sum(counts[why] for why in _REFUSALS)
-        tickers = sum(1 for task in asyncio.all_tasks() if "tick_until" in repr(task.get_coro()))
+                refused += sum(counts[why] for why in get_args(Refusal))
+                tickers += _ticker_of(guard) is not None
         return {"admitted": admitted, "refused": refused, "tickers": tickers}
+
+
+def _ticker_of(guard: LoadSheddingMiddleware | None) -> asyncio.Task[Any] | None:
+    """``guard``'s ticker task, if it runs."""
+    ticker = getattr(guard, "_ticker", None)
+    return ticker if isinstance(ticker, asyncio.Task) and not ticker.done() else None
 
 
 def _toggled() -> ShedSwitched:
@@ -356,6 +381,8 @@ def _toggled() -> ShedSwitched:
         app.add_middleware(middleware, **options)
         return app
 
+    env = _env_options()
+
     from asgi_guard import LoadSheddingMiddleware
 
     fixed = int(os.environ.get("SHED_FIXED_LIMIT") or 8)
@@ -363,8 +390,8 @@ def _toggled() -> ShedSwitched:
         {
             "none": build_app(),
             "pass": behind(PassThrough),
-            "fixed": behind(LoadSheddingMiddleware, limit=fixed),
-            "default": behind(LoadSheddingMiddleware, limit=None),
+            "fixed": behind(LoadSheddingMiddleware, **{**env, "limit": fixed}),
+            "default": behind(LoadSheddingMiddleware, **{**env, "limit": None}),
         },
         "none",
         counted="/light",

@@ -7,7 +7,7 @@ between them on ``GET /_mode?to=<mode>``, answering what it had served and the p
 CPU time just before and just after the switch. ``windows`` drives it: while a load runs,
 it switches between two modes in pairs of short windows (A then B, B then A, alternating,
 so that the machine's drift cancels) and returns each window's figures. Used by
-``blocking_toggle.py`` and ``ratelimit_toggle.py``.
+``blocking_toggle.py``, ``ratelimit_toggle.py`` and ``shedding_toggle.py``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ class Switched:
     """Serves each request with the app of the current mode; ``GET /_mode?to=<mode>``
     switches (``on_leave`` and ``on_enter`` run then, between the two readings), and
     requests for ``counted`` (``GET /`` unless told) are counted. Lifespan is answered
-    here: none of the apps has any."""
+    here and never reaches the apps (a guard's lifespan would start tasks that run in
+    every mode's windows)."""
 
-    def __init__(self, modes: Mapping[str, ASGIApp], first: str, counted: str = "/") -> None:
+    def __init__(self, modes: Mapping[str, ASGIApp], first: str, *, counted: str = "/") -> None:
         self.modes = dict(modes)
         self.mode = first
         self.counted = counted
@@ -329,13 +330,16 @@ def add_arguments(
     modes: tuple[str, ...],
     versus: tuple[str, str],
     connections: int,
+    pairs: int = 240,
 ) -> None:
     """The options both one-process benchmarks take (``--versus``: two of ``modes``)."""
     parser.add_argument(
         "--versus", nargs=2, default=list(versus), choices=modes, metavar=("A", "B"),
         help=f"the two modes (default: {' '.join(versus)})",
     )  # fmt: skip
-    parser.add_argument("--pairs", type=int, default=240, help="pairs of windows (default 240)")
+    parser.add_argument(
+        "--pairs", type=int, default=pairs, help=f"pairs of windows (default {pairs})"
+    )
     parser.add_argument("--window", type=float, default=0.25, help="seconds per window")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("-c", "--connections", type=int, default=connections,

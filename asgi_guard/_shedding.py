@@ -272,9 +272,11 @@ class ConcurrencyLimiter:
         #: admitted then.
         self._calm_since = _NEVER
         self._calm_admitted = 0
-        #: When an arrival last found a standing queue (see `_max_wait`). Set in `wait`
-        #: only: a refusal by a trigger (loop lag, memory) never gets there, and one
-        #: standing moment near capacity is enough to shorten bursts for a while.
+        #: When an arrival last found a standing queue (see `_recent`). Set in `wait`
+        #: only: a refusal by a trigger (loop lag, memory) never gets there. For
+        #: `STANDING_MEMORY` intervals after, a burst's waiters get the shorter wait and
+        #: the drain threshold is the lower one (`_drained`): one standing moment near
+        #: capacity makes the next likelier for a while.
         self._stood_at = _NEVER
         #: Seconds between two places freeing while requests wait (smoothed), when the
         #: last request ended, and when the queue last began to fill.
@@ -374,8 +376,8 @@ class ConcurrencyLimiter:
         met in 9 of 10 seeds instead of 7, at 0.9 of the worker's capacity in 5 instead of
         2, medians of 10 seeds in `bench/shedding_sim.py`. Under overload, standing queues
         come often, the threshold stays at 25 ms and the queue still counts as standing:
-        with 40 ms at all times, admitted requests at 2x capacity waited longer, 83 ms at
-        p99 instead of 60.)"""
+        with 40 ms at all times, admitted requests at 2x capacity waited longer, 82-86 ms
+        at p99 instead of 58-62.)"""
         return max(self._target(), 0.5 * self._burst_wait(self._recent(now)))
 
     def _recent(self, now: float) -> bool:

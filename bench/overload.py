@@ -57,7 +57,8 @@ Scenarios, each variant in turn:
   with ``--overhead-side-by-side`` the servers of a round run at once, each under its own
   load, so that the machine's drift is the same for all: far steadier);
   medians, and the overhead = median - median of ``none``. The middleware's ticker counts
-  in it (at this load it naps a second at a time). The target is checked on ``/light``:
+  in it (on ``/light`` at this load it naps a second at a time). The target is checked on
+  ``/light``:
   on ``/work`` the 2.2 ms a request varies by a few percent from one process to the next
   (more than the 30 µs looked for, even with the same rounds and ``PYTHONHASHSEED=0`` in
   every server). Then, 1 s after the loads, the server's CPU over 4 s with no traffic at

@@ -472,6 +472,22 @@ async def test_after_a_standing_queue_a_burst_waits_less_for_ten_intervals() -> 
     assert limiter._max_wait(True, now[0]) == pytest.approx(0.01)  # the cut: the target
 
 
+async def test_after_a_standing_queue_a_queue_drains_only_faster_for_ten_intervals() -> None:
+    """The drain threshold is half the wait a burst is allowed at the time: 0.4 s here
+    before any standing queue, 0.25 s for ten intervals after an arrival found one
+    standing, then 0.4 s again."""
+    now = [0.0]
+    limiter = limiter_at(now, 3, burst_share=0.8, recent_share=0.5)
+    permits = hold(limiter, 3)
+    assert limiter._drained(now[0]) == pytest.approx(0.4)
+    waiters = Waiters(limiter, now)
+    async with anyio.create_task_group() as group:
+        await waiters.stand_and_refuse(group, permits)  # an arrival finds it standing
+    assert limiter._drained(now[0]) == pytest.approx(0.25)
+    assert limiter._drained(now[0] + 9.9) == pytest.approx(0.25)
+    assert limiter._drained(now[0] + 10.1) == pytest.approx(0.4)
+
+
 def test_the_drain_threshold_by_configuration() -> None:
     """Half the wait a burst is allowed at the time, or the target if longer: in the
     middleware 40 ms, and 25 ms within ten intervals (1 s) of an arrival that found the
@@ -480,15 +496,17 @@ def test_the_drain_threshold_by_configuration() -> None:
     app = PlainTextResponse("ok")
     middleware = LoadSheddingMiddleware(app).limiter
     assert middleware._drained(0.0) == pytest.approx(0.04)
-    middleware._stood_at = 0.0
-    assert middleware._drained(1.0) == pytest.approx(0.025)
-    assert middleware._drained(1.01) == pytest.approx(0.04)
+    middleware._stood_at = 0.0  # an arrival found the queue standing then
+    assert middleware._drained(0.9) == pytest.approx(0.025)
+    assert middleware._drained(1.1) == pytest.approx(0.04)
     bulkhead = ConcurrencyLimiter(Fixed(2))
     assert bulkhead._drained(0.0) == pytest.approx(0.05)
     bulkhead._stood_at = 0.0
     assert bulkhead._drained(0.5) == pytest.approx(0.05)
     timed = ConcurrencyLimiter(Fixed(2), queue_timeout=0.4)
     assert timed._drained(0.0) == pytest.approx(0.2)
+    timed._stood_at = 0.0
+    assert timed._drained(0.5) == pytest.approx(0.2)
     assert ConcurrencyLimiter(Fixed(2), codel_target=0.08)._drained(0.0) == pytest.approx(0.08)
     limiter = ConcurrencyLimiter(Fixed(20))  # (at limit 2 the target would be 0.3 s)
     limiter.rtt, limiter.counts["sampled"] = 0.2, 1  # slow requests: a 0.4 s interval

@@ -41,7 +41,8 @@ HOST = "127.0.0.1"
 PORT = 8000
 
 CURL_COMMANDS = f"""\
-Rate-limited demo on http://{HOST}:{PORT} (Ctrl+C to stop). In another terminal:
+asgi_guard demo on http://{HOST}:{PORT} (Ctrl+C to stop); its routes are listed at
+http://{HOST}:{PORT}/docs. In another terminal:
 
   # GET /hello allows 5 per minute: the 6th answer is 429 Too Many Requests
   for i in $(seq 1 6); do curl -si http://{HOST}:{PORT}/hello | head -1; done

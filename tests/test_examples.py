@@ -101,6 +101,17 @@ async def test_demo_hello_is_refused_with_problem_json_after_five() -> None:
     assert int(r.headers["retry-after"]) >= 1, r.headers
 
 
+async def test_demo_points_to_its_list_of_routes() -> None:
+    """What the demo prints names ``/docs``, and ``/docs`` answers: FastAPI's page of the
+    routes, for whoever opens the demo in a browser (``/`` is not a route)."""
+    demo = load("demo")
+    assert f"http://{demo.HOST}:{demo.PORT}/docs" in demo.CURL_COMMANDS
+    async with client_for(demo.app) as http:
+        r = await http.get("/docs")
+    assert r.status_code == 200, r.text
+    assert "asgi_guard demo" in r.text, r.text[:200]
+
+
 async def test_demo_login_rule_applies_to_post_only() -> None:
     """The POST /login rule allows three; other methods fall under the default limit."""
     app = load("demo").app

@@ -10,8 +10,9 @@ from starlette.routing import compile_path
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
+from ._keys import _is_async_callable
 
-__all__ = ["ExemptSpec", "Exemptions", "compile_template", "route_template"]
+__all__ = ["ExemptSpec", "Exemptions", "compile_template", "route_path", "route_template"]
 
 #: A path (exact, or a Starlette route template) or a predicate on the scope.
 ExemptSpec = str | Callable[[Scope], bool]
@@ -24,6 +25,25 @@ def compile_template(template: str) -> re.Pattern[str]:
     except (ValueError, AssertionError) as exc:
         raise ConfigurationError(f"cannot compile the path template {template!r}: {exc}") from exc
     return regex
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the app routes it: ``scope["path"]`` without the ``root_path`` in front.
+
+    Behind ``uvicorn --root-path /api``, or in an app mounted at ``/api``, a request for
+    ``/health`` arrives as ``path="/api/health"`` with ``root_path="/api"``; Starlette and
+    FastAPI route it as ``/health``, and so do the guards' rules, exempt paths and
+    priorities. (The middlewares call this only when a ``root_path`` is set.)
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        rest = path[len(root) :]
+        if not rest:
+            return "/"
+        if rest[0] == "/":
+            return rest
+    return path
 
 
 def route_template(scope: Scope) -> str | None:
@@ -56,6 +76,11 @@ class Exemptions:
                 else:
                     paths.add(entry)
             elif callable(entry):
+                if _is_async_callable(entry):
+                    raise ConfigurationError(
+                        f"exempt predicates are called on every request and must be plain "
+                        f"functions, not async: {entry!r}"
+                    )
                 self._checks.append(entry)
             else:
                 raise ConfigurationError(f"exempt takes paths and predicates, got {entry!r}")

@@ -29,7 +29,7 @@ from ._deadline import (
 )
 from ._errors import ConfigurationError
 from ._events import TimeoutEvent, _CallbackGuard, emit
-from ._paths import Exemptions, ExemptSpec, route_template
+from ._paths import Exemptions, ExemptSpec, route_path, route_template
 from ._problem import Rejection, ResponseFactory, send_rejection
 from ._record import SCOPE_KEY, GuardRecord
 
@@ -247,6 +247,8 @@ class TimeoutMiddleware:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
+        if scope.get("root_path"):
+            path = route_path(scope)  # as the app routes it
         if path in self._exempt_paths or (self._exempt_more and self._exempt(scope, path)):
             exempt = scope.get(SCOPE_KEY)
             if exempt is None:
@@ -352,7 +354,7 @@ class TimeoutMiddleware:
             logger.warning(
                 "%s %s: the handler raised after its deadline",
                 scope["method"],
-                path,
+                scope["path"],
                 exc_info=exc,
             )
         finally:

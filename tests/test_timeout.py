@@ -646,6 +646,27 @@ async def test_exempt_paths_get_no_deadline() -> None:
     assert seen == [None, None]
 
 
+async def test_exempt_paths_are_matched_below_the_root_path() -> None:
+    """Behind ``--root-path /api`` (or mounted at ``/api``) the path arrives with the prefix;
+    exempt paths name the route as the app routes it, without it."""
+    seen: list[float | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(remaining())
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    guard = TimeoutMiddleware(app, timeout=T, exempt=["/events"])
+    exempt = http_scope("/api/events")
+    exempt["root_path"] = "/api"
+    guarded = http_scope("/api/orders")
+    guarded["root_path"] = "/api"
+    for scope in (exempt, guarded):
+        assert (await drive(guard, scope, then="wait")).status == 200
+    assert seen[0] is None
+    assert seen[1] is not None
+    assert 0 < seen[1] <= T
+
+
 async def test_a_custom_response_replaces_the_504() -> None:
     """response= builds the answer from the Rejection."""
     seen: list[Rejection] = []

@@ -663,11 +663,19 @@ class Watchdog:
         except (AttributeError, OSError):  # not on this platform: the GIL test is skipped
             self._cpu_clock = None
         self._cpu = self._cpu_times()
-        self._first_look = time.monotonic() + self.poll
+        # A start counts as a beat: a previous run's last beat (a loop that has just
+        # ended, as each request of a TestClient used without ``with``) is not this one's,
+        # and would have the watchdog wait for a wake-up nothing has set.
+        self.beat_at = time.monotonic()
+        self.beat_cpu = self._cpu
+        self._first_look = self.beat_at + self.poll
         self._stop.clear()
         alarm = make_alarm(self.poll) if self.use_alarm else None
         self._alarm = alarm
         self.beat_period = 0.75 * self.poll if alarm is not None else self.threshold / 4
+        if alarm is not None:
+            with contextlib.suppress(OSError):
+                alarm.push()  # armed as a beat would: a stall before the first beat is seen
         self._thread = threading.Thread(
             target=self._run, args=(alarm,), name="asgi_guard-blocking-watchdog", daemon=True
         )

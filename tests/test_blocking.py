@@ -323,6 +323,28 @@ async def test_a_restart_after_a_stop_in_a_timed_step_reports_nothing() -> None:
     assert events == [], events
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_a_testclient_without_with_reports_every_blocking_request() -> None:
+    """Starlette's TestClient used without ``with`` runs each request on a new event loop in
+    a thread of its own (no tap there): the watchdog restarted for each one reports every
+    blocking request, though the previous loop beat just before (it waited for a wake-up
+    nothing had set, and missed them all)."""
+    from starlette.testclient import TestClient
+
+    detector, events = make()
+    client = TestClient(detector)
+    for user in range(4):
+        assert client.get("/quick").status_code == 200
+        before = len(events)
+        assert client.get(f"/users/{user}").status_code == 200
+        deadline = time.monotonic() + 1.0
+        while len(events) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.path for e in events[before:]] == [f"/users/{user}"], events
+    assert {e.route for e in events} == {"/users/{user_id}"}
+    detector.stop()
+
+
 def test_stop_after_the_loop_closed_with_the_heartbeat_pending() -> None:
     """stop() (as at interpreter exit) does not raise when the heartbeat's loop has closed
     with the heartbeat still pending."""

@@ -93,8 +93,9 @@ class BlockingEvent:
             ``holds_gil`` stalls: how long it lasted).
         stack: Where it was blocked, in Python's usual order (innermost frame last): the
             step running on the loop, down to the line that blocked.
-        method: The method of the request being served, or ``None`` outside any request.
-        path: Its path, or ``None``.
+        method: The method of the HTTP request being served, or ``None`` in a WebSocket
+            session or outside any request.
+        path: The path of the request or WebSocket session, or ``None`` outside both.
         route: Its route template, or ``None`` (outside a request, or before routing).
         holds_gil: A C call held the GIL: nothing could run, not even the watchdog, and the
             stall was seen only once the call returned (the stack is where the code went on).
@@ -130,7 +131,10 @@ class BlockingEvent:
         where = self.location
         at = f"{where.filename}:{where.lineno} in {where.name}" if where else "an unknown place"
         code = f" ({where.line.strip()})" if where is not None and where.line else ""
-        request = f"{self.method} {self.route or self.path}" if self.method else "outside requests"
+        if self.path is None:
+            request = "outside requests"
+        else:  # a WebSocket session has a path, not a method
+            request = f"{self.method or 'WEBSOCKET'} {self.route or self.path}"
         if self.kind == "never_awaited":
             return f"{request}: a coroutine was never awaited at {at}{code}; add await"
         gil = " holding the GIL" if self.holds_gil else ""

@@ -180,16 +180,19 @@ async def test_a_gil_holding_call_is_reported_when_it_returns() -> None:
 
 
 async def test_websocket_sessions_are_watched_too() -> None:
-    """A WebSocket handler that blocks is reported with its path."""
+    """A WebSocket handler that blocks is reported with its path, described as a WebSocket
+    session (not as outside requests)."""
     detector, events = make()
     scope = {**http_scope("/ws"), "type": "websocket", "subprotocols": []}
+    del scope["method"]  # a WebSocket scope has none
     try:
         await drive(detector, scope, [{"type": "websocket.connect"}], then="wait")
         await settle(events)
     finally:
         detector.stop()
     (event,) = events
-    assert (event.path, event.route) == ("/ws", "/ws")
+    assert (event.method, event.path, event.route) == (None, "/ws", "/ws")
+    assert event.describe().startswith("WEBSOCKET /ws: the event loop was blocked"), event
 
 
 async def test_blocking_outside_any_request_is_reported_without_one() -> None:

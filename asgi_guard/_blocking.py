@@ -34,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dis
 import errno
 import functools
 import gc
@@ -241,6 +242,22 @@ def fingerprint(stack: traceback.StackSummary) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _entry_offset(code: CodeType) -> int:
+    """The offset of the instruction where a call of ``code`` starts running its body
+    (``RESUME``, after the cells and a generator's setup), or 0 where there is none (3.10)."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "RESUME":
+            return instruction.offset
+    return 0
+
+
+def _entering(frame: FrameType) -> bool:
+    """Whether ``frame`` has not yet run its body: its instruction, not its line, says so (a
+    one-line function or a lambda is always on its first line)."""
+    return frame.f_lasti <= _entry_offset(frame.f_code)
+
+
 class _Sample:
     """The loop thread's stack at one moment, cut to the running step.
 
@@ -272,7 +289,7 @@ class _Sample:
         ):  # no loop on this stack at all, or the loop waiting in select: no step
             lines = []
             request = (None, None, None)
-        elif len(lines) > 1 and lines[0][1] == lines[0][0].f_code.co_firstlineno:
+        elif len(lines) > 1 and _entering(lines[0][0]):
             # Caught entering a function (the GIL changes hands there): its ``def`` line is
             # not where the work is, its caller's line is.
             del lines[0]

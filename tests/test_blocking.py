@@ -66,6 +66,19 @@ async def websocket_blocks(websocket: WebSocket) -> None:
     await websocket.close()
 
 
+def nap() -> None: time.sleep(BLOCK)  # fmt: skip
+
+
+async def one_liner(request: Request) -> PlainTextResponse:
+    nap()
+    return PlainTextResponse("ok")
+
+
+async def in_a_lambda(request: Request) -> PlainTextResponse:
+    list(map(lambda _: time.sleep(BLOCK), "1"))
+    return PlainTextResponse("ok")
+
+
 def line_of(marker: str) -> int:
     """The line number in this file of the line ending with ``marker``."""
     with open(__file__, encoding="utf-8") as source:
@@ -89,6 +102,8 @@ def make(**options: Any) -> tuple[BlockingDetectorMiddleware, list[BlockingEvent
             Route("/polite", polite),
             Route("/threaded", threaded),
             Route("/quick", quick),
+            Route("/one-liner", one_liner),
+            Route("/lambda", in_a_lambda),
             WebSocketRoute("/ws", websocket_blocks),
         ]
     )
@@ -123,6 +138,51 @@ async def test_a_blocking_call_is_reported_with_its_line_and_route() -> None:
     assert event.stack[-1].lineno == location.lineno, "the innermost frame is the handler"
     assert re.fullmatch(r"[0-9a-f]{16}", event.fingerprint)
     assert detector.stats["blocks"] == 1
+
+
+@pytest.mark.parametrize(("path", "name"), [("/one-liner", "nap"), ("/lambda", "<lambda>")])
+async def test_a_one_line_function_or_a_lambda_keeps_its_frame(path: str, name: str) -> None:
+    """A blocking one-line function (or lambda) is the innermost frame, at its line: it is
+    always on its first line, which is no sign that the watchdog caught it entering."""
+    detector, events = make()
+    try:
+        await drive(detector, http_scope(path))
+        await settle(events)
+    finally:
+        detector.stop()
+    (event,) = events
+    assert event.stack[-1].name == name, event.stack.format()
+    assert event.stack[-1].line is not None
+    assert "time.sleep(BLOCK)" in event.stack[-1].line
+    assert event.route == path
+
+
+def test_a_frame_is_entering_until_its_body_runs() -> None:
+    """A frame caught before its first instruction (a profile hook's call event, a coroutine
+    not started) is entering; one running its body is not, one-line or not."""
+    from asgi_guard._blocking import _entering
+
+    def one_line() -> bool: return _entering(sys._getframe())  # fmt: skip
+
+    def two_lines() -> bool:
+        return _entering(sys._getframe())
+
+    seen: dict[str, bool] = {}
+
+    def profile(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code in (one_line.__code__, two_lines.__code__):
+            seen[frame.f_code.co_name] = _entering(frame)
+
+    sys.setprofile(profile)
+    try:
+        running = (one_line(), two_lines())
+    finally:
+        sys.setprofile(None)
+    assert seen == {"one_line": True, "two_lines": True}
+    assert running == (False, False)
+    coroutine = quick(None)  # type: ignore[arg-type]
+    assert _entering(coroutine.cr_frame)
+    coroutine.close()
 
 
 async def test_a_handler_that_never_awaits_is_reported_as_cpu_bound() -> None:

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +182,7 @@ def test_a_frame_is_entering_until_its_body_runs() -> None:
     assert seen == {"one_line": True, "two_lines": True}
     assert running == (False, False)
     coroutine = quick(None)  # type: ignore[arg-type]
+    assert isinstance(coroutine, types.CoroutineType)
     assert _entering(coroutine.cr_frame)
     coroutine.close()
 

@@ -183,6 +183,7 @@ def test_a_frame_is_entering_until_its_body_runs() -> None:
     assert running == (False, False)
     coroutine = quick(None)  # type: ignore[arg-type]
     assert isinstance(coroutine, types.CoroutineType)
+    assert coroutine.cr_frame is not None
     assert _entering(coroutine.cr_frame)
     coroutine.close()
 

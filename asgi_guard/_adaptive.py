@@ -30,7 +30,7 @@ class LimitAlgorithm(Protocol):
 
     @property
     def limit(self) -> int:
-        """The current concurrency limit, at least 1."""
+        """The current concurrency limit, at least 1 (the engine reads a lower one as 1)."""
         ...
 
     def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> None:

@@ -304,7 +304,10 @@ class ConcurrencyLimiter:
 
     @property
     def limit(self) -> int:
-        return self.algorithm.limit
+        """The algorithm's limit, read as 1 when it is below: a custom algorithm that
+        breaks the protocol's "at least 1" must not divide by zero nor refuse everything."""
+        limit = self.algorithm.limit
+        return limit if limit >= 1 else 1
 
     def standing(self, now: float) -> bool:
         """Whether a standing queue has formed: not empty for a whole interval. A standing
@@ -330,7 +333,7 @@ class ConcurrencyLimiter:
         admitted since."""
         return (
             self._emptied_at - self._empty_since_or_at > self._interval()
-            and self.counts["admitted"] - self._admitted_at_empty <= 2 * self.algorithm.limit
+            and self.counts["admitted"] - self._admitted_at_empty <= 2 * self.limit
         )
 
     def _emptied(self, now: float) -> None:
@@ -388,7 +391,7 @@ class ConcurrencyLimiter:
         # A quarter of the time requests take, and at a small limit the time three places
         # take to free (with 3 places, a 12 ms request frees one every 4 ms).
         rtt = self.rtt
-        return max(self.codel_target, 0.25 * rtt, 3.0 * rtt / self.algorithm.limit)
+        return max(self.codel_target, 0.25 * rtt, 3.0 * rtt / self.limit)
 
     def queue_capacity(self, now: float, priority: int = len(CLASSES) - 1) -> int:
         """How many may wait now: ``max_queue`` (default: the limit, at least `MIN_QUEUE`);
@@ -408,6 +411,8 @@ class ConcurrencyLimiter:
         """Admit at once if there is room (nobody of this class or higher waits), or None."""
         inflight = self.inflight
         limit = self.algorithm.limit
+        if limit < 1:
+            limit = 1  # a custom algorithm's broken limit (see `limit`)
         if inflight < limit:
             if self.queued:
                 if any(self._queues[i] for i in range(priority + 1)):
@@ -455,6 +460,8 @@ class ConcurrencyLimiter:
         refusal is decided with as little work as it takes (an overloaded worker refuses
         most requests, and every refusal spends CPU the admitted need)."""
         limit = self.algorithm.limit
+        if limit < 1:
+            limit = 1  # a custom algorithm's broken limit (see `limit`)
         if self.queued and self.inflight < limit:
             self._admit_waiters()  # the limit has grown since they queued
             permit = self.try_acquire(priority)
@@ -586,6 +593,8 @@ class ConcurrencyLimiter:
 
     def _admit_waiters(self) -> None:
         limit = self.algorithm.limit
+        if limit < 1:
+            limit = 1  # a custom algorithm's broken limit (see `limit`)
         now = self._clock()
         lifo = self.standing(now)
         drained = 0.0 if lifo else self._drained(now)

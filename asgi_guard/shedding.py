@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from ._deadline import (
 )
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
+from ._keys import _is_async_callable
 from ._pacing import Pacer
 from ._paths import Exemptions, ExemptSpec, compile_template
 from ._problem import (
@@ -109,24 +111,29 @@ class LoadSheddingMiddleware:
         codel_interval: How long the queue must stay non-empty to be standing (100 ms);
             the wait allowed before is a share of it. Both scale up for slow applications.
         priority: Rules mapping paths or route-like templates (``"/batch/{rest:path}"``)
-            to a class, or a callable of the scope returning a class name (or ``None``).
-            Classes, highest first: ``critical-plus``, ``critical``, ``sheddable-plus``,
-            ``sheddable``.
+            to a class, or a plain (not async) function of the scope returning a class
+            name (or ``None``): it runs on every request. Classes, highest first:
+            ``critical-plus``, ``critical``, ``sheddable-plus``, ``sheddable``. A function
+            that raises or names no class gives ``default_priority`` (logged once).
         default_priority: The class of requests no rule names.
         priority_header: A request header naming the class, used only when
             ``trust_priority_header(scope)`` is true (never trust clients by default).
         trust_priority_header: Whether a request's priority header may be believed (for
-            example: it comes from your gateway).
+            example: it comes from your gateway): a plain (not async) function of the
+            scope, called on every request that carries the header. One that raises
+            means "not trusted" (logged once).
         reserve: Guaranteed shares of the limit by class (``{"critical": 0.25}``): a class
             below its share is admitted even at the limit; others borrow it while idle.
-        exempt: Paths, templates or predicates never shed nor counted.
+        exempt: Paths, templates or plain predicates of the scope never shed nor counted
+            (``()``: none).
         max_loop_lag: Also shed the two sheddable classes while the event loop lags more
             than this many seconds.
         max_memory: Also shed the two sheddable classes while the process's resident
             memory exceeds this many bytes (Linux).
         retry_after: The base of ``Retry-After`` in seconds.
         response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
-        on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request).
+        on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request):
+            plain functions, called synchronously.
         pace: At the limit, start admitted requests one per event-loop iteration (every
             other iteration), after the requests that arrived meanwhile: those are
             refused (or queued) first, instead of waiting behind a batch of handlers
@@ -136,7 +143,10 @@ class LoadSheddingMiddleware:
     Raises:
         ConfigurationError: Nonsense configuration: a negative or zero limit, a negative
             queue, a queue timeout without a queue, an unknown class name, shares above
-            the whole limit, a priority header without a trust predicate.
+            the whole limit, a priority header without a trust predicate or a trust
+            predicate without a header, an async priority function, trust predicate,
+            exempt predicate or event callback, a ``response`` that is not callable, or
+            options of the wrong type.
 
     Examples:
         >>> from starlette.applications import Starlette
@@ -182,6 +192,11 @@ class LoadSheddingMiddleware:
         self._patterns: list[tuple[Any, int]] = []
         self._classify_call: Callable[[Scope], str | None] | None = None
         if callable(priority):
+            if _is_async_callable(priority):
+                raise ConfigurationError(
+                    f"priority functions run on every request and must be plain functions, "
+                    f"not async: {priority!r}"
+                )
             self._classify_call = priority
         elif priority is not None:
             if not isinstance(priority, Mapping):
@@ -206,11 +221,25 @@ class LoadSheddingMiddleware:
                     "its own priority; pass a predicate of the scope (for example, the "
                     "request came through your gateway)"
                 )
+            if _is_async_callable(trust_priority_header):
+                # A coroutine is always true: every client would choose its own priority.
+                raise ConfigurationError(
+                    f"trust_priority_header runs on every request and must be a plain "
+                    f"function, not async: {trust_priority_header!r}"
+                )
+        elif trust_priority_header is not None:
+            raise ConfigurationError(
+                "trust_priority_header without priority_header: name the header it trusts"
+            )
         self._header = priority_header.strip().lower() if priority_header else None
         self._trust = trust_priority_header
         self._classifies = bool(
             self._header or self._classify_call or self._rules or self._patterns
         )
+        if reserve is not None and not isinstance(reserve, Mapping):
+            raise ConfigurationError(
+                f"reserve maps class names to shares ({{'critical': 0.25}}), got {reserve!r}"
+            )
         shares: dict[int, float] = {}
         for name, share in (reserve or {}).items():
             if not _is_number(share) or not 0 < share < 1:
@@ -225,6 +254,13 @@ class LoadSheddingMiddleware:
         ):
             raise ConfigurationError("max_memory is a number of bytes > 0")
         _check_seconds(retry_after, "retry_after")
+        if response is not None and not callable(response):
+            raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
+        handlers = _handlers(on_event)
+        if not (isinstance(exempt, (str, Iterable)) or callable(exempt)):
+            raise ConfigurationError(
+                f"exempt takes paths and predicates (() for none), got {exempt!r}"
+            )
         self._exempt = Exemptions(exempt, logger, "shed")
         self._exempt_paths = self._exempt.paths
         self._exempt_more = self._exempt.needs_check
@@ -247,7 +283,7 @@ class LoadSheddingMiddleware:
         self._max_memory = max_memory
         self._retry_after = float(retry_after)
         self._response = response
-        self._handlers = (on_event,) if callable(on_event) else tuple(on_event)
+        self._handlers = handlers
         self._callback_guard = _CallbackGuard()
         #: Event-loop lag, seconds: the last measurement.
         self.loop_lag = 0.0
@@ -255,6 +291,8 @@ class LoadSheddingMiddleware:
         self._memory_high = False
         self._shedding = False
         self._tick_failed = False
+        self._priority_failed = False  # the priority function's first error was logged
+        self._trust_failed = False  # the trust predicate's
         self._calm = CALM
         self._last_refusal = -math.inf
         self._refused_since = 0
@@ -490,22 +528,27 @@ class LoadSheddingMiddleware:
 
     def _classify(self, scope: Scope, path: str) -> int:
         header = self._header
-        if header is not None and self._trust is not None:
+        trust = self._trust
+        if header is not None and trust is not None:
             value = Headers(scope=scope).get(header)
-            if value is not None:
+            if value is not None and self._trusts(trust, scope):
                 try:
-                    if self._trust(scope):
-                        return class_index(value)
+                    return class_index(value)
                 except ConfigurationError:
                     pass  # a value that names no class: the rules decide
-                except Exception:
-                    logger.exception("asgi_guard: trust_priority_header raised; not trusted")
         if self._classify_call is not None:
             try:
                 name = self._classify_call(scope)
                 return self._default if name is None else class_index(name)
-            except Exception:
-                logger.exception("asgi_guard: the priority callable failed; default class used")
+            except Exception as exc:
+                if not self._priority_failed:
+                    self._priority_failed = True
+                    logger.error(
+                        "asgi_guard: the priority function raised %s; such requests get the "
+                        "default class (logged once)",
+                        type(exc).__name__,
+                        exc_info=exc,
+                    )
                 return self._default
         found = self._rules.get(path)
         if found is not None:
@@ -514,6 +557,27 @@ class LoadSheddingMiddleware:
             if pattern.match(path):
                 return index
         return self._default
+
+    def _trusts(self, trust: Callable[[Scope], bool], scope: Scope) -> bool:
+        """``trust(scope)``; a predicate that raises, or returns an awaitable (an async
+        function behind a plain one), does not trust (logged once)."""
+        try:
+            trusted = trust(scope)
+            if trusted and inspect.isawaitable(trusted):
+                if inspect.iscoroutine(trusted):
+                    trusted.close()
+                raise TypeError("trust_priority_header returned an awaitable, not a bool")
+            return bool(trusted)
+        except Exception as exc:
+            if not self._trust_failed:
+                self._trust_failed = True
+                logger.error(
+                    "asgi_guard: trust_priority_header raised %s; such requests' priority "
+                    "header is not trusted (logged once)",
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+            return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -632,6 +696,26 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await send_rejection(_rejection(why, retry), scope, receive, send, self._response)
+
+
+def _handlers(
+    on_event: Callable[[LoadSheddingEvent], None] | Sequence[Callable[[LoadSheddingEvent], None]],
+) -> tuple[Callable[[LoadSheddingEvent], None], ...]:
+    """The ``on_event`` callbacks as a tuple, or `ConfigurationError`."""
+    if callable(on_event):
+        on_event = (on_event,)
+    elif isinstance(on_event, str) or not isinstance(on_event, Iterable):
+        raise ConfigurationError(f"on_event takes a callback or a list of them, got {on_event!r}")
+    handlers = tuple(on_event)
+    for handler in handlers:
+        if not callable(handler):
+            raise ConfigurationError(f"on_event callbacks must be callable, got {handler!r}")
+        if _is_async_callable(handler):
+            raise ConfigurationError(
+                f"on_event callbacks are called synchronously and must be plain functions, "
+                f"not async: {handler!r}"
+            )
+    return handlers
 
 
 def _rejection(why: Refusal, retry: int) -> Rejection:

@@ -32,7 +32,7 @@ from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit
 from ._keys import _is_async_callable
 from ._pacing import Pacer
-from ._paths import Exemptions, ExemptSpec, compile_template
+from ._paths import Exemptions, ExemptSpec, compile_template, route_path
 from ._problem import (
     TEMPORARY_REDUCED_CAPACITY,
     Rejection,
@@ -56,8 +56,24 @@ __all__ = ["DEFAULT_EXEMPT", "LoadSheddingMiddleware"]
 
 logger = logging.getLogger("asgi_guard.shedding")
 
-#: Paths never shed nor counted unless ``exempt=`` says otherwise: health checks, metrics.
-DEFAULT_EXEMPT = ("/health", "/healthz", "/livez", "/readyz", "/ping", "/metrics")
+#: Paths never shed nor counted unless ``exempt=`` says otherwise: health checks and metrics,
+#: each with and without a trailing slash (a mounted app answers at ``/metrics/``, as
+#: prometheus_client's ``make_asgi_app()`` does under ``app.mount("/metrics", ...)``). They
+#: are matched against the path the app routes (without the ``root_path``).
+DEFAULT_EXEMPT = (
+    "/health",
+    "/health/",
+    "/healthz",
+    "/healthz/",
+    "/livez",
+    "/livez/",
+    "/readyz",
+    "/readyz/",
+    "/ping",
+    "/ping/",
+    "/metrics",
+    "/metrics/",
+)
 
 #: How often the ticker measures the event loop's lag while the worker is busy (seconds):
 #: half its limit in flight, or requests waiting or refused.
@@ -113,8 +129,9 @@ class LoadSheddingMiddleware:
         priority: Rules mapping paths or route-like templates (``"/batch/{rest:path}"``)
             to a class, or a plain (not async) function of the scope returning a class
             name (or ``None``): it runs on every request. Classes, highest first:
-            ``critical-plus``, ``critical``, ``sheddable-plus``, ``sheddable``. A function
-            that raises or names no class gives ``default_priority`` (logged once).
+            ``critical-plus``, ``critical``, ``sheddable-plus``, ``sheddable``. Paths are
+            matched as the app routes them, without the ``root_path``. A function that
+            raises or names no class gives ``default_priority`` (logged once).
         default_priority: The class of requests no rule names.
         priority_header: A request header naming the class, used only when
             ``trust_priority_header(scope)`` is true (never trust clients by default).
@@ -125,7 +142,10 @@ class LoadSheddingMiddleware:
         reserve: Guaranteed shares of the limit by class (``{"critical": 0.25}``): a class
             below its share is admitted even at the limit; others borrow it while idle.
         exempt: Paths, templates or plain predicates of the scope never shed nor counted
-            (``()``: none).
+            (``()``: none). Paths are matched as the app routes them, without the
+            ``root_path``. Default: ``/health``, ``/healthz``, ``/livez``, ``/readyz``,
+            ``/ping`` and ``/metrics``, each with and without a trailing slash (a mounted
+            app, such as a metrics app, answers at ``/metrics/``).
         max_loop_lag: Also shed the two sheddable classes while the event loop lags more
             than this many seconds.
         max_memory: Also shed the two sheddable classes while the process's resident
@@ -588,6 +608,8 @@ class LoadSheddingMiddleware:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
+        if scope.get("root_path"):
+            path = route_path(scope)  # the path the app routes: rules and exemptions use it
         if path in self._exempt_paths or (self._exempt_more and self._exempt(scope, path)):
             await self.app(scope, receive, send)
             return

@@ -990,12 +990,20 @@ class Dispatcher:
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
+        # A queue of its own: a thread a stop left in a blocking callback takes its own
+        # queue's end, never this one's.
+        self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._run, name="asgi_guard-blocking-reports", daemon=True
+            target=self._run,
+            args=(self._queue,),
+            name="asgi_guard-blocking-reports",
+            daemon=True,  # a callback that never returns must not keep the process alive
         )
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
+        """End the thread once it has delivered what is queued, waiting ``timeout`` at most:
+        a callback cannot be interrupted, so a blocking one is left to end on its own."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
@@ -1007,9 +1015,9 @@ class Dispatcher:
             return
         self._queue.put(event)
 
-    def _run(self) -> None:
+    def _run(self, pending: queue.SimpleQueue[BlockingEvent | None]) -> None:
         while True:
-            event = self._queue.get()
+            event = pending.get()
             if event is None:
                 return
             self._log(event)

@@ -12,6 +12,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -50,7 +51,9 @@ class BlockingDetectorMiddleware:
             within ``threshold + poll_interval`` of its start.
         on_block: Callbacks receiving every `BlockingEvent`, on a thread of their own
             (never the event loop's); one that raises is logged once, one that blocks
-            delays only other callbacks.
+            delays only other callbacks and later reports (it cannot be interrupted: a stop
+            waits for the report thread at most a second, and that daemon thread never
+            keeps the process alive). ``None``: no callback (reports are still logged).
         log_interval: Log identical stacks at most once per this many seconds.
         strict: For tests and development: also make the known blocking calls of the
             standard library (``time.sleep``, blocking sockets, ``subprocess``,
@@ -66,8 +69,8 @@ class BlockingDetectorMiddleware:
             their line, without the request.
 
     Raises:
-        ConfigurationError: A non-positive or non-finite threshold or poll interval, or a
-            threshold at or below the poll interval.
+        ConfigurationError: A non-positive or non-finite threshold or poll interval, a
+            threshold at or below the poll interval, or an ``on_block`` that is not callable.
 
     Examples:
         >>> from starlette.applications import Starlette
@@ -81,7 +84,7 @@ class BlockingDetectorMiddleware:
         *,
         threshold: float = 0.1,
         poll_interval: float | None = None,
-        on_block: BlockHandler | Sequence[BlockHandler] = (),
+        on_block: BlockHandler | Sequence[BlockHandler] | None = (),
         log_interval: float = 60.0,
         strict: bool = False,
         allow: Iterable[str] = (),
@@ -90,9 +93,19 @@ class BlockingDetectorMiddleware:
         self.app = app
         poll = threshold / 5 if poll_interval is None and _is_number(threshold) else poll_interval
         check_settings(threshold, poll)
-        handlers = (on_block,) if callable(on_block) else tuple(on_block)
+        if on_block is None:
+            handlers: tuple[Any, ...] = ()
+        elif callable(on_block):
+            handlers = (on_block,)
+        else:
+            try:
+                handlers = tuple(on_block)
+            except TypeError:
+                handlers = (on_block,)
         if not all(callable(h) for h in handlers):
-            raise ConfigurationError("on_block takes callables (event) -> None")
+            raise ConfigurationError(
+                "on_block takes a callable (event) -> None, a sequence of them, or None"
+            )
         _check_seconds(log_interval, "log_interval", allow_zero=True)
         self.threshold = float(threshold)
         self.poll_interval = float(poll)  # type: ignore[arg-type]

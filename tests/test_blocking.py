@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import math
 import re
@@ -702,9 +703,60 @@ async def test_a_raising_or_blocking_callback_never_breaks_the_watchdog(
     assert sum("on_block callback raised" in r.getMessage() for r in caplog.records) == 1
 
 
+async def test_a_restart_delivers_reports_while_a_callback_of_the_last_run_blocks() -> None:
+    """A stop leaves a callback that blocks to end on its own (within a second, in a daemon
+    thread); the next start's reports are delivered meanwhile (the new thread took the old
+    one's end of queue and quit, and nothing was delivered until the callback returned)."""
+    routes: list[str | None] = []
+    release = threading.Event()
+    calls = itertools.count()
+
+    def stuck_once(event: BlockingEvent) -> None:
+        if next(calls) == 0:
+            release.wait(5)
+
+    app = Starlette(routes=[Route("/users/{user_id}", sleepy)])
+    detector = BlockingDetectorMiddleware(
+        app, threshold=THRESHOLD, on_block=[stuck_once, lambda event: routes.append(event.path)]
+    )
+    try:
+        await drive(detector, http_scope("/users/1"))
+        await anyio.sleep(2 * THRESHOLD)
+        assert detector.stats["blocks"] == 1
+        started = time.monotonic()
+        detector.stop()  # its report thread is stuck in the first callback
+        assert time.monotonic() - started < 1.5
+        reporters = [t for t in threading.enumerate() if t.name == "asgi_guard-blocking-reports"]
+        assert reporters
+        assert all(t.daemon for t in reporters)
+        await drive(detector, http_scope("/users/2"))  # starts it again
+        with anyio.move_on_after(1):
+            while not routes:
+                await anyio.sleep(0.01)
+        assert routes == ["/users/2"]
+    finally:
+        release.set()
+        detector.stop()
+
+
+async def test_on_block_none_means_no_callback(caplog: pytest.LogCaptureFixture) -> None:
+    """on_block=None is no callback: reports still reach the log."""
+    app = Starlette(routes=[Route("/users/{user_id}", sleepy)])
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_guard.blocking"):
+            await drive(detector, http_scope("/users/1"))
+            await anyio.sleep(2 * THRESHOLD)
+    finally:
+        detector.stop()
+    assert detector.stats["blocks"] == 1
+    assert any("GET /users/{user_id}" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     "options",
     [
+        {"on_block": 1},
         {"threshold": 0},
         {"threshold": -1},
         {"threshold": math.nan},

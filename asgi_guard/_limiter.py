@@ -143,7 +143,8 @@ class QuotaState(NamedTuple):
         name: The quota's name in the RateLimit headers.
         limit: How many requests (cost units) the quota allows per window.
         window: The window in seconds.
-        remaining: What is left in the current window after this request.
+        remaining: What is left in the current window after this request (as it was, when
+            the request was refused and so not counted).
         reset_after: Seconds until the quota is whole again.
         allowed: Whether this quota admitted the request.
         retry_after: Seconds until a request of the same cost would pass (0 if allowed,

@@ -45,6 +45,8 @@ _V = TypeVar("_V")
 #: What one ``hit`` returns: (allowed, remaining, reset_after, retry_after).
 #: ``reset_after`` is the time until the quota is whole again; ``retry_after`` the time until a
 #: request of the same cost can pass (0 when allowed; infinite when the cost exceeds the quota).
+#: ``remaining`` and ``reset_after`` describe the quota after the hit, so a hit that is not
+#: counted (refused, or ``commit=False``) reports them as they are, as Redis does.
 HitResult = tuple[bool, int, float, float]
 
 
@@ -65,7 +67,11 @@ class Table:
         raise NotImplementedError
 
     def hit(self, key: str, cost: int, now: float, commit: bool = True) -> HitResult:
-        """Count ``cost`` against ``key`` (only if allowed and ``commit``) and report."""
+        """Count ``cost`` against ``key`` (only if allowed and ``commit``) and report.
+
+        With ``commit=False`` nothing is counted: ``allowed`` says whether the hit would
+        fit, and ``remaining`` and ``reset_after`` are the quota's state without it.
+        """
         raise NotImplementedError
 
     def clear(self) -> None:
@@ -352,7 +358,9 @@ class FixedWindowTable(FlatTable):
         if total > self.amount:
             retry = reset if cost <= self.amount else math.inf
             return False, max(0, self.amount - count), reset, retry
-        if commit and cost:
+        if not commit:
+            return True, self.amount - count, reset, 0.0
+        if cost:
             if i < 0:
                 i = self._put(h, now)
                 q = self.q
@@ -400,7 +408,9 @@ class TokenBucketTable(FlatTable):
             remaining = int((self.tau - (tat - now)) / self.interval + 1e-9)
             retry = new_tat - self.tau - now if cost <= self.amount else math.inf
             return False, max(0, remaining), tat - now, retry
-        if commit and cost:
+        if not commit:
+            return True, int((self.tau - (tat - now)) / self.interval + 1e-9), tat - now, 0.0
+        if cost:
             if i < 0:
                 i = self._put(h, now)
             self.d[i + 1] = new_tat
@@ -446,7 +456,9 @@ class SlidingWindowTable(MemoryTable[int]):
             else:
                 retry = left + period - (self.amount - cost) * period / count
             return False, max(0, int(self.amount - used)), left + period, max(retry, 0.0)
-        if commit and cost:
+        if not commit:
+            return True, int(self.amount - used), left + period, 0.0
+        if cost:
             if count:
                 self.cur[key] = count + cost
             else:
@@ -476,7 +488,9 @@ class MovingWindowTable(MemoryTable["deque[float]"]):
             # The request fits once enough of the oldest entries have aged out.
             retry = log[used + cost - self.amount - 1] + self.period - now
             return False, self.amount - used, log[-1] + self.period - now, retry
-        if commit and cost:
+        if not commit:
+            return True, self.amount - used, log[-1] + self.period - now if log else 0.0, 0.0
+        if cost:
             if log is None:
                 log = deque()
                 self._put_new(key, log, now)

@@ -75,6 +75,19 @@ def test_commit_false_only_peeks(strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_commit_false_reports_the_quota_as_it_is(strategy: str) -> None:
+    """An uncounted hit reports what remains without it (as Redis does), so a request
+    refused by another quota does not show this one spent."""
+    table = _table(strategy, 5, 100.0)
+    assert table.hit("k", 1, 0.0)[:2] == (True, 4)
+    for _ in range(2):
+        peek = table.hit("k", 2, 1.0, commit=False)
+        assert peek[:2] == (True, 4), peek
+    assert table.hit("k", 2, 1.0)[:2] == (True, 2)
+    assert table.hit("k", 3, 1.0, commit=False)[:2] == (False, 2)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cost_larger_than_amount_is_always_refused(strategy: str) -> None:
     """A request that costs more than the whole quota never passes, and never raises."""
     table = _table(strategy, 3, 1.0)
@@ -257,7 +270,10 @@ def _fw_model(
             retry = reset if cost <= amount else math.inf
             out.append((False, max(0, amount - count), reset, retry))
             continue
-        if commit and cost:
+        if not commit:
+            out.append((True, amount - count, reset, 0.0))
+            continue
+        if cost:
             counts[key] = total
         out.append((True, amount - total, reset, 0.0))
     return out
@@ -281,7 +297,10 @@ def _tb_model(
             retry = new_tat - tau - now if cost <= amount else math.inf
             out.append((False, max(0, remaining), tat - now, retry))
             continue
-        if commit and cost:
+        if not commit:
+            out.append((True, int((tau - (tat - now)) / interval + 1e-9), tat - now, 0.0))
+            continue
+        if cost:
             tats[key] = new_tat
         out.append((True, int((tau - (new_tat - now)) / interval + 1e-9), new_tat - now, 0.0))
     return out
@@ -438,7 +457,9 @@ class _DictFixedWindow(MemoryTable[int]):
         if count + cost > self.amount:
             retry = reset if cost <= self.amount else math.inf
             return False, max(0, self.amount - count), reset, retry
-        if commit and cost:
+        if not commit:
+            return True, self.amount - count, reset, 0.0
+        if cost:
             if fresh:
                 self._put_new(key, count + cost, now)
             else:
@@ -464,7 +485,9 @@ class _DictTokenBucket(MemoryTable[float]):
             remaining = int((tau - (tat - now)) / self.interval + 1e-9)
             retry = new_tat - tau - now if cost <= self.amount else math.inf
             return False, max(0, remaining), tat - now, retry
-        if commit and cost:
+        if not commit:
+            return True, int((tau - (tat - now)) / self.interval + 1e-9), tat - now, 0.0
+        if cost:
             if stored is not None:
                 self.cur[key] = new_tat
             else:

@@ -753,6 +753,41 @@ async def test_unnamed_limits_of_two_middlewares_sharing_a_limiter_count_apart()
         assert await statuses(client, "/", 5) == [200] * 4 + [429]
 
 
+async def test_a_429_reports_what_the_quotas_that_admitted_it_have_left() -> None:
+    """On a 429, a quota that had room shows what remains (the refused request used none),
+    as Redis reports it; the next admitted request proves it."""
+    clock = ManualClock(1000.0)
+    app = RateLimitMiddleware(ok_app, limit="2/second;5/hour", limiter=manual(clock))
+    async with client_for(app) as client:
+        got = [await client.get("/") for _ in range(4)]
+        clock.advance(1)
+        after = await client.get("/")
+    assert [r.status_code for r in got] == [200, 200, 429, 429]
+    assert [r.headers["ratelimit"].split(", ")[1] for r in got] == [
+        '"5-per-3600s";r=4;t=2600',
+        '"5-per-3600s";r=3;t=2600',
+        '"5-per-3600s";r=3;t=2600',
+        '"5-per-3600s";r=3;t=2600',
+    ], [r.headers for r in got]
+    assert after.headers["ratelimit"].endswith('"5-per-3600s";r=2;t=2599'), after.headers
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "token-bucket", "moving-window"])
+async def test_engine_hit_reports_the_remaining_of_quotas_a_refusal_did_not_use(
+    strategy: Strategy,
+) -> None:
+    """RateLimiter.hit refused by one quota reports the others as they are, not spent."""
+    limiter = manual()
+    policy = Policy("1/second;5/hour", name="p", strategy=strategy)
+    assert (await limiter.hit(policy, "k")).allowed
+    refused = await limiter.hit(policy, "k")
+    assert not refused.allowed
+    assert [(q.name, q.remaining) for q in refused.quotas] == [
+        ("p-1-per-1s", 0),
+        ("p-5-per-3600s", 4),
+    ], refused
+
+
 async def test_engine_hit_shares_a_named_policy_with_the_middleware() -> None:
     """RateLimiter.hit counts a named policy in the same quota the middleware uses."""
     shared = manual()

@@ -303,10 +303,12 @@ class Vegas:
     it between ``alpha = 3 * log10(limit)`` and ``beta = 6 * log10(limit)`` (``log10`` at least
     1): under ``log10(limit)`` it grows by ``beta``, under ``alpha`` by ``log10(limit)``, above
     ``beta`` (or on a drop) it shrinks by ``log10(limit)``. The no-load latency ``min_rtt`` is
-    the smallest latency seen, measured first by running five requests alone. Every
-    ``probe_interval`` (jittered by ±20%) it is measured again: for a few requests' time the
-    limit drops to half the concurrency the current throughput needs (Little's law), so
-    those requests do not queue, and their median replaces it, upwards too. Upstream's
+    the smallest latency seen, measured first by running five requests alone (``learning``
+    is true until then: the load-shedding engine lets requests wait up to a second for it,
+    rather than refuse them). Every ``probe_interval`` (jittered by ±20%) it is measured
+    again: for a few requests' time the limit drops to half the concurrency the current
+    throughput needs (Little's law), so those requests do not queue, and their median
+    replaces it, upwards too. Upstream's
     re-probe instead takes the next sample as the new no-load latency; under sustained
     overload that sample has queued, so each re-probe lets the limit climb.
 
@@ -338,6 +340,7 @@ class Vegas:
         "_resume",
         "_rtt",
         "_smoothing",
+        "learning",
         "limit",
         "max_limit",
         "min_limit",
@@ -359,6 +362,10 @@ class Vegas:
         self._fl = float(self.min_limit)
         #: The concurrency limit (read-only).
         self.limit: int = self.min_limit
+        #: Whether it is still measuring the no-load latency for the first time, at
+        #: ``min_limit`` (read-only): the load-shedding engine lets requests queue for up
+        #: to a second meanwhile, rather than refuse what a fresh worker can serve.
+        self.learning = True
         self._log = 1.0
         self._min_rtt = _INF
         self._rtt = 0.0
@@ -417,6 +424,7 @@ class Vegas:
         baseline = self._probe.finish(now)
         if baseline == baseline:
             self._min_rtt = baseline
+        self.learning = False
         self._set(self._resume)
 
     def on_lag(self, now: float, lag: float) -> None:
@@ -596,7 +604,9 @@ class Adaptive:
     How it works:
 
     * **Baseline.** It starts at ``min_limit`` until five requests have run alone (or a
-      second has passed) and takes their median latency as the no-load latency. Later,
+      second has passed) and takes their median latency as the no-load latency (``learning``
+      is true until then: the load-shedding engine lets requests wait up to a second for
+      it, rather than refuse them). Later,
       requests admitted while fewer than half the worker's concurrency was in flight did not
       queue: when a window's worth of them is faster, the baseline follows them down. When
       none has been seen for ``probe_interval`` (sustained load), it measures again: for a
@@ -676,6 +686,7 @@ class Adaptive:
         "_tolerance",
         "_win_start",
         "_window",
+        "learning",
         "limit",
         "max_limit",
         "min_limit",
@@ -703,6 +714,10 @@ class Adaptive:
         self._fl = float(self.min_limit)
         #: The concurrency limit (read-only).
         self.limit: int = self.min_limit
+        #: Whether it is still measuring the no-load latency for the first time, at
+        #: ``min_limit`` (read-only): the load-shedding engine lets requests queue for up
+        #: to a second meanwhile, rather than refuse what a fresh worker can serve.
+        self.learning = True
         self._min_rtt = _INF
         self._changed_at = -_INF
         self._win_start = math.nan
@@ -856,6 +871,7 @@ class Adaptive:
         baseline = self._probe.finish(now)
         if baseline == baseline:
             self._min_rtt = baseline
+        self.learning = False
         self._fl = self._resume
         self.limit = int(self._resume)
         self._changed_at = now

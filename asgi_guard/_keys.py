@@ -191,6 +191,11 @@ def _trusted_networks(
             f"trusted_proxies must be a list of addresses or networks, got the string "
             f"{trusted_proxies!r}; write [{trusted_proxies!r}]"
         )
+    if not isinstance(trusted_proxies, Iterable):
+        raise ConfigurationError(
+            f"trusted_proxies must be a list of addresses or networks, got "
+            f"{type(trusted_proxies).__name__}"
+        )
     v4: list[tuple[int, int]] = []
     v6: list[tuple[int, int]] = []
     mapped_space = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -217,6 +222,10 @@ def _check_headers(headers: Sequence[str]) -> tuple[bytes, ...]:
         raise ConfigurationError(
             f"headers must be a sequence of header names, got the string {headers!r}; "
             f"write [{headers!r}]"
+        )
+    if not isinstance(headers, Iterable):
+        raise ConfigurationError(
+            f"headers must be a sequence of header names, got {type(headers).__name__}"
         )
     names: list[bytes] = []
     for header in headers:
@@ -407,7 +416,8 @@ def header_key(
         A key function taking the ASGI scope.
 
     Raises:
-        ConfigurationError: If ``name`` is empty or not a valid header name.
+        ConfigurationError: If ``name`` is empty or not a valid header name, or
+            ``fallback`` is not callable.
 
     Examples:
         >>> key = header_key("x-api-key")
@@ -415,6 +425,10 @@ def header_key(
         'x-api-key=k1'
     """
     target = _check_header_name(name)
+    if fallback is not None and not callable(fallback):
+        raise ConfigurationError(
+            f"header_key: fallback must be a key function of the scope, got {fallback!r}"
+        )
 
     if fallback is None:
         peer_key = _peer_key_func(64)

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,7 +35,7 @@ from ._memory import (
 )
 from ._policy import Policy, Quota
 
-__all__ = ["QuotaState", "RateLimitDecision", "RateLimiter"]
+__all__ = ["QuotaState", "RateLimitDecision", "RateLimiter", "event_handlers"]
 
 logger = logging.getLogger("asgi_guard.ratelimit")
 
@@ -236,17 +236,28 @@ class RateLimiter:
             isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 2
         ):
             raise ConfigurationError(f"max_keys must be an int >= 2 or None, got {max_keys!r}")
-        if not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not (0 < timeout < math.inf)
+        ):
             raise ConfigurationError(
                 f"timeout must be a positive number of seconds, got {timeout!r}"
+            )
+        if clock is not None and not callable(getattr(clock, "now", None)):
+            raise ConfigurationError(
+                f"clock must have a now() method returning seconds, got {clock!r}"
+            )
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ConfigurationError(
+                f"storage_options must be a dict of keyword arguments, got "
+                f"{type(storage_options).__name__}"
             )
         self.uri = _redact(storage)
         self.max_keys = max_keys
         self.timeout = float(timeout)
         self.clock: Clock = clock if clock is not None else MonotonicClock()
-        self._handlers: tuple[EventHandler, ...] = (
-            (on_event,) if callable(on_event) else tuple(on_event)
-        )
+        self._handlers = event_handlers(on_event)
         self._callback_guard = _CallbackGuard()
         self._tables: dict[tuple[str, str, str], Table] = {}
         self._claims: dict[str, list[object]] = {}
@@ -631,6 +642,21 @@ class RateLimiter:
         """Forget every in-memory counter (tests; remote storages are left alone)."""
         for table in self._tables.values():
             table.clear()
+
+
+def event_handlers(on_event: EventHandler | Sequence[EventHandler]) -> tuple[EventHandler, ...]:
+    """``on_event=`` as a tuple of callbacks, or `ConfigurationError`."""
+    if callable(on_event):
+        return (on_event,)
+    if isinstance(on_event, (str, bytes)) or not isinstance(on_event, Iterable):
+        raise ConfigurationError(
+            f"on_event takes a callback or a list of callbacks, got {type(on_event).__name__}"
+        )
+    handlers = tuple(on_event)
+    for handler in handlers:
+        if not callable(handler):
+            raise ConfigurationError(f"on_event: a callback must be callable, got {handler!r}")
+    return handlers
 
 
 def _is_outage(exc: BaseException) -> bool:

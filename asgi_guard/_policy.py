@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from limits import RateLimitItem, parse_many
+from limits.util import SEPARATORS, SINGLE_EXPR
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
@@ -59,6 +60,18 @@ def _parse(limit: str) -> list[RateLimitItem]:
     for item in items:
         if item.amount <= 0:
             raise ConfigurationError(f"the limit {limit!r} must allow at least one request")
+    # limits reads a period of zero ("10/0 minutes") as one; it is a mistake, not a minute.
+    for part in SEPARATORS.split(limit):
+        match = SINGLE_EXPR.match(part)
+        if match is not None and match.group(3) is not None and int(match.group(3)) == 0:
+            raise ConfigurationError(f"the limit {limit!r} has a period of zero: {part.strip()!r}")
+    slugs = [_slug(item) for item in items]
+    repeated = sorted({s for s in slugs if slugs.count(s) > 1})
+    if repeated:
+        raise ConfigurationError(
+            f"the limit {limit!r} repeats {', '.join(repeated)}: each limit of a policy is "
+            f"one quota, give it once"
+        )
     return items
 
 
@@ -111,6 +124,8 @@ class Policy:
             raise ConfigurationError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigurationError(f"a policy name must be a str, got {type(self.name).__name__}")
         if self.name is not None and (
             not self.name
             or not self.name.isascii()
@@ -133,6 +148,8 @@ class Policy:
             raise ConfigurationError(f"cost must be an int >= 1 or a callable, got {self.cost!r}")
         if self.key is not None and not callable(self.key):
             raise ConfigurationError(f"key must be a callable taking the scope, got {self.key!r}")
+        if not isinstance(self.dry_run, bool):
+            raise ConfigurationError(f"dry_run must be True or False, got {self.dry_run!r}")
         if self.on_storage_error not in ("allow", "deny"):
             raise ConfigurationError("on_storage_error must be 'allow' or 'deny'")
         base = self.name

@@ -22,7 +22,10 @@ being served after it and pushed out for it.
 A request whose deadline cannot be met is refused at once. Lower classes are shed first: a
 full queue makes room for a higher class by pushing out the lowest class's oldest waiter. A
 class may be guaranteed a share of the limit: below its share it is admitted even when the
-limit is reached (others may borrow the share while the class is idle).
+limit is reached (others may borrow the share while the class is idle). While the algorithm
+measures its no-load latency for the first time (`Adaptive` and `Vegas` run five requests
+alone), its limit is held down for that, not by overload: waiters may wait `LEARNING_WAIT`
+and the queue is never standing, so a fresh worker does not refuse what it can serve.
 
 Plain async Python, no ASGI: the middleware and the bulkhead dependency drive it.
 """
@@ -39,6 +42,7 @@ from typing import Literal
 import anyio
 
 from ._adaptive import LimitAlgorithm
+from ._algorithms import FIRST_PROBE_TIMEOUT
 from ._deadline import _check_seconds, settle
 from ._errors import ConfigurationError
 
@@ -92,6 +96,15 @@ SPARED_WAIT = 2.0
 #: 1-2% of refusals came after the whole burst wait, 50 ms, and refusals took 54 ms at p99
 #: in `bench/shedding_sim.py`; with 80%, 7 ms, for the same goodput.)
 WAIT_MARGIN = 0.8
+
+#: How long a request may wait (without a ``queue_timeout``) while the algorithm measures
+#: the no-load latency for the first time (its ``learning`` attribute, as `Adaptive` and
+#: `Vegas` have): the limit is held at ``min_limit`` (1) for that, not by overload, and the
+#: measurement ends within a second of the first request's end (`FIRST_PROBE_TIMEOUT`).
+#: (With a burst's wait, 80 ms, a fresh worker refused 3 of 4 concurrent 100 ms requests,
+#: and 9 of the first 30 of a 60 ms I/O-bound route at 6% of its capacity: the measurement
+#: takes five requests' time.)
+LEARNING_WAIT = FIRST_PROBE_TIMEOUT
 
 _NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
 _UNCALM = math.inf  # no request admitted with room to spare since the last refusal
@@ -208,7 +221,8 @@ class ConcurrencyLimiter:
             of it within `STANDING_MEMORY` intervals of a standing queue, and
             `SPARED_WAIT` intervals for a class that lower classes spare); once a
             standing queue has formed, no more than ``codel_target`` (or this, if
-            shorter).
+            shorter). While the algorithm is ``learning`` (its first measurement of the
+            no-load latency), this, or `LEARNING_WAIT` by default.
         codel_target: The wait allowed once a standing queue has formed.
         codel_interval: How long the queue must stay non-empty to count as standing; the
             wait allowed before that is a share of it (see ``queue_timeout``). Both scale up
@@ -243,6 +257,8 @@ class ConcurrencyLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.algorithm = algorithm
+        #: Whether the algorithm is still measuring its no-load latency (see `_learns`).
+        self._learning = getattr(algorithm, "learning", False) is True
         self.burst_share = burst_share
         self.recent_share = burst_share if recent_share is None else recent_share
         self.wait_margin = wait_margin
@@ -324,6 +340,8 @@ class ConcurrencyLimiter:
         that, at 0.8x capacity and a limit of 3, one waiter at a time kept refilling the
         queue and the standing state held for up to 400 ms, refusing newcomers all along:
         measured.)"""
+        if self._learning and self._learns():
+            return False  # the algorithm holds the limit down to measure, not overload
         if self.queued > 0:
             return now - self._empty_since_or_at > self._interval()
         return self._still_standing()
@@ -359,6 +377,16 @@ class ConcurrencyLimiter:
             return False  # nothing below the lowest class
         since = now - self._interval()
         return any(arrived > since for arrived in self._arrivals[priority + 1 :])
+
+    def _learns(self) -> bool:
+        """Whether the algorithm is still measuring its no-load latency for the first time
+        (its ``learning``): its limit is held down for that, not by overload, so a waiter
+        may wait `LEARNING_WAIT` (or ``queue_timeout``) and the queue is never standing.
+        Once it is over, it stays over (the flag is read no more)."""
+        if getattr(self.algorithm, "learning", False) is True:
+            return True
+        self._learning = False
+        return False
 
     def _interval(self) -> float:
         # A queue is not standing before the wait it was allowed is over.
@@ -473,7 +501,8 @@ class ConcurrencyLimiter:
             self.counts["queue_full"] += 1
             self._calm_since = _UNCALM
             return "queue_full"
-        standing = self.standing(now)
+        learning = self._learning and self._learns()
+        standing = self.standing(now)  # never while learning
         if standing:
             self._stood_at = now
         # CoDel's cuts (one waiter, the short wait), unless a lower class takes them.
@@ -483,7 +512,9 @@ class ConcurrencyLimiter:
             self.counts["queue_full"] += 1
             self._calm_since = _UNCALM
             return "queue_full"  # nobody of a lower class to push out
-        if not cut and self.queue_timeout is None and (standing or self._spared(priority, now)):
+        if learning:
+            wait = LEARNING_WAIT if self.queue_timeout is None else self.queue_timeout
+        elif not cut and self.queue_timeout is None and (standing or self._spared(priority, now)):
             # Lower classes take the cuts, and this class is the one to keep: it may wait
             # `SPARED_WAIT` intervals, not a burst's wait.
             wait = SPARED_WAIT * self._interval()
@@ -574,14 +605,17 @@ class ConcurrencyLimiter:
                 # Requests wait: places free as fast as the worker serves. The time between
                 # two such frees, smoothed, is what a place in the queue costs a newcomer
                 # (at most the time a request takes: a longer gap is a stall of the loop).
-                since = self._done_at if self._done_at > self._queued_at else self._queued_at
-                gap = now - since
-                if gap > self.rtt:
-                    gap = self.rtt
-                if self.place_time:
-                    self.place_time += (gap - self.place_time) * 0.1
-                else:
-                    self.place_time = gap
+                # Not while the algorithm learns: the places of its first measurement free
+                # one at a time, at the pace of its limit, not the worker's.
+                if not self._learning:
+                    since = self._done_at if self._done_at > self._queued_at else self._queued_at
+                    gap = now - since
+                    if gap > self.rtt:
+                        gap = self.rtt
+                    if self.place_time:
+                        self.place_time += (gap - self.place_time) * 0.1
+                    else:
+                        self.place_time = gap
                 self._admit_waiters()
             self._done_at = now
 
@@ -597,7 +631,9 @@ class ConcurrencyLimiter:
             limit = 1  # a custom algorithm's broken limit (see `limit`)
         now = self._clock()
         lifo = self.standing(now)
-        drained = 0.0 if lifo else self._drained(now)
+        # While the algorithm learns, the queue drains as fast as its measurement lets it,
+        # first in, first out: its busy period starts again with each waiter served.
+        drained = math.inf if self._learning else 0.0 if lifo else self._drained(now)
         for index, queue in enumerate(self._queues):
             share = self._shares[index] * limit  # below it, a class is admitted at the limit
             newest_first = lifo and not self._spared(index, now)

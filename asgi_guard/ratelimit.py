@@ -12,13 +12,14 @@ from math import ceil as _ceil
 from time import monotonic
 from typing import Any, Literal, cast
 
+from starlette.routing import PARAM_REGEX
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._clock import MonotonicClock
 from ._errors import ConfigurationError
 from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
-from ._limiter import QuotaState, RateLimiter
+from ._limiter import QuotaState, RateLimiter, event_handlers
 from ._memory import Table
 from ._paths import Exemptions, ExemptSpec, compile_template
 from ._policy import LimitSpec, Policy, Quota, as_policies
@@ -229,25 +230,40 @@ class RateLimitMiddleware:
         self.app = app
         if headers not in ("ietf", "legacy", "both", "none"):
             raise ConfigurationError("headers must be 'ietf', 'legacy', 'both' or 'none'")
-        if not isinstance(retry_after_jitter, (int, float)) or not (
-            0 <= retry_after_jitter < math.inf
+        if (
+            isinstance(retry_after_jitter, bool)
+            or not isinstance(retry_after_jitter, (int, float))
+            or not (0 <= retry_after_jitter < math.inf)
         ):
-            raise ConfigurationError("retry_after_jitter must be a non-negative number of seconds")
+            raise ConfigurationError(
+                f"retry_after_jitter must be a non-negative number of seconds, "
+                f"got {retry_after_jitter!r}"
+            )
         if key is not None and not callable(key):
             raise ConfigurationError("key must be a callable taking the ASGI scope")
         if response is not None and not callable(response):
             raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
+        if not isinstance(problem_type, str) or not problem_type:
+            raise ConfigurationError(f"problem_type must be a URI string, got {problem_type!r}")
+        if not isinstance(websocket, bool):
+            raise ConfigurationError(f"websocket must be True or False, got {websocket!r}")
+        if limiter is not None and not isinstance(limiter, RateLimiter):
+            raise ConfigurationError(f"limiter must be a RateLimiter, got {type(limiter).__name__}")
         if limiter is not None and storage != "memory://":
             raise ConfigurationError("pass either storage= or limiter=, not both")
+        if isinstance(rules, Rule):
+            raise ConfigurationError("rules= takes a list of Rule objects: rules=[Rule(...)]")
+        if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+            raise ConfigurationError(
+                f"rules= takes a list of Rule objects, got {type(rules).__name__}"
+            )
+        self._handlers = event_handlers(on_event)
         self.limiter = limiter if limiter is not None else RateLimiter(storage, on_event=on_event)
         self.headers = headers
         self.retry_after_jitter = float(retry_after_jitter)
         self.problem_type = problem_type
         self.response = response
         self.websocket = websocket
-        self._handlers: tuple[EventHandler, ...] = (
-            (on_event,) if callable(on_event) else tuple(on_event)
-        )
         self._callback_guard = _CallbackGuard()
         self._key = key if key is not None else client_ip()
         clock = self.limiter.clock
@@ -259,7 +275,7 @@ class RateLimitMiddleware:
         self._cost_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
 
-        self._exempt = Exemptions(exempt, logger, "limited")
+        self._exempt = Exemptions(_checked_exempt(exempt), logger, "limited")
         self._exempt_paths = self._exempt.paths
         self._exempt_more = self._exempt.needs_check
 
@@ -300,10 +316,18 @@ class RateLimitMiddleware:
             raise ConfigurationError(
                 f"a rule path is a route template starting with '/': {rule.path!r}"
             )
+        _check_template(rule.path, "a rule path")
+        if not isinstance(rule.per_path, bool):
+            raise ConfigurationError(f"Rule.per_path must be True or False, got {rule.per_path!r}")
         methods = None
         if rule.methods is not None:
-            if isinstance(rule.methods, str):
+            if isinstance(rule.methods, (str, bytes)) or not isinstance(rule.methods, Iterable):
                 raise ConfigurationError("Rule.methods takes a list of methods, e.g. ['POST']")
+            for method in rule.methods:
+                if not isinstance(method, str) or not method:
+                    raise ConfigurationError(
+                        f"Rule.methods takes method names such as 'POST', got {method!r}"
+                    )
             methods = frozenset(m.upper() for m in rule.methods)
             if "GET" in methods:
                 methods |= {"HEAD"}
@@ -654,6 +678,31 @@ def _merge_fields(
     for name, value in ((b"ratelimit-policy", policy), (b"ratelimit", state)):
         merged[name] = merged[name] + b", " + value if name in merged else value
     return list(merged.items())
+
+
+def _check_template(path: str, what: str) -> None:
+    """Refuse a path whose braces are not all route parameters: Starlette would take
+    ``"/x/{a"`` literally, which is never what was meant."""
+    if ("{" in path or "}" in path) and any(c in PARAM_REGEX.sub("", path) for c in "{}"):
+        raise ConfigurationError(
+            f"{what} {path!r} has a '{{' or '}}' outside a parameter such as '{{name}}' "
+            f"or '{{name:int}}'"
+        )
+
+
+def _checked_exempt(exempt: Iterable[ExemptSpec]) -> Iterable[ExemptSpec]:
+    """``exempt=`` as a list, its templates checked, or `ConfigurationError`."""
+    if isinstance(exempt, str) or callable(exempt):
+        exempt = [exempt]
+    elif isinstance(exempt, bytes) or not isinstance(exempt, Iterable):
+        raise ConfigurationError(
+            f"exempt takes a list of paths and predicates, got {type(exempt).__name__}"
+        )
+    entries = list(exempt)
+    for entry in entries:
+        if isinstance(entry, str):
+            _check_template(entry, "the exempt path")
+    return entries
 
 
 def storage_rejection() -> Rejection:

@@ -115,14 +115,18 @@ class LoadSheddingMiddleware:
         app: The ASGI app to protect.
         limit: A fixed concurrency cap (an int), or a limit algorithm: `Fixed`, `AIMD`,
             `Vegas`, `Gradient2`, or the default, which learns the limit from latency and
-            the event loop's lag.
+            the event loop's lag. The default (and `Vegas`) starts at 1 to measure the
+            no-load latency over five requests; requests wait for it meanwhile (see
+            ``queue_timeout``) rather than being refused.
         max_queue: How many requests may wait (0: none). Default: as many as the limit,
             and at least 32.
         queue_timeout: The longest a request may wait while the queue absorbs a burst, in
             seconds (default: 80% of ``codel_interval``, 80 ms, as scaled; half the
             interval, 50 ms, within ten intervals of a standing queue; two intervals for a
             class while lower classes arrive too); once a standing queue has formed, a
-            request waits no longer than ``codel_target``.
+            request waits no longer than ``codel_target``. While the algorithm measures
+            a fresh worker's no-load latency, a request may wait this, or a second by
+            default, and the queue never counts as standing.
         codel_target: The wait allowed once a standing queue has formed (5 ms).
         codel_interval: How long the queue must stay non-empty to be standing (100 ms);
             the wait allowed before is a share of it. Both scale up for slow applications.

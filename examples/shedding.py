@@ -9,6 +9,11 @@ the time a request waits in the queue counts against its deadline, and a request
 finish in time is refused at once. ``/health`` is never shed; ``/state`` shows what the
 guard knows (serve it to your metrics).
 
+A fresh process runs its first five requests one at a time while ``Adaptive`` measures the
+no-load latency; requests that come meanwhile wait in the shedder's queue (up to a second)
+rather than being refused, so a first burst of four reports is served one after another,
+and the bulkhead sees them one by one. From then on the shedder lets them through together.
+
 Run it: ``uvicorn examples.shedding:guarded``.
 """
 

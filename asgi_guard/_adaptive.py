@@ -26,6 +26,12 @@ class LimitAlgorithm(Protocol):
     One instance serves one limiter (one middleware or one bulkhead) in one process; it is
     called only from the event loop thread, so it needs no lock. Every method must be cheap
     (a few microseconds): ``on_sample`` runs once per request.
+
+    Optionally, beyond the protocol: an algorithm that holds its limit down at the start to
+    measure (as `Adaptive` and `Vegas` run five requests alone) may have a ``learning``
+    attribute, true meanwhile. The engine then lets requests wait longer and never counts
+    its queue as standing, instead of treating the low limit as overload; once ``learning``
+    is false, the engine reads it no more.
     """
 
     @property

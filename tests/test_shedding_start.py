@@ -195,3 +195,39 @@ async def until(check: Callable[[], bool]) -> None:
     with anyio.fail_after(2):
         while not check():  # noqa: ASYNC110 - polling the limiter's state
             await anyio.sleep(0.001)
+
+
+class Measuring:
+    """A custom algorithm that says it learns, as the protocol's docstring allows."""
+
+    def __init__(self) -> None:
+        self.limit = 1
+        self.learning = True
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> None:
+        pass
+
+    def on_lag(self, now: float, lag: float) -> None:
+        pass
+
+    def state(self) -> dict[str, float]:
+        return {"limit": self.limit}
+
+
+async def test_a_custom_algorithm_may_say_it_learns() -> None:
+    """A custom algorithm's ``learning`` is honoured: its queue does not stand while it is
+    true, and stands again (after an interval not empty) once it is false."""
+    clock = ManualClock(100.0)
+    algorithm = Measuring()
+    limiter = ConcurrencyLimiter(algorithm, clock=clock.now, burst_share=0.8)
+    held = limiter.try_acquire(class_index("critical"))
+    assert held is not None
+    async with anyio.create_task_group() as group:
+        group.start_soon(limiter.acquire, class_index("critical"))
+        await until(lambda: limiter.queued == 1)
+        clock.advance(0.5)
+        assert not limiter.standing(clock.now())
+        algorithm.learning = False
+        assert limiter.standing(clock.now())
+        group.cancel_scope.cancel()
+    assert limiter.queued == 0

@@ -139,7 +139,9 @@ class StrictCalls:
         if getattr(time.sleep, _MARK, False):
             raise ConfigurationError(
                 "another strict BlockingDetectorMiddleware is running; strict mode patches "
-                "process-wide functions, so run one at a time"
+                "process-wide functions, so run one at a time (in a test the pytest plugin "
+                "checks, the plugin's is running: mark the test "
+                "@pytest.mark.asgi_guard_blocking(strict=False))"
             )
         self._thread = thread
         for name, (owner, attribute, blocks) in KNOWN_CALLS.items():

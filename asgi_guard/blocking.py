@@ -267,28 +267,30 @@ class BlockingDetectorMiddleware:
     @asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
         """Watch the running event loop for the duration of the block (for tests: the
-        pytest plugin uses it), then stop."""
+        pytest plugin uses it), then stop. An exception the block raises comes out as it
+        is, not wrapped in an exception group."""
+        error: BaseException | None = None
         async with anyio.create_task_group() as task_group:
             self._generation += 1
             self._timer = self._waker = None
             self._loop = current_loop()
             task_group.start_soon(self._heartbeat)
-            self._start_threads()
             try:
+                self._start_threads()  # may fail: another strict detector runs
                 yield
+            except (anyio.get_cancelled_exc_class(), GeneratorExit):
+                raise  # the task group's (or an outer scope's) business
+            except BaseException as exc:  # pytest's outcomes (skip, fail) are BaseExceptions
+                error = exc
             finally:
                 task_group.cancel_scope.cancel()
                 self.stop()
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error: Exception | None = None
-        async with self.watching():
-            try:
-                await self.app(scope, receive, send)
-            except Exception as exc:
-                error = exc  # raised as is, not wrapped in an exception group
         if error is not None:
             raise error
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self.watching():
+            await self.app(scope, receive, send)
 
     def _lazy_start(self, loop: object) -> None:
         """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""

@@ -93,6 +93,31 @@ async def test_strict_mode_ignores_non_blocking_sockets() -> None:
                 right.recv(1)
 
 
+async def test_watching_raises_what_the_block_raises_as_it_is() -> None:
+    """An exception raised under watching() comes out as it is (the pytest plugin's
+    xfail(raises=...) and assertion reports need it), not in an exception group."""
+    detector = strict_app()
+    with pytest.raises(BlockingCallError, match=r"time\.sleep"):
+        async with detector.watching():
+            time.sleep(0.001)
+    with pytest.raises(KeyError):
+        async with detector.watching():
+            raise KeyError("k")
+    assert not detector._watchdog.running
+
+
+async def test_a_second_strict_detector_says_what_to_do_under_the_plugin() -> None:
+    """An app with a strict detector of its own, in a test the plugin checks strictly,
+    fails to start with how to make both work (the plugin's strict=False), and stops the
+    threads it started."""
+    plugins, apps = strict_app(), strict_app()
+    async with plugins.watching():
+        with pytest.raises(ConfigurationError, match=r"asgi_guard_blocking\(strict=False\)"):
+            async with apps.watching():
+                pass
+        assert not apps._watchdog.running  # a failed start leaves no thread behind
+
+
 def test_strict_mode_options_are_checked() -> None:
     """Unknown allow entries, or allow without strict, are configuration errors."""
     with pytest.raises(ConfigurationError, match="unknown"):

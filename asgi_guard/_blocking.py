@@ -78,6 +78,8 @@ _MACHINERY_FRAGMENTS = (
     f"{os.sep}anyio{os.sep}_backends{os.sep}",
     f"{os.sep}uvicorn{os.sep}",
     f"{os.sep}hypercorn{os.sep}",
+    # The pytest plugin's wrapper, which runs a checked test: the step is the test's.
+    f"{os.sep}asgi_guard{os.sep}pytest_plugin.py",
 )
 #: A step made only of these frames, called by the loop itself, is the loop waiting.
 _IDLE = (f"{os.sep}selectors.py",)

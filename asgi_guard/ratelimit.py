@@ -185,9 +185,11 @@ class RateLimitMiddleware:
             ``"10/second;1000/hour"``, a `Policy` or a list of them.
         rules: Per-route `Rule` objects, tried in order; the first match replaces
             ``limit`` for that request.
-        key: Whom to count per, a function of the scope (sync or async). Default:
-            `client_ip` (the socket peer). If it raises or returns nothing, the
-            request is counted under its socket peer address and the error is logged once.
+        key: Whom to count per, a function of the scope (sync or async) returning a
+            non-empty ``str`` (a subclass such as a ``str`` enum counts by its string
+            value). Default: `client_ip` (the socket peer). If it raises or returns
+            anything else, the request is counted under its socket peer address and the
+            error is logged once.
         storage: A storage URI, ``"memory://"`` by default (see `RateLimiter`).
         limiter: A `RateLimiter` to share with dependencies or other middlewares;
             replaces ``storage``.
@@ -374,9 +376,9 @@ class RateLimitMiddleware:
                     if hasattr(key, "__await__"):
                         key = await key
                     if key.__class__ is not str or not key:
-                        key = self._bad_key(scope, key)
+                        key = self._odd_key(scope, key)
                 elif not key:
-                    key = self._bad_key(scope, key)
+                    key = self._odd_key(scope, key)
             except Exception as exc:
                 key = self._key_error(scope, exc)
             allowed, remaining, reset, retry = fast.table.hit(key, fast.cost, self._now())
@@ -462,7 +464,13 @@ class RateLimitMiddleware:
 
         return lifespan_send
 
-    def _bad_key(self, scope: Scope, key: object) -> str:
+    def _odd_key(self, scope: Scope, key: object) -> str:
+        """The key for what a key function returned that is not a non-empty exact ``str``:
+        the string value of a ``str`` subclass (a ``str`` enum), else the socket peer."""
+        if isinstance(key, str):
+            if key:
+                return str.__str__(key)
+            return self._key_fallback(scope, "returned an empty string", None)
         return self._key_fallback(scope, f"returned {type(key).__name__} instead of a str", None)
 
     def _key_error(self, scope: Scope, exc: Exception) -> str:
@@ -486,7 +494,7 @@ class RateLimitMiddleware:
             if (bound.key_async or not isinstance(key, str)) and hasattr(key, "__await__"):
                 key = await cast("Awaitable[Any]", key)
             if key.__class__ is not str or not key:
-                key = self._bad_key(scope, key)
+                key = self._odd_key(scope, key)
         except Exception as exc:
             key = self._key_error(scope, exc)
         return f"{path}\x00{key}" if per_path else cast("str", key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import enum
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -326,6 +327,41 @@ async def test_key_returning_nothing_and_async_keys() -> None:
         assert (await a.get("/tenant", headers={"x-tenant": "t1"})).status_code == 200
         assert (await b.get("/tenant", headers={"x-tenant": "t1"})).status_code == 429
         assert (await b.get("/tenant", headers={"x-tenant": "t2"})).status_code == 200
+
+
+async def test_a_str_subclass_key_counts_by_its_value(caplog: pytest.LogCaptureFixture) -> None:
+    """A key function returning a str enum counts by the enum's string value, on the fast
+    and the general path, with no error logged."""
+
+    class Tenant(str, enum.Enum):
+        A = "tenant-a"
+
+    app = RateLimitMiddleware(
+        ok_app,
+        limit="1/minute",
+        rules=[Rule("/slow", limit=["1/minute", "5/hour"])],
+        key=lambda scope: Tenant.A,
+        limiter=manual(),
+    )
+    with caplog.at_level(logging.ERROR, logger="asgi_guard"):
+        async with client_for(app, "10.0.0.1") as a, client_for(app, "10.0.0.2") as b:
+            for path in ("/", "/slow"):
+                assert (await a.get(path)).status_code == 200
+                assert (await b.get(path)).status_code == 429  # same tenant, another peer
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+async def test_an_empty_key_says_it_is_empty(caplog: pytest.LogCaptureFixture) -> None:
+    """An empty key falls back to the peer, and the log line says the key was empty."""
+    app = RateLimitMiddleware(ok_app, limit="1/minute", key=lambda scope: "", limiter=manual())
+    with caplog.at_level(logging.ERROR, logger="asgi_guard"):
+        async with client_for(app, "10.0.0.1") as a, client_for(app, "10.0.0.2") as b:
+            assert (await a.get("/")).status_code == 200
+            assert (await b.get("/")).status_code == 200
+    assert [r.getMessage() for r in caplog.records] == [
+        "a rate-limit key function returned an empty string; such requests are counted "
+        "under their socket peer address"
+    ]
 
 
 async def test_missing_client_in_scope_is_one_shared_bucket() -> None:

@@ -573,6 +573,10 @@ def httpx_timeout(
     return httpx.Timeout(total, connect=connect_timeout)
 
 
+#: The largest finite float: a larger int has no float value (``math.isfinite`` raises).
+_LARGEST = sys.float_info.max
+
+
 def _is_number(value: object) -> bool:
     """An int or a float (not a bool), and not NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
@@ -582,7 +586,7 @@ def _check_seconds(value: Any, name: str, *, allow_zero: bool = False) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not math.isfinite(value)
+        or not -_LARGEST < value < _LARGEST  # infinite, NaN, or an int too large for a float
         or value < 0
         or (value == 0 and not allow_zero)
     ):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
+
+from ._errors import ConfigurationError
+from ._keys import _is_async_callable
 
 __all__ = [
     "Event",
@@ -15,6 +18,7 @@ __all__ = [
     "StorageEvent",
     "TimeoutEvent",
     "emit",
+    "event_handlers",
 ]
 
 logger = logging.getLogger("asgi_guard")
@@ -131,6 +135,27 @@ class _CallbackGuard:
 
 
 _E = TypeVar("_E", RateLimitEvent, StorageEvent, TimeoutEvent, LoadSheddingEvent)
+
+
+def event_handlers(
+    on_event: Callable[[_E], None] | Iterable[Callable[[_E], None]], name: str = "on_event"
+) -> tuple[Callable[[_E], None], ...]:
+    """A guard's event callbacks (one or several) as a tuple, or `ConfigurationError`:
+    each must be a plain callable, since events are delivered synchronously."""
+    if callable(on_event):
+        on_event = (on_event,)
+    elif isinstance(on_event, (str, bytes)) or not isinstance(on_event, Iterable):
+        raise ConfigurationError(f"{name} takes a callback or a list of them, got {on_event!r}")
+    handlers = tuple(on_event)
+    for handler in handlers:
+        if not callable(handler):
+            raise ConfigurationError(f"{name} callbacks must be callable, got {handler!r}")
+        if _is_async_callable(handler):
+            raise ConfigurationError(
+                f"{name} callbacks are called synchronously and must be plain functions, "
+                f"not async: {handler!r}"
+            )
+    return handlers
 
 
 def emit(

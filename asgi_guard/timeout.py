@@ -28,7 +28,7 @@ from ._deadline import (
     spawn_detached,
 )
 from ._errors import ConfigurationError
-from ._events import TimeoutEvent, _CallbackGuard, emit
+from ._events import TimeoutEvent, _CallbackGuard, emit, event_handlers
 from ._paths import Exemptions, ExemptSpec, route_path, route_template
 from ._problem import Rejection, ResponseFactory, send_rejection
 from ._record import SCOPE_KEY, GuardRecord
@@ -42,6 +42,11 @@ TimeoutHandler = Callable[[TimeoutEvent], None]
 
 _GRPC_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def _seconds(value: float) -> str:
+    """Seconds for a message: three significant digits, and never an exponent."""
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
 def parse_timeout_header(value: str) -> float | None:
@@ -189,9 +194,7 @@ class TimeoutMiddleware:
         self._exempt = Exemptions(exempt, logger, "given a deadline")
         self._exempt_paths = self._exempt.paths
         self._exempt_more = self._exempt.needs_check
-        self._handlers: tuple[TimeoutHandler, ...] = (
-            (on_event,) if callable(on_event) else tuple(on_event)
-        )
+        self._handlers: tuple[TimeoutHandler, ...] = event_handlers(on_event)
         self._callback_guard = _CallbackGuard()
         self._keeper: Keeper | None = None
         self._on_loop = LoopCheck()  # whether a request runs on ``_keeper``'s loop, cheaply
@@ -299,7 +302,13 @@ class TimeoutMiddleware:
                         budget.active = False
                         keeper.live -= 1
                 elif idle is not None:
+                    # A send that waits for a slow reader is not idleness of the app: the
+                    # idle clock stops while it waits, and restarts when it returns.
+                    budget.idle_at = math.inf
+                    await send(message)
                     budget.idle_at = monotonic() + idle
+                    budget.reschedule()
+                    return
             elif kind == "http.response.start":
                 budget.started = True
                 trailers = bool(message.get("trailers", False))
@@ -521,7 +530,12 @@ class TimeoutMiddleware:
             budget.keeper.spawn(budget)
         else:
             self.stats["cut_short"] += 1
-        self._report(kind, budget, now)
+        if budget.context is not None:
+            # In the request's context (a request id an outer middleware set, for the
+            # callbacks and the log's filters), not the keeper's.
+            budget.context.run(self._report, kind, budget, now)
+        else:
+            self._report(kind, budget, now)
 
     def _rejection(self, budget: Budget) -> Rejection:
         if budget.fired == "body":
@@ -537,7 +551,7 @@ class TimeoutMiddleware:
             status=504,
             type="about:blank",
             title="Gateway Timeout",
-            detail=f"The request did not complete within its {budget.seconds:.3g} s deadline.",
+            detail=f"The request did not complete within its {_seconds(budget.seconds)} s deadline.",
             guard="timeout",
         )
 
@@ -591,8 +605,8 @@ class TimeoutMiddleware:
         if kind == "overrun":
             message = (
                 f"{event.method} {event.route or event.path}: the handler kept running "
-                f"{late:.2f} s past its deadline (a sync endpoint in a thread cannot be "
-                "cancelled; reported once per route)"
+                f"{late:.2f} s past its deadline (a sync endpoint in its thread, or code "
+                "shielded from cancellation, runs to its end; reported once per route)"
             )
         elif kind == "disconnect":
             message = f"{event.method} {event.path}: the client disconnected; handler cancelled"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import itertools
@@ -43,7 +44,7 @@ from asgi_guard import (
     remaining,
 )
 from asgi_guard._record import GuardRecord
-from asgi_guard.timeout import parse_timeout_header
+from asgi_guard.timeout import _seconds, parse_timeout_header
 
 from ._timeout_backends import anyio_backend  # noqa: F401 (the backends fixture)
 from .asgi_driver import drive, http_scope
@@ -377,6 +378,64 @@ async def test_a_steady_stream_is_not_cut_by_its_idle_timeout() -> None:
     assert events == []
 
 
+async def test_a_slow_reader_does_not_count_as_an_idle_stream() -> None:
+    """A send that waits for a slow client is not the app going idle: a stream the app
+    feeds without pause, to a client that takes longer than idle_timeout to read each
+    chunk, is delivered whole."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for chunk in (b"a", b"b", b"c"):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    sent: list[Message] = []
+
+    async def slow_client(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(2 * T)  # the client reads slowly: the send waits
+        sent.append(message)
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
+    await guard(http_scope("/stream"), receive, slow_client)
+    assert b"".join(m.get("body", b"") for m in sent) == b"abc"
+    assert sent[-1]["more_body"] is False
+    assert events == []
+    assert guard.stats["cut_short"] == 0
+
+
+async def test_a_stream_that_stalls_after_a_slow_send_is_still_cut() -> None:
+    """The idle clock restarts when a send returns: the app going quiet afterwards is cut."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await anyio.sleep(10)  # stalls
+
+    sent: list[Message] = []
+
+    async def slow_client(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(2 * T)
+        sent.append(message)
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
+    started = time.monotonic()
+    await guard(http_scope("/stream"), receive, slow_client)
+    assert time.monotonic() - started < 3 * T + SLACK
+    assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
+
+
 async def test_a_slow_body_is_answered_408() -> None:
     """A body whose next chunk takes longer than body_timeout gets 408 and Connection: close."""
     probe = Probe()
@@ -604,6 +663,10 @@ def test_outbound_timeout_rejects_nonsense(bad: Any) -> None:
 # -- configuration and pass-through -----------------------------------------------------------
 
 
+async def _async_callback(event: Event) -> None:  # pragma: no cover - refused, never called
+    pass
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -621,7 +684,14 @@ def test_outbound_timeout_rejects_nonsense(bad: Any) -> None:
         {"body_rate_grace": -1},
         {"deadline_header": ""},
         {"exempt": ["health"]},
+        {"exempt": 5},
+        {"exempt": None},
         {"response": "not callable"},
+        {"timeout": 10**400},
+        {"timeout": 5, "max_timeout": 10**400},
+        {"on_event": 5},
+        {"on_event": ["not callable"]},
+        {"on_event": _async_callback},
     ],
 )
 def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -> None:
@@ -665,6 +735,39 @@ async def test_exempt_paths_are_matched_below_the_root_path() -> None:
     assert seen[0] is None
     assert seen[1] is not None
     assert 0 < seen[1] <= T
+
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
+
+
+async def test_deadline_events_are_reported_in_the_requests_context() -> None:
+    """A deadline is enforced from the keeper's task, but its event (and log line) is
+    reported in the request's context: what an outer middleware set there (a request id
+    for the log's filters) is seen by the callbacks."""
+    seen: list[tuple[str, str | None]] = []
+
+    def on_event(event: Event) -> None:
+        assert isinstance(event, TimeoutEvent)
+        seen.append((event.kind, request_id.get()))
+
+    probe = Probe()
+    guard = TimeoutMiddleware(make_app(probe), timeout=T, on_event=on_event)
+
+    async def tagging(scope: Scope, receive: Receive, send: Send) -> None:
+        request_id.set("req-42")
+        await guard(scope, receive, send)
+
+    driven = await drive(tagging, http_scope("/slow"), then="wait")
+    assert driven.status == 504
+    assert seen == [("deadline", "req-42")]
+
+
+def test_long_deadlines_are_written_without_an_exponent() -> None:
+    assert _seconds(1800.0) == "1800"
+    assert _seconds(0.25) == "0.25"
+    assert _seconds(12.345) == "12.3"
 
 
 async def test_a_custom_response_replaces_the_504() -> None:

@@ -21,7 +21,7 @@ from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
 from ._limiter import QuotaState, RateLimiter, event_handlers
 from ._memory import Table
-from ._paths import Exemptions, ExemptSpec, compile_template
+from ._paths import Exemptions, ExemptSpec, compile_template, route_path
 from ._policy import LimitSpec, Policy, Quota, as_policies
 from ._problem import (
     QUOTA_EXCEEDED,
@@ -47,7 +47,9 @@ class Rule:
     Rules are tried in order; the first that matches replaces the middleware's default
     ``limit``. Paths use Starlette's template syntax, so ``"/users/{user_id}"`` matches
     ``/users/1`` and ``/users/2`` and counts them together; ``per_path=True`` counts every
-    concrete path apart. ``"/static/{rest:path}"`` matches a whole subtree.
+    concrete path apart. ``"/static/{rest:path}"`` matches a whole subtree. Paths are
+    matched as the app routes them: in an app mounted at ``/v1`` or served with a
+    ``root_path``, ``"/login"`` matches a request for ``/v1/login``.
 
     Args:
         path: A route template, e.g. ``"/login"`` or ``"/items/{item_id:int}"``.
@@ -194,6 +196,8 @@ class RateLimitMiddleware:
         limiter: A `RateLimiter` to share with dependencies or other middlewares;
             replaces ``storage``.
         exempt: Paths (exact or templates) and predicates ``(scope) -> bool`` never limited.
+            Rules and exempt paths match the path as the app routes it, without the
+            ``root_path`` of a mounted sub-app or of ``--root-path``.
         headers: ``"ietf"`` (``RateLimit``/``RateLimit-Policy``, the default), ``"legacy"``
             (``X-RateLimit-*``), ``"both"`` or ``"none"``.
         retry_after_jitter: Up to this many random seconds are added to ``Retry-After``.
@@ -359,6 +363,8 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if scope.get("root_path"):
+            path = route_path(scope)
         if path in self._exempt_paths or (self._exempt_more and self._exempt(scope, path)):
             await self.app(scope, receive, send)
             return

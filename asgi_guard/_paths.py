@@ -65,9 +65,7 @@ class Exemptions:
         if isinstance(exempt, str) or callable(exempt):
             exempt = [exempt]
         elif not isinstance(exempt, Iterable):
-            raise ConfigurationError(
-                f"exempt takes a list of paths and predicates, got {exempt!r}"
-            )
+            raise ConfigurationError(f"exempt takes a list of paths and predicates, got {exempt!r}")
         paths = set()
         self._patterns: list[re.Pattern[str]] = []
         self._checks: list[Callable[[Scope], bool]] = []

@@ -551,7 +551,9 @@ class TimeoutMiddleware:
             status=504,
             type="about:blank",
             title="Gateway Timeout",
-            detail=f"The request did not complete within its {_seconds(budget.seconds)} s deadline.",
+            detail=(
+                f"The request did not complete within its {_seconds(budget.seconds)} s deadline."
+            ),
             guard="timeout",
         )
 

@@ -39,7 +39,7 @@ def test_an_async_exempt_predicate_is_refused_at_construction() -> None:
         return True
 
     with pytest.raises(ConfigurationError, match="not async"):
-        Exemptions([is_probe], log, "limited")
+        Exemptions([is_probe], log, "limited")  # type: ignore[list-item]
 
 
 def test_a_sync_exempt_predicate_is_kept() -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request, Response
 from fastapi.requests import HTTPConnection
 from fastapi.responses import JSONResponse
+from starlette.exceptions import WebSocketException
 from starlette.types import Receive, Scope, Send
 
 from ._algorithms import Fixed
@@ -102,13 +103,14 @@ class RateLimitDependency:
             self._plans[id(route)] = plan
         return plan
 
-    async def __call__(self, request: Request, response: Response) -> None:
+    async def __call__(self, connection: HTTPConnection, response: Response) -> None:
         core = self._core
-        scope = request.scope
+        scope = connection.scope
         plan = self._plan_for(scope)
-        allowed, states, storage_denied = await core._evaluate(request, plan, scope["path"])  # type: ignore[arg-type]
+        allowed, states, storage_denied = await core._evaluate(connection, plan, scope["path"])  # type: ignore[arg-type]
         if storage_denied:
-            core._report_storage_denied(request, plan)  # type: ignore[arg-type]
+            core._report_storage_denied(connection, plan)  # type: ignore[arg-type]
+            _refuse_websocket(scope, "Service Unavailable")
             raise RequestRejected(storage_rejection())
         mode = core.headers
         shown = [s for s in states if not s.dry_run]
@@ -133,7 +135,8 @@ class RateLimitDependency:
             retry = retry_after_seconds(
                 max(s.retry_after for s in enforced), core.retry_after_jitter
             )
-            core._report_rejection(request, plan, [s.name for s in enforced], retry)  # type: ignore[arg-type]
+            core._report_rejection(connection, plan, [s.name for s in enforced], retry)  # type: ignore[arg-type]
+            _refuse_websocket(scope, "Too Many Requests")
             raise RateLimitExceeded(
                 violated_policies=[s.name for s in enforced],
                 retry_after=retry,
@@ -143,6 +146,16 @@ class RateLimitDependency:
         core.stats["allowed"] += 1
         for name, value in headers.items():
             _merge(response, name, value)
+
+
+def _refuse_websocket(scope: Scope, reason: str) -> None:
+    """Close a refused WebSocket handshake with 1008 where the server cannot send an HTTP
+    denial response (as the middleware does); where it can, the HTTPException raised
+    next is answered as one."""
+    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
+        "extensions", {}
+    ):
+        raise WebSocketException(code=1008, reason=reason)
 
 
 def _merge(response: Response, name: str, value: str) -> None:
@@ -168,6 +181,9 @@ def rate_limit(
     count per route (``/users/{id}`` is one route whatever the id); a named
     `Policy` is one quota for every route counted by the same limiter: every route of one
     dependency object, or of several given the same ``limiter=``.
+
+    WebSocket routes are limited too: a refused handshake gets the 429 as an HTTP denial
+    response where the server supports it, and a close with code 1008 otherwise.
 
     Args:
         limit: Limits or policies, as for `RateLimitMiddleware`.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, WebSocket
 
 from asgi_guard import (
     QUOTA_EXCEEDED,
@@ -20,6 +21,8 @@ from asgi_guard import (
     header_key,
 )
 from asgi_guard.fastapi import RateLimitDependency, rate_limit, rejection_handler
+
+from .asgi_driver import drive, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -374,3 +377,69 @@ async def test_dependency_request_costing_more_than_the_quota_has_no_retry_after
     assert r.status_code == 429, r.text
     assert "retry-after" not in r.headers, r.headers
     assert "cannot be admitted" in r.json()["detail"], r.text
+
+
+# -- WebSocket routes -------------------------------------------------------------------
+
+
+def ws_app(dependency: RateLimitDependency) -> FastAPI:
+    """A FastAPI app whose app-level dependencies hold ``dependency``, with GET / and a
+    WebSocket route /ws."""
+    app = FastAPI(dependencies=[Depends(dependency)])
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get("/")
+    async def index() -> str:
+        return "index"
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    return app
+
+
+def ws_scope(extensions: dict[str, Any] | None = None) -> dict[str, Any]:
+    scope = {**http_scope("/ws"), "type": "websocket", "scheme": "ws", "subprotocols": []}
+    scope["extensions"] = extensions or {}
+    del scope["method"]
+    return scope
+
+
+async def test_an_app_wide_dependency_limits_websocket_handshakes_with_close_1008() -> None:
+    """On an app with WebSocket routes the dependency counts handshakes (no TypeError) and
+    closes a refused one with 1008 when the server has no denial extension."""
+    app = ws_app(rate_limit("2/minute", limiter=limiter()))
+    connect = [{"type": "websocket.connect"}]
+    async with LifespanManager(app):
+        first = await drive(app, ws_scope(), connect, then="wait")
+        second = await drive(app, ws_scope(), connect, then="wait")
+        third = await drive(app, ws_scope(), connect, then="wait")
+        async with client_for(app) as client:
+            index = await client.get("/")
+    assert [m["type"] for m in first.sent] == [
+        "websocket.accept",
+        "websocket.send",
+        "websocket.close",
+    ]
+    assert second.sent[0]["type"] == "websocket.accept", second.sent
+    assert third.sent == [{"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"}]
+    assert index.status_code == 200, index.text
+
+
+async def test_a_refused_handshake_gets_a_429_denial_response_when_supported() -> None:
+    """With the websocket.http.response extension a refused handshake is denied with the
+    dependency's 429 problem+json and its Retry-After, as the middleware does."""
+    app = ws_app(rate_limit(Policy("1/minute", name="ws"), limiter=limiter()))
+    connect = [{"type": "websocket.connect"}]
+    ext: dict[str, Any] = {"websocket.http.response": {}}
+    async with LifespanManager(app):
+        await drive(app, ws_scope(ext), connect, then="wait")
+        denied = await drive(app, ws_scope(ext), connect, then="wait")
+    start = denied.sent[0]
+    assert start["type"] == "websocket.http.response.start", denied.sent
+    assert start["status"] == 429, start
+    assert denied.headers["retry-after"] == "20", denied.headers
+    assert json.loads(denied.body)["violated-policies"] == ["ws"], denied.body

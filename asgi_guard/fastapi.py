@@ -26,10 +26,14 @@ from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
 from ._record import FIELDS_KEY, SCOPE_KEY
 from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
+    LEGACY_KEY,
     HeaderMode,
+    LegacyValues,
     RateLimitMiddleware,
     _Plan,
-    legacy_headers,
+    legacy_fields,
+    legacy_values,
+    policy_header_value,
     ratelimit_header_value,
     retry_after_seconds,
     storage_rejection,
@@ -107,28 +111,47 @@ class RateLimitDependency:
         core = self._core
         scope = connection.scope
         plan = self._plan_for(scope)
-        allowed, states, storage_denied = await core._evaluate(connection, plan, scope["path"])  # type: ignore[arg-type]
+        # A named policy a middleware (or another dependency) on the same limiter counted
+        # this request against already is skipped: it counts once per request.
+        allowed, states, storage_denied, skipped = await core._evaluate(
+            scope, plan, scope["path"], connection, again=False
+        )
         if storage_denied:
             core._report_storage_denied(connection, plan)  # type: ignore[arg-type]
             _refuse_websocket(scope, "Service Unavailable")
             raise RequestRejected(storage_rejection())
         mode = core.headers
         shown = [s for s in states if not s.dry_run]
-        ietf = mode in ("ietf", "both") and bool(shown) and plan.policy_header is not None
-        policy_value = plan.policy_header.decode("latin-1") if plan.policy_header else ""
-        state_value = ratelimit_header_value(shown) if shown else ""
-        entries: list[tuple[str, str]] | None = scope.get(FIELDS_KEY)
-        behind_middleware = entries is not None
-        if ietf and entries is not None:
-            # The middleware writes every RateLimit entry into the response it sends,
-            # a 429 raised here included: one field line for the app's and the route's quotas.
-            entries.append((policy_value, state_value))
+        policy_header = plan.policy_header
+        if skipped and policy_header is not None:
+            quotas = [
+                q
+                for b in plan.bound
+                if b not in skipped and not b.policy.dry_run
+                for q in b.policy.quotas
+            ]
+            policy_header = policy_header_value(quotas).encode("latin-1") if quotas else None
+        ietf = mode in ("ietf", "both") and bool(shown) and policy_header is not None
+        policy_value = policy_header.decode("latin-1") if ietf and policy_header else ""
+        state_value = ratelimit_header_value(shown) if ietf else ""
+        legacy = legacy_values(shown) if mode in ("legacy", "both") and shown else None
+        # Behind a middleware that sends the same fields, it writes them into the response
+        # it sends, a 429 raised here included: one RateLimit list for the app's and the
+        # route's quotas, and legacy fields for the tightest of them.
         headers: dict[str, str] = {}
-        if ietf and not behind_middleware:
-            headers["RateLimit-Policy"] = policy_value
-            headers["RateLimit"] = state_value
-        if mode in ("legacy", "both") and shown:
-            headers.update((k.decode(), v.decode()) for k, v in legacy_headers(shown))
+        if ietf:
+            entries: list[tuple[str, str]] | None = scope.get(FIELDS_KEY)
+            if entries is not None:
+                entries.append((policy_value, state_value))
+            else:
+                headers["RateLimit-Policy"] = policy_value
+                headers["RateLimit"] = state_value
+        if legacy is not None:
+            tightest: list[LegacyValues | None] | None = scope.get(LEGACY_KEY)
+            if tightest is not None:
+                tightest.append(legacy)
+            else:
+                headers.update((k.decode(), v.decode()) for k, v in legacy_fields(*legacy))
         if not allowed:
             core.stats["rejected"] += 1
             enforced = [s for s in states if not s.allowed and not s.dry_run]
@@ -180,7 +203,9 @@ def rate_limit(
     Use it per route, per router or per app; handlers keep their signatures. Unnamed limits
     count per route (``/users/{id}`` is one route whatever the id); a named
     `Policy` is one quota for every route counted by the same limiter: every route of one
-    dependency object, or of several given the same ``limiter=``.
+    dependency object, or of several given the same ``limiter=``. A request is counted
+    once against a named policy: if a `RateLimitMiddleware` (or another dependency) on
+    the same limiter counted it under the same key, the dependency skips that policy.
 
     WebSocket routes are limited too: a refused handshake gets the 429 as an HTTP denial
     response where the server supports it, and a close with code 1008 otherwise.
@@ -193,8 +218,9 @@ def rate_limit(
         limiter: A `RateLimiter` to share (with a middleware, or with
             other processes through Redis). Default: a private in-memory limiter.
         headers: ``"ietf"``, ``"legacy"``, ``"both"`` or ``"none"``. Behind a
-            ``RateLimitMiddleware`` the entries join the middleware's headers; alone they
-            are set on the response FastAPI builds from the handler's return value.
+            ``RateLimitMiddleware`` that sends rate-limit headers, the entries join the
+            middleware's (legacy headers then describe the tightest quota of both); alone
+            they are set on the response FastAPI builds from the handler's return value.
         retry_after_jitter: Up to this many random seconds added to ``Retry-After``.
         problem_type: The problem type reported by `rejection_handler`.
         on_event: Callbacks receiving every rate-limit event.

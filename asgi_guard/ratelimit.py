@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from math import ceil as _ceil
 from time import monotonic
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from starlette.routing import PARAM_REGEX
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +38,16 @@ __all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware"
 logger = logging.getLogger("asgi_guard.ratelimit")
 
 HeaderMode = Literal["ietf", "legacy", "both", "none"]
+
+#: ``scope[LEGACY_KEY]``: the limit, remaining and reset of the tightest quota of the outermost
+#: ``RateLimitMiddleware`` that sends legacy fields (None without one), then of each
+#: dependency behind it that sends them; that middleware sends the tightest of all.
+LEGACY_KEY = "asgi_guard.rate_limit_legacy"
+
+#: ``scope[COUNTED_KEY]``: the counters of named policies a request was counted against,
+#: as ``(id(limiter), namespace, key)``, so that a dependency does not count it against
+#: the same counter again. Only requests that hit a named policy get it.
+COUNTED_KEY = "asgi_guard.rate_limit_counted"
 
 
 @dataclass(frozen=True)
@@ -71,11 +81,13 @@ class Rule:
 class _BoundPolicy:
     """A policy resolved for one place: its key, cost, namespace and memory tables."""
 
-    __slots__ = ("cost", "key", "key_async", "namespace", "policy", "tables")
+    __slots__ = ("cost", "counter", "key", "key_async", "namespace", "policy", "tables")
 
     def __init__(self, policy: Policy, namespace: str, key: KeyFunc, limiter: RateLimiter) -> None:
         self.policy = policy
         self.namespace = namespace
+        #: A named policy's counter, less the key, for `COUNTED_KEY`; None when unnamed.
+        self.counter = (id(limiter), namespace) if policy.name is not None else None
         self.key = policy.key or key
         self.key_async = _is_async_callable(self.key)
         self.cost = policy.cost
@@ -90,12 +102,13 @@ class _Fast:
     """The straight path of a place with one policy of one quota, in memory, a fixed cost
     and a sync key: what its requests need, read from one object."""
 
-    __slots__ = ("bound", "cost", "key", "policy_field", "state_format", "table")
+    __slots__ = ("bound", "cost", "counter", "key", "policy_field", "state_format", "table")
 
     def __init__(self, bound: _BoundPolicy, table: Table, policy_header: bytes | None) -> None:
         self.bound = bound
         self.table = table
         self.key = bound.key
+        self.counter = bound.counter
         self.cost = cast(int, bound.cost)
         #: An admitted request's ``RateLimit`` value, formatted with r and t (IETF
         #: headers); with headers="none", empty for no fields at all. None: the general path.
@@ -108,7 +121,7 @@ class _Fast:
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = ("bound", "fast", "has_dry_run", "per_path", "policy_header", "route")
+    __slots__ = ("bound", "fast", "has_dry_run", "named", "per_path", "policy_header", "route")
 
     def __init__(
         self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
@@ -116,6 +129,7 @@ class _Plan:
         self.bound = bound
         self.route = route
         self.per_path = per_path
+        self.named = any(b.counter is not None for b in bound)
         enforced = [q for b in bound if not b.policy.dry_run for q in b.policy.quotas]
         self.has_dry_run = any(b.policy.dry_run for b in bound)
         self.policy_header = (
@@ -155,14 +169,28 @@ def ratelimit_header_value(states: Iterable[QuotaState]) -> str:
     )
 
 
+#: The values of the legacy fields: limit, remaining, reset (whole seconds).
+LegacyValues = tuple[int, int, int]
+
+
+def legacy_values(states: Sequence[QuotaState]) -> LegacyValues:
+    """The limit, remaining and reset (whole seconds) of the tightest of ``states``."""
+    tight = min(states, key=lambda s: (s.remaining, -s.reset_after))
+    return tight.limit, max(0, tight.remaining), math.ceil(max(0.0, tight.reset_after))
+
+
+def legacy_fields(limit: int, remaining: int, reset: int) -> list[tuple[bytes, bytes]]:
+    """``X-RateLimit-Limit/Remaining/Reset`` with these values."""
+    return [
+        (b"x-ratelimit-limit", str(limit).encode()),
+        (b"x-ratelimit-remaining", str(remaining).encode()),
+        (b"x-ratelimit-reset", str(reset).encode()),
+    ]
+
+
 def legacy_headers(states: Sequence[QuotaState]) -> list[tuple[bytes, bytes]]:
     """``X-RateLimit-Limit/Remaining/Reset`` for the tightest of ``states``."""
-    tight = min(states, key=lambda s: (s.remaining, -s.reset_after))
-    return [
-        (b"x-ratelimit-limit", str(tight.limit).encode()),
-        (b"x-ratelimit-remaining", str(max(0, tight.remaining)).encode()),
-        (b"x-ratelimit-reset", str(math.ceil(max(0.0, tight.reset_after))).encode()),
-    ]
+    return legacy_fields(*legacy_values(states))
 
 
 def retry_after_seconds(retry_after: float, jitter: float) -> int:
@@ -173,6 +201,17 @@ def retry_after_seconds(retry_after: float, jitter: float) -> int:
     if jitter:
         retry_after += random.uniform(0.0, jitter)
     return max(1, math.ceil(retry_after))
+
+
+class _Outcome(NamedTuple):
+    """What `RateLimitMiddleware._evaluate` decided."""
+
+    allowed: bool
+    states: tuple[QuotaState, ...]
+    #: Refused because the storage failed and a policy says ``on_storage_error="deny"``.
+    storage_denied: bool
+    #: Named policies not counted again: the request was counted against them already.
+    skipped: tuple[_BoundPolicy, ...]
 
 
 class RateLimitMiddleware:
@@ -199,7 +238,8 @@ class RateLimitMiddleware:
             Rules and exempt paths match the path as the app routes it, without the
             ``root_path`` of a mounted sub-app or of ``--root-path``.
         headers: ``"ietf"`` (``RateLimit``/``RateLimit-Policy``, the default), ``"legacy"``
-            (``X-RateLimit-*``), ``"both"`` or ``"none"``.
+            (``X-RateLimit-*``), ``"both"`` or ``"none"``. The fields of the ``rate_limit``
+            dependencies behind it join its own.
         retry_after_jitter: Up to this many random seconds are added to ``Retry-After``.
         problem_type: The problem ``type`` URI of the 429 body.
         response: Build your own rejection response: ``(scope, Rejection) -> ASGI app``.
@@ -275,8 +315,12 @@ class RateLimitMiddleware:
         clock = self.limiter.clock
         # The default clock's method only calls `monotonic`: call it directly.
         self._now = monotonic if clock.__class__ is MonotonicClock else clock.now
+        # Whether admitted responses get rate-limit fields (their own or dependencies').
+        self._wraps = headers != "none"
         # Whether responses get IETF fields, into which dependencies' entries are merged.
         self._merges = headers in ("ietf", "both")
+        # Whether responses get legacy fields, which dependencies' quotas may tighten.
+        self._legacy = headers in ("legacy", "both")
         self._key_failed = False
         self._cost_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
@@ -388,6 +432,8 @@ class RateLimitMiddleware:
             except Exception as exc:
                 key = self._key_error(scope, exc)
             allowed, remaining, reset, retry = fast.table.hit(key, fast.cost, self._now())
+            if fast.counter is not None and allowed:
+                _note_counted(scope, fast.counter, key)
             state_format = fast.state_format
             if allowed and state_format is not None:
                 headers = (
@@ -416,7 +462,7 @@ class RateLimitMiddleware:
                 noted = get_record(scope)
                 if noted.arrival is None:
                     noted.arrival = monotonic()
-            allowed, states, error_deny = await self._evaluate(scope, plan, path)
+            allowed, states, error_deny, _ = await self._evaluate(scope, plan, path)
             if error_deny:
                 await self._deny_storage(scope, receive, send, plan)
                 return
@@ -425,9 +471,15 @@ class RateLimitMiddleware:
             await self._reject(scope, receive, send, plan, states)
             return
         self.stats["allowed"] += 1
+        tightest: list[LegacyValues | None] | None = None
         if headers is None:
             headers = self._headers_for(plan, states)
-        if kind != "http" or not (headers or self._merges):
+            if self._legacy and kind == "http" and LEGACY_KEY not in scope:
+                # Dependencies add their tightest quota here; the legacy fields describe the
+                # tightest of all (an outer RateLimitMiddleware that set it already does).
+                enforced = [s for s in states if not s.dry_run]
+                tightest = scope[LEGACY_KEY] = [legacy_values(enforced) if enforced else None]
+        if kind != "http" or not (headers or self._wraps):
             await self.app(scope, receive, send)
             return
         entries: list[tuple[str, str]] | None = None
@@ -444,6 +496,8 @@ class RateLimitMiddleware:
                 extra = fields
                 if entries:
                     extra = _merge_fields(fields, entries)
+                if tightest is not None and len(tightest) > 1:
+                    extra = _merge_legacy(extra, tightest)
                 # A new dict and list: the app may reuse its message (and its headers).
                 given = message.get("headers")
                 message = dict(message)
@@ -527,22 +581,34 @@ class RateLimitMiddleware:
             return 1
 
     async def _evaluate(
-        self, scope: Scope, plan: _Plan, path: str
-    ) -> tuple[bool, tuple[QuotaState, ...], bool]:
-        """Decide every policy of ``plan``: (allowed, states, denied because storage failed)."""
+        self, scope: Scope, plan: _Plan, path: str, conn: Any = None, *, again: bool = True
+    ) -> _Outcome:
+        """Decide every policy of ``plan`` for the request of ``scope``.
+
+        Key and cost functions get ``conn`` (the dependency's ``Request``), or the scope.
+        A named policy the request was counted against is noted in ``scope``; with
+        ``again=False``, one already noted under the same key is skipped, not counted twice.
+        """
         limiter = self.limiter
+        arg = scope if conn is None else conn
+        seen = None if again or not plan.named else scope.get(COUNTED_KEY)
         keys: dict[int, str] = {}
         resolved: list[tuple[_BoundPolicy, str, int]] = []
+        skipped: list[_BoundPolicy] = []
         for bound in plan.bound:
             key = keys.get(id(bound.key))
             if key is None:
-                key = keys[id(bound.key)] = await self._key_for(bound, scope, path, plan.per_path)
+                key = keys[id(bound.key)] = await self._key_for(bound, arg, path, plan.per_path)
+            if seen is not None and bound.counter is not None and (*bound.counter, key) in seen:
+                skipped.append(bound)
+                continue
             cost = bound.cost
             if not isinstance(cost, int):
-                cost = await self._cost_for(bound, scope)
+                cost = await self._cost_for(bound, arg)
             resolved.append((bound, key, cost))
         allowed = True
         states: list[QuotaState] = []
+        counted: list[tuple[tuple[int, str], str]] = []
         if limiter.is_memory:
             # No await from here on: check every policy, then commit only if every enforced
             # one admits, so a refused request consumes no quota anywhere and concurrent
@@ -557,8 +623,11 @@ class RateLimitMiddleware:
                     allowed = False
                 pending.append((bound, key, cost, tables, results, ok))
             for bound, key, cost, tables, results, ok in pending:
-                if allowed and ok and cost:
-                    results = [t.hit(key, cost, now) for t in tables]
+                if allowed and ok:
+                    if cost:
+                        results = [t.hit(key, cost, now) for t in tables]
+                    if bound.counter is not None:
+                        counted.append((bound.counter, key))
                 dry = bound.policy.dry_run
                 states.extend(
                     QuotaState(q.name, q.burst, q.window, r[1], r[2], r[0], r[3], dry)
@@ -572,14 +641,19 @@ class RateLimitMiddleware:
                 if decision.storage_error:
                     self.stats["storage_errors"] += 1
                     if not decision.allowed:
-                        return False, (), True
+                        return _Outcome(False, (), True, ())
                 elif not decision.allowed:
                     allowed = False
+                elif bound.counter is not None and all(q.allowed for q in decision.quotas):
+                    counted.append((bound.counter, key))
                 states.extend(decision.quotas)
         result = tuple(states)
         if plan.has_dry_run and any(s.dry_run and not s.allowed for s in result):
-            self._report_dry_run(scope, plan, result)
-        return allowed, result, False
+            self._report_dry_run(arg, plan, result)
+        if allowed:
+            for counter, key in counted:
+                _note_counted(scope, counter, key)
+        return _Outcome(allowed, result, False, tuple(skipped))
 
     def _headers_for(
         self, plan: _Plan, states: tuple[QuotaState, ...]
@@ -694,6 +768,17 @@ def _merge_fields(
     return list(merged.items())
 
 
+def _merge_legacy(
+    fields: list[tuple[bytes, bytes]], tightest: list[LegacyValues | None]
+) -> list[tuple[bytes, bytes]]:
+    """The middleware's fields with one set of legacy fields: those of the tightest of its
+    own quota (``tightest[0]``, None without one) and the dependencies' behind it."""
+    values = min((v for v in tightest if v is not None), key=lambda v: (v[1], -v[2]))
+    merged = dict(fields)
+    merged.update(legacy_fields(*values))
+    return list(merged.items())
+
+
 def _check_template(path: str, what: str) -> None:
     """Refuse a path whose braces are not all route parameters: Starlette would take
     ``"/x/{a"`` literally, which is never what was meant."""
@@ -717,6 +802,14 @@ def _checked_exempt(exempt: Iterable[ExemptSpec]) -> Iterable[ExemptSpec]:
         if isinstance(entry, str):
             _check_template(entry, "the exempt path")
     return entries
+
+
+def _note_counted(scope: Scope, counter: tuple[int, str], key: str) -> None:
+    """Record in the scope that the request was counted against a named policy."""
+    counted = scope.get(COUNTED_KEY)
+    if counted is None:
+        counted = scope[COUNTED_KEY] = set()
+    counted.add((*counter, key))
 
 
 def storage_rejection() -> Rejection:

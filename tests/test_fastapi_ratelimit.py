@@ -443,3 +443,123 @@ async def test_a_refused_handshake_gets_a_429_denial_response_when_supported() -
     assert start["status"] == 429, start
     assert denied.headers["retry-after"] == "20", denied.headers
     assert json.loads(denied.body)["violated-policies"] == ["ws"], denied.body
+
+
+# -- a middleware and a dependency on one response ---------------------------------------
+
+
+async def test_legacy_headers_of_middleware_and_dependency_are_one_set_the_tightest() -> None:
+    """headers='legacy' on both: one X-RateLimit-* set, for the tightest of their quotas;
+    the dependency's 429 too."""
+    shared = limiter()
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get("/x", dependencies=[Depends(rate_limit("2/minute", limiter=shared, headers="legacy"))])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, limit="5/minute", headers="legacy")
+    async with client_for(app) as client:
+        first = await client.get("/x")
+        second = await client.get("/x")
+        refused = await client.get("/x")
+    for r, remaining in ((first, "1"), (second, "0"), (refused, "0")):
+        assert r.headers.get_list("x-ratelimit-limit") == ["2"], r.headers
+        assert r.headers.get_list("x-ratelimit-remaining") == [remaining], r.headers
+        assert r.headers.get_list("x-ratelimit-reset") == ["20"], r.headers
+    assert refused.status_code == 429, refused.text
+
+
+async def test_legacy_headers_follow_the_middleware_when_its_quota_is_tighter() -> None:
+    """With headers='both' on both, the legacy set is the middleware's when it has less left,
+    and the IETF lists hold both quotas."""
+    shared = limiter()
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(rate_limit("10/minute", limiter=shared, headers="both"))])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, limit="3/minute", headers="both")
+    async with client_for(app) as client:
+        r = await client.get("/x")
+    assert r.headers.get_list("x-ratelimit-limit") == ["3"], r.headers
+    assert r.headers.get_list("x-ratelimit-remaining") == ["2"], r.headers
+    assert r.headers.get_list("ratelimit") == ['"3-per-60s";r=2;t=20, "10-per-60s";r=9;t=20']
+
+
+async def test_a_dependency_behind_an_ietf_middleware_sets_its_own_legacy_headers() -> None:
+    """A legacy dependency behind an IETF-only middleware: its legacy set, once, and no
+    IETF entry of its own."""
+    shared = limiter()
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(rate_limit("2/minute", limiter=shared, headers="legacy"))])
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, limit="5/minute")
+    async with client_for(app) as client:
+        r = await client.get("/x")
+    assert r.headers.get_list("x-ratelimit-remaining") == ["1"], r.headers
+    assert r.headers.get_list("ratelimit") == ['"5-per-60s";r=4;t=20'], r.headers
+
+
+async def test_a_named_policy_shared_by_middleware_and_dependency_counts_once() -> None:
+    """A named policy on the middleware and on a route, one limiter: each request counts
+    once and the policy is listed once; another key counts apart."""
+    shared = limiter()
+    policy = Policy("3/minute", name="shared")
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get("/x", dependencies=[Depends(rate_limit(policy, limiter=shared))])
+    async def x() -> str:
+        return "x"
+
+    @app.get("/y", dependencies=[Depends(rate_limit([policy, "1/minute"], limiter=shared))])
+    async def y() -> str:
+        return "y"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, limit=policy)
+    async with client_for(app) as client:
+        first = await client.get("/x")
+        second = await client.get("/y")
+        assert await codes(client, "/x", "/x") == [200, 429]
+    async with client_for(app, "10.0.0.2") as client:
+        other = await client.get("/x")
+    assert first.headers.get_list("ratelimit") == ['"shared";r=2;t=20'], first.headers
+    assert first.headers.get_list("ratelimit-policy") == ['"shared";q=3;w=60'], first.headers
+    assert second.headers.get_list("ratelimit") == ['"shared";r=1;t=20, "1-per-60s";r=0;t=20']
+    assert second.headers.get_list("ratelimit-policy") == [
+        '"shared";q=3;w=60, "1-per-60s";q=1;w=60'
+    ], second.headers
+    assert other.status_code == 200, other.text
+
+
+async def test_a_named_policy_on_a_router_and_a_route_counts_once_per_request() -> None:
+    """Two dependency objects with one named policy and one limiter (router and route):
+    a request counts once; a dependency with another key function counts apart."""
+    shared = limiter()
+    policy = Policy("2/minute", name="api")
+    router = APIRouter(dependencies=[Depends(rate_limit(policy, limiter=shared))])
+
+    @router.get("/x", dependencies=[Depends(rate_limit(policy, limiter=shared))])
+    async def x() -> str:
+        return "x"
+
+    @router.get(
+        "/k",
+        dependencies=[Depends(rate_limit(policy, limiter=shared, key=header_key("x-api-key")))],
+    )
+    async def k() -> str:
+        return "k"
+
+    app = FastAPI()
+    app.include_router(router)
+    async with client_for(app) as client:
+        assert await codes(client, "/x", "/x", "/x") == [200, 200, 429]
+    async with client_for(app, "10.0.0.3") as client:
+        keyed = await client.get("/k", headers={"x-api-key": "A"})
+    assert keyed.headers["ratelimit"] == '"api";r=1;t=20, "api";r=1;t=20', keyed.headers

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -15,11 +16,13 @@ from starlette.routing import Mount, Route
 from asgi_guard import (
     Event,
     ManualClock,
+    Policy,
     RateLimiter,
     RateLimitEvent,
     RateLimitMiddleware,
     Rule,
 )
+from asgi_guard.fastapi import rate_limit
 
 from .asgi_driver import drive, http_scope, ok_app
 
@@ -111,3 +114,28 @@ async def test_the_root_path_itself_is_the_route_slash() -> None:
     scope = {**http_scope("/api"), "root_path": "/api"}
     first, second = await drive(app, dict(scope)), await drive(app, dict(scope))
     assert (first.status, second.status) == (200, 429)
+
+
+async def test_dependency_counts_per_route_in_a_mounted_app_behind_a_root_path() -> None:
+    """The rate_limit dependency in a mounted FastAPI app served with a root_path counts
+    its route, and a named policy shared with the sub-app's middleware counts once."""
+    shared = limiter()
+    policy = Policy("2/minute", name="shared")
+    sub = FastAPI()
+
+    @sub.get("/items/{item_id}", dependencies=[Depends(rate_limit("3/minute", limiter=shared))])
+    async def item(item_id: int) -> int:
+        return item_id
+
+    @sub.get("/named", dependencies=[Depends(rate_limit(policy, limiter=shared))])
+    async def named() -> str:
+        return "named"
+
+    sub.add_middleware(RateLimitMiddleware, limiter=shared, rules=[Rule("/named", limit=policy)])
+    outer = FastAPI()
+    outer.mount("/v1", sub)
+    async with LifespanManager(outer), client_for(outer, root_path="/api") as client:
+        items = [(await client.get(f"/api/v1/items/{i}")).status_code for i in range(4)]
+        named_codes = [(await client.get("/api/v1/named")).status_code for _ in range(3)]
+    assert items == [200, 200, 200, 429], items
+    assert named_codes == [200, 200, 429], named_codes

@@ -135,11 +135,12 @@ class _CallbackGuard:
 
 
 _E = TypeVar("_E", RateLimitEvent, StorageEvent, TimeoutEvent, LoadSheddingEvent)
+_T = TypeVar("_T")
 
 
 def event_handlers(
-    on_event: Callable[[_E], None] | Iterable[Callable[[_E], None]], name: str = "on_event"
-) -> tuple[Callable[[_E], None], ...]:
+    on_event: Callable[[_T], None] | Iterable[Callable[[_T], None]], name: str = "on_event"
+) -> tuple[Callable[[_T], None], ...]:
     """A guard's event callbacks (one or several) as a tuple, or `ConfigurationError`:
     each must be a plain callable, since events are delivered synchronously."""
     if callable(on_event):

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ from limits.storage import storage_from_string
 
 from ._clock import Clock, MonotonicClock
 from ._errors import ConfigurationError
-from ._events import EventHandler, StorageEvent, _CallbackGuard, emit
+from ._events import EventHandler, StorageEvent, _CallbackGuard, emit, event_handlers
 from ._memory import (
     FixedWindowTable,
     HitResult,
@@ -35,7 +35,7 @@ from ._memory import (
 )
 from ._policy import Policy, Quota
 
-__all__ = ["QuotaState", "RateLimitDecision", "RateLimiter", "event_handlers"]
+__all__ = ["QuotaState", "RateLimitDecision", "RateLimiter"]
 
 logger = logging.getLogger("asgi_guard.ratelimit")
 
@@ -642,21 +642,6 @@ class RateLimiter:
         """Forget every in-memory counter (tests; remote storages are left alone)."""
         for table in self._tables.values():
             table.clear()
-
-
-def event_handlers(on_event: EventHandler | Sequence[EventHandler]) -> tuple[EventHandler, ...]:
-    """``on_event=`` as a tuple of callbacks, or `ConfigurationError`."""
-    if callable(on_event):
-        return (on_event,)
-    if isinstance(on_event, (str, bytes)) or not isinstance(on_event, Iterable):
-        raise ConfigurationError(
-            f"on_event takes a callback or a list of callbacks, got {type(on_event).__name__}"
-        )
-    handlers = tuple(on_event)
-    for handler in handlers:
-        if not callable(handler):
-            raise ConfigurationError(f"on_event: a callback must be callable, got {handler!r}")
-    return handlers
 
 
 def _is_outage(exc: BaseException) -> bool:

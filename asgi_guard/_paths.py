@@ -6,16 +6,33 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 
-from starlette.routing import compile_path
+from starlette.routing import PARAM_REGEX, compile_path
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
 from ._keys import _is_async_callable
 
-__all__ = ["ExemptSpec", "Exemptions", "compile_template", "route_path", "route_template"]
+__all__ = [
+    "ExemptSpec",
+    "Exemptions",
+    "check_template",
+    "compile_template",
+    "route_path",
+    "route_template",
+]
 
 #: A path (exact, or a Starlette route template) or a predicate on the scope.
 ExemptSpec = str | Callable[[Scope], bool]
+
+
+def check_template(path: str, what: str) -> None:
+    """Refuse a path whose braces are not all route parameters: Starlette would take
+    ``"/x/{a"`` literally, which is never what was meant."""
+    if ("{" in path or "}" in path) and any(c in PARAM_REGEX.sub("", path) for c in "{}"):
+        raise ConfigurationError(
+            f"{what} {path!r} has a '{{' or '}}' outside a parameter such as '{{name}}' "
+            f"or '{{name:int}}'"
+        )
 
 
 def compile_template(template: str) -> re.Pattern[str]:
@@ -64,7 +81,7 @@ class Exemptions:
     def __init__(self, exempt: Iterable[ExemptSpec], logger: logging.Logger, what: str) -> None:
         if isinstance(exempt, str) or callable(exempt):
             exempt = [exempt]
-        elif not isinstance(exempt, Iterable):
+        elif isinstance(exempt, bytes) or not isinstance(exempt, Iterable):
             raise ConfigurationError(f"exempt takes a list of paths and predicates, got {exempt!r}")
         paths = set()
         self._patterns: list[re.Pattern[str]] = []
@@ -73,6 +90,7 @@ class Exemptions:
             if isinstance(entry, str):
                 if not entry.startswith("/"):
                     raise ConfigurationError(f"exempt paths start with '/': {entry!r}")
+                check_template(entry, "the exempt path")
                 if "{" in entry:
                     self._patterns.append(compile_template(entry))
                 else:

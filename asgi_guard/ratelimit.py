@@ -12,16 +12,15 @@ from math import ceil as _ceil
 from time import monotonic
 from typing import Any, Literal, NamedTuple, cast
 
-from starlette.routing import PARAM_REGEX
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._clock import MonotonicClock
 from ._errors import ConfigurationError
-from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit
+from ._events import EventHandler, RateLimitEvent, _CallbackGuard, emit, event_handlers
 from ._keys import KeyFunc, _is_async_callable, client_ip, peer_address
-from ._limiter import QuotaState, RateLimiter, event_handlers
+from ._limiter import QuotaState, RateLimiter
 from ._memory import Table
-from ._paths import Exemptions, ExemptSpec, compile_template, route_path
+from ._paths import Exemptions, ExemptSpec, check_template, compile_template, route_path
 from ._policy import LimitSpec, Policy, Quota, as_policies
 from ._problem import (
     QUOTA_EXCEEDED,
@@ -325,7 +324,7 @@ class RateLimitMiddleware:
         self._cost_failed = False
         self.stats = {"allowed": 0, "rejected": 0, "dry_run": 0, "storage_errors": 0}
 
-        self._exempt = Exemptions(_checked_exempt(exempt), logger, "limited")
+        self._exempt = Exemptions(exempt, logger, "limited")
         self._exempt_paths = self._exempt.paths
         self._exempt_more = self._exempt.needs_check
 
@@ -366,7 +365,7 @@ class RateLimitMiddleware:
             raise ConfigurationError(
                 f"a rule path is a route template starting with '/': {rule.path!r}"
             )
-        _check_template(rule.path, "a rule path")
+        check_template(rule.path, "a rule path")
         if not isinstance(rule.per_path, bool):
             raise ConfigurationError(f"Rule.per_path must be True or False, got {rule.per_path!r}")
         methods = None
@@ -777,31 +776,6 @@ def _merge_legacy(
     merged = dict(fields)
     merged.update(legacy_fields(*values))
     return list(merged.items())
-
-
-def _check_template(path: str, what: str) -> None:
-    """Refuse a path whose braces are not all route parameters: Starlette would take
-    ``"/x/{a"`` literally, which is never what was meant."""
-    if ("{" in path or "}" in path) and any(c in PARAM_REGEX.sub("", path) for c in "{}"):
-        raise ConfigurationError(
-            f"{what} {path!r} has a '{{' or '}}' outside a parameter such as '{{name}}' "
-            f"or '{{name:int}}'"
-        )
-
-
-def _checked_exempt(exempt: Iterable[ExemptSpec]) -> Iterable[ExemptSpec]:
-    """``exempt=`` as a list, its templates checked, or `ConfigurationError`."""
-    if isinstance(exempt, str) or callable(exempt):
-        exempt = [exempt]
-    elif isinstance(exempt, bytes) or not isinstance(exempt, Iterable):
-        raise ConfigurationError(
-            f"exempt takes a list of paths and predicates, got {type(exempt).__name__}"
-        )
-    entries = list(exempt)
-    for entry in entries:
-        if isinstance(entry, str):
-            _check_template(entry, "the exempt path")
-    return entries
 
 
 def _note_counted(scope: Scope, counter: tuple[int, str], key: str) -> None:

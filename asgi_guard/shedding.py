@@ -29,7 +29,7 @@ from ._deadline import (
     spawn_task,
 )
 from ._errors import ConfigurationError
-from ._events import LoadSheddingEvent, _CallbackGuard, emit
+from ._events import LoadSheddingEvent, _CallbackGuard, emit, event_handlers
 from ._keys import _is_async_callable
 from ._pacing import Pacer
 from ._paths import Exemptions, ExemptSpec, compile_template, route_path
@@ -280,7 +280,7 @@ class LoadSheddingMiddleware:
         _check_seconds(retry_after, "retry_after")
         if response is not None and not callable(response):
             raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
-        handlers = _handlers(on_event)
+        handlers = event_handlers(on_event)
         if not (isinstance(exempt, (str, Iterable)) or callable(exempt)):
             raise ConfigurationError(
                 f"exempt takes paths and predicates (() for none), got {exempt!r}"
@@ -722,26 +722,6 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await send_rejection(_rejection(why, retry), scope, receive, send, self._response)
-
-
-def _handlers(
-    on_event: Callable[[LoadSheddingEvent], None] | Sequence[Callable[[LoadSheddingEvent], None]],
-) -> tuple[Callable[[LoadSheddingEvent], None], ...]:
-    """The ``on_event`` callbacks as a tuple, or `ConfigurationError`."""
-    if callable(on_event):
-        on_event = (on_event,)
-    elif isinstance(on_event, str) or not isinstance(on_event, Iterable):
-        raise ConfigurationError(f"on_event takes a callback or a list of them, got {on_event!r}")
-    handlers = tuple(on_event)
-    for handler in handlers:
-        if not callable(handler):
-            raise ConfigurationError(f"on_event callbacks must be callable, got {handler!r}")
-        if _is_async_callable(handler):
-            raise ConfigurationError(
-                f"on_event callbacks are called synchronously and must be plain functions, "
-                f"not async: {handler!r}"
-            )
-    return handlers
 
 
 def _rejection(why: Refusal, retry: int) -> Rejection:

@@ -22,6 +22,13 @@ from .asgi_driver import ok_app
 
 # Construction only: nothing here runs on an event loop.
 
+async def _async(event: object) -> None:  # pragma: no cover - refused, never called
+    pass
+
+
+_async_callback: Any = _async
+
+
 #: Values of the wrong type, typed Any so that the type checker lets them through.
 FIVE: Any = 5
 NO: Any = "no"
@@ -66,6 +73,7 @@ def test_periods_of_several_units_and_distinct_limits_are_accepted(limit: str) -
         (lambda: RateLimiter(storage_options=FIVE), "storage_options must be a dict"),
         (lambda: RateLimiter(on_event=FIVE), "on_event takes a callback"),
         (lambda: RateLimiter(on_event=[print, FIVE]), "must be callable"),
+        (lambda: RateLimiter(on_event=_async_callback), "not async"),
         (lambda: client_ip(trusted_proxies=FIVE), "trusted_proxies must be a list"),
         (lambda: client_ip(headers=FIVE), "headers must be a sequence"),
         (lambda: header_key("x-api-key", fallback=FIVE), "fallback must be a key function"),
@@ -99,6 +107,7 @@ def _middleware(**options: Any) -> RateLimitMiddleware:
         ({"exempt": "/x/{a:int}}"}, "outside a parameter"),
         ({"on_event": 5}, "on_event takes a callback"),
         ({"on_event": [5]}, "must be callable"),
+        ({"on_event": _async_callback}, "not async"),
         ({"limiter": 5}, "limiter must be a RateLimiter"),
         ({"retry_after_jitter": True}, "retry_after_jitter"),
         ({"retry_after_jitter": "1"}, "retry_after_jitter"),

@@ -106,6 +106,12 @@ WAIT_MARGIN = 0.8
 #: takes five requests' time.)
 LEARNING_WAIT = FIRST_PROBE_TIMEOUT
 
+#: How long, from the first request that queued while the algorithm learned, the queue
+#: is managed as above at most: a first request that never ends (a stream, a long poll)
+#: holds the measurement back for as long as it runs, and every newcomer would wait its
+#: `LEARNING_WAIT` in vain. Past this the queue's usual rules apply, learning or not.
+LEARNING_LIMIT = 2 * FIRST_PROBE_TIMEOUT
+
 _NEVER = -math.inf  # a time that has not come (a constant: read on the hot path)
 _UNCALM = math.inf  # no request admitted with room to spare since the last refusal
 
@@ -259,6 +265,7 @@ class ConcurrencyLimiter:
         self.algorithm = algorithm
         #: Whether the algorithm is still measuring its no-load latency (see `_learns`).
         self._learning = getattr(algorithm, "learning", False) is True
+        self._learning_since = math.nan  # when a request first queued while it learned
         self.burst_share = burst_share
         self.recent_share = burst_share if recent_share is None else recent_share
         self.wait_margin = wait_margin
@@ -382,9 +389,15 @@ class ConcurrencyLimiter:
         """Whether the algorithm is still measuring its no-load latency for the first time
         (its ``learning``): its limit is held down for that, not by overload, so a waiter
         may wait `LEARNING_WAIT` (or ``queue_timeout``) and the queue is never standing.
+        For `LEARNING_LIMIT` at most, from the first time it is asked (a request queued).
         Once it is over, it stays over (the flag is read no more)."""
         if getattr(self.algorithm, "learning", False) is True:
-            return True
+            now = self._clock()
+            if self._learning_since != self._learning_since:  # NaN: first asked
+                self._learning_since = now
+                return True
+            if now - self._learning_since <= LEARNING_LIMIT:
+                return True
         self._learning = False
         return False
 

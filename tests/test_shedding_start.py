@@ -23,8 +23,14 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from asgi_guard import Adaptive, Fixed, LoadSheddingMiddleware, ManualClock, Vegas
-from asgi_guard._shedding import LEARNING_WAIT, ConcurrencyLimiter, Permit, class_index
+from asgi_guard import Adaptive, Fixed, LoadSheddingMiddleware, ManualClock, Vegas, _shedding
+from asgi_guard._shedding import (
+    LEARNING_LIMIT,
+    LEARNING_WAIT,
+    ConcurrencyLimiter,
+    Permit,
+    class_index,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -78,12 +84,13 @@ async def test_the_examples_report_serves_a_burst_on_a_fresh_worker() -> None:
 
 
 async def test_a_fresh_worker_serves_steady_traffic_to_a_slow_route() -> None:
-    """A 60 ms I/O-bound route, a request every 20 ms (three in flight on average, a
-    small share of what it serves): none is refused while the limit is learned, and the
-    limit then grows past 1."""
+    """A 40 ms I/O-bound route, a request every 20 ms (two in flight on average, a small
+    share of what it serves): none is refused while the limit is learned (four were with
+    a burst's wait; at 60 ms nine, with little room left below the 0.8 s that the places
+    freeing ahead of a newcomer may take), and the limit then grows past 1."""
 
     async def io(request: Request) -> PlainTextResponse:
-        await anyio.sleep(0.06)
+        await anyio.sleep(0.04)
         return PlainTextResponse("ok")
 
     shedder = LoadSheddingMiddleware(Starlette(routes=[Route("/io", io)]))
@@ -189,6 +196,62 @@ def test_learning_is_read_from_the_algorithm_and_only_while_it_lasts() -> None:
     assert fresh._learns()
     assert not fixed._learns()
     assert LEARNING_WAIT == 1.0  # the first measurement's own timeout
+
+
+def test_learning_manages_the_queue_for_learning_limit_at_most() -> None:
+    """A first request that never ends (a stream, a long poll) holds the measurement back;
+    the queue is managed for learning for `LEARNING_LIMIT` from the first time it is asked,
+    then by its usual rules, though the algorithm still learns."""
+    clock = ManualClock(0.0)
+    limiter = ConcurrencyLimiter(Adaptive(), clock=clock.now, burst_share=0.8)
+    assert limiter.try_acquire(class_index("critical")) is not None  # never released
+    clock.advance(5.0)
+    assert limiter._learns()  # counted from the first time asked, not from the start
+    clock.advance(LEARNING_LIMIT)
+    assert limiter._learns()
+    clock.advance(0.001)
+    assert not limiter._learns()
+    assert getattr(limiter.algorithm, "learning", None) is True
+    assert not limiter._learns()  # over for good
+
+
+async def test_newcomers_behind_a_first_request_that_never_ends_are_refused_as_usual(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream holds the only place of a fresh worker: the first newcomer waits the
+    learning wait, and, once `LEARNING_LIMIT` has passed, newcomers are refused as at
+    any other time (a burst's wait at most), not after a second each."""
+    monkeypatch.setattr(_shedding, "LEARNING_WAIT", 0.4)
+    monkeypatch.setattr(_shedding, "LEARNING_LIMIT", 0.2)
+
+    async def stream(request: Request) -> PlainTextResponse:
+        await anyio.sleep(1.0)
+        return PlainTextResponse("streamed")
+
+    async def quick(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/stream", stream), Route("/x", quick)])
+    shedder = LoadSheddingMiddleware(app)
+    took: dict[str, tuple[int, float]] = {}
+    async with client_for(shedder) as http:
+
+        async def get(name: str, path: str) -> None:
+            started = anyio.current_time()
+            response = await http.get(path)
+            took[name] = (response.status_code, anyio.current_time() - started)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(get, "stream", "/stream")
+            await anyio.sleep(0.05)
+            group.start_soon(get, "first", "/x")  # learning: waits the learning wait
+            await anyio.sleep(0.3)
+            group.start_soon(get, "later", "/x")  # past LEARNING_LIMIT: the usual rules
+    assert took["stream"][0] == 200
+    assert took["first"][0] == 503
+    assert took["first"][1] >= 0.35
+    assert took["later"][0] == 503
+    assert took["later"][1] < 0.2
 
 
 async def until(check: Callable[[], bool]) -> None:

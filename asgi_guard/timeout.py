@@ -305,9 +305,11 @@ class TimeoutMiddleware:
                     # A send that waits for a slow reader is not idleness of the app: the
                     # idle clock stops while it waits, and restarts when it returns.
                     budget.idle_at = math.inf
-                    await send(message)
-                    budget.idle_at = monotonic() + idle
-                    budget.reschedule()
+                    try:
+                        await send(message)
+                    finally:
+                        budget.idle_at = monotonic() + idle
+                        budget.reschedule()
                     return
             elif kind == "http.response.start":
                 budget.started = True

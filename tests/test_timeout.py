@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import gc
@@ -436,6 +437,32 @@ async def test_a_stream_that_stalls_after_a_slow_send_is_still_cut() -> None:
     assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
 
 
+async def test_the_idle_clock_restarts_when_a_send_fails() -> None:
+    """A send that raises (the client's connection failed) and an app that catches it and
+    goes on: the idle clock runs again, and a stall after it is cut."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await anyio.sleep(10)  # stalls
+
+    async def failing_client(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset")
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
+    started = time.monotonic()
+    await guard(http_scope("/stream"), receive, failing_client)
+    assert time.monotonic() - started < T + SLACK
+    assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
+
+
 async def test_a_slow_body_is_answered_408() -> None:
     """A body whose next chunk takes longer than body_timeout gets 408 and Connection: close."""
     probe = Probe()
@@ -737,9 +764,7 @@ async def test_exempt_paths_are_matched_below_the_root_path() -> None:
     assert 0 < seen[1] <= T
 
 
-request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "request_id", default=None
-)
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 async def test_deadline_events_are_reported_in_the_requests_context() -> None:

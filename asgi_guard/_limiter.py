@@ -262,6 +262,9 @@ class RateLimiter:
         self._tables: dict[tuple[str, str, str], Table] = {}
         self._claims: dict[str, list[object]] = {}
         self._named: dict[str, tuple[object, ...]] = {}
+        #: Whether a `rate_limit` dependency decides on this limiter too: only then do
+        #: requests note the named policies they were counted against, for it to skip.
+        self._dependents = False
         self._storage: Storage | None = None
         self._strategies: dict[str, aio_strategies.RateLimiter] = {}
         self._scripts: dict[str, Any] = {}

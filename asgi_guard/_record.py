@@ -10,7 +10,7 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from ._deadline import Budget
 
-__all__ = ["FIELDS_KEY", "SCOPE_KEY", "GuardRecord", "get_record"]
+__all__ = ["COUNTED_KEY", "FIELDS_KEY", "LEGACY_KEY", "SCOPE_KEY", "GuardRecord", "get_record"]
 
 SCOPE_KEY = "asgi_guard"
 
@@ -19,6 +19,17 @@ SCOPE_KEY = "asgi_guard"
 #: the IETF fields (it merges them into the response it sends). A list of its own rather
 #: than a field of the record: the middleware's hot path then builds no record.
 FIELDS_KEY = "asgi_guard.rate_limit_fields"
+
+#: ``scope[LEGACY_KEY]``: the limit, remaining and reset of the tightest quota of the outermost
+#: ``RateLimitMiddleware`` that sends legacy fields (None without one), then of each
+#: dependency behind it that sends them; that middleware sends the tightest of all. (Keys of
+#: their own, as `FIELDS_KEY`, for the same reason.)
+LEGACY_KEY = "asgi_guard.rate_limit_legacy"
+
+#: ``scope[COUNTED_KEY]``: the counters of named policies a request was counted against (or
+#: a dry run decided), as ``(id(limiter), namespace, key)``, so that a dependency on the same
+#: limiter does not decide them again. Only when such a dependency exists.
+COUNTED_KEY = "asgi_guard.rate_limit_counted"
 
 
 class GuardRecord:

@@ -23,10 +23,9 @@ from ._limiter import RateLimiter
 from ._paths import route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
-from ._record import FIELDS_KEY, SCOPE_KEY
+from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY
 from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
-    LEGACY_KEY,
     HeaderMode,
     LegacyValues,
     RateLimitMiddleware,
@@ -86,6 +85,7 @@ class RateLimitDependency:
         self._policies = tuple(b.policy for b in self._core._default.bound)
         self._plans: dict[int, _Plan] = {}
         self.limiter = self._core.limiter
+        self.limiter._dependents = True  # a middleware on it notes what it counted
 
     @property
     def stats(self) -> dict[str, int]:

@@ -30,23 +30,13 @@ from ._problem import (
     rejection_detail,
     send_rejection,
 )
-from ._record import FIELDS_KEY, get_record
+from ._record import COUNTED_KEY, FIELDS_KEY, LEGACY_KEY, get_record
 
 __all__ = ["QUOTA_EXCEEDED", "TEMPORARY_REDUCED_CAPACITY", "RateLimitMiddleware", "Rule"]
 
 logger = logging.getLogger("asgi_guard.ratelimit")
 
 HeaderMode = Literal["ietf", "legacy", "both", "none"]
-
-#: ``scope[LEGACY_KEY]``: the limit, remaining and reset of the tightest quota of the outermost
-#: ``RateLimitMiddleware`` that sends legacy fields (None without one), then of each
-#: dependency behind it that sends them; that middleware sends the tightest of all.
-LEGACY_KEY = "asgi_guard.rate_limit_legacy"
-
-#: ``scope[COUNTED_KEY]``: the counters of named policies a request was counted against,
-#: as ``(id(limiter), namespace, key)``, so that a dependency does not count it against
-#: the same counter again. Only requests that hit a named policy get it.
-COUNTED_KEY = "asgi_guard.rate_limit_counted"
 
 
 @dataclass(frozen=True)
@@ -431,7 +421,13 @@ class RateLimitMiddleware:
             except Exception as exc:
                 key = self._key_error(scope, exc)
             allowed, remaining, reset, retry = fast.table.hit(key, fast.cost, self._now())
-            if fast.counter is not None and allowed:
+            if (
+                fast.counter is not None
+                and (allowed or fast.bound.policy.dry_run)
+                and self.limiter._dependents
+            ):
+                # Decided for this request (counted, or a dry run's report made): a
+                # dependency on the same limiter leaves it alone.
                 _note_counted(scope, fast.counter, key)
             state_format = fast.state_format
             if allowed and state_format is not None:
@@ -622,11 +618,10 @@ class RateLimitMiddleware:
                     allowed = False
                 pending.append((bound, key, cost, tables, results, ok))
             for bound, key, cost, tables, results, ok in pending:
-                if allowed and ok:
-                    if cost:
-                        results = [t.hit(key, cost, now) for t in tables]
-                    if bound.counter is not None:
-                        counted.append((bound.counter, key))
+                if allowed and ok and cost:
+                    results = [t.hit(key, cost, now) for t in tables]
+                if allowed and bound.counter is not None and (ok or bound.policy.dry_run):
+                    counted.append((bound.counter, key))
                 dry = bound.policy.dry_run
                 states.extend(
                     QuotaState(q.name, q.burst, q.window, r[1], r[2], r[0], r[3], dry)
@@ -643,13 +638,17 @@ class RateLimitMiddleware:
                         return _Outcome(False, (), True, ())
                 elif not decision.allowed:
                     allowed = False
-                elif bound.counter is not None and all(q.allowed for q in decision.quotas):
+                elif bound.counter is not None and (
+                    bound.policy.dry_run or all(q.allowed for q in decision.quotas)
+                ):
                     counted.append((bound.counter, key))
                 states.extend(decision.quotas)
         result = tuple(states)
         if plan.has_dry_run and any(s.dry_run and not s.allowed for s in result):
             self._report_dry_run(arg, plan, result)
-        if allowed:
+        if allowed and limiter._dependents:
+            # Decided for this request (counted, or a dry run's report made): a dependency
+            # on the same limiter leaves them alone.
             for counter, key in counted:
                 _note_counted(scope, counter, key)
         return _Outcome(allowed, result, False, tuple(skipped))

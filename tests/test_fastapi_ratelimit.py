@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from asgi_guard import (
     QUOTA_EXCEEDED,
     ConfigurationError,
+    Event,
     ManualClock,
     Policy,
     RateLimiter,
@@ -536,6 +537,27 @@ async def test_a_named_policy_shared_by_middleware_and_dependency_counts_once() 
         '"shared";q=3;w=60, "1-per-60s";q=1;w=60'
     ], second.headers
     assert other.status_code == 200, other.text
+
+
+async def test_a_shared_dry_run_policy_is_reported_once_per_request() -> None:
+    """A dry-run named policy on the middleware and on a route, one limiter: over its
+    limit, a request is reported once (the dependency does not decide it again), and
+    nothing is refused."""
+    shared = limiter()
+    policy = Policy("1/minute", name="trial", dry_run=True)
+    events: list[Event] = []
+    app = FastAPI()
+
+    @app.get(
+        "/x", dependencies=[Depends(rate_limit(policy, limiter=shared, on_event=events.append))]
+    )
+    async def x() -> str:
+        return "x"
+
+    app.add_middleware(RateLimitMiddleware, limiter=shared, limit=policy, on_event=events.append)
+    async with client_for(app) as client:
+        assert await codes(client, "/x", "/x", "/x") == [200, 200, 200]
+    assert [e.kind for e in events] == ["dry_run", "dry_run"], events
 
 
 async def test_a_named_policy_on_a_router_and_a_route_counts_once_per_request() -> None:

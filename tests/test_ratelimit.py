@@ -870,3 +870,26 @@ async def test_a_policy_name_with_a_percent_sign_is_written_as_given() -> None:
         r = await client.get("/")
     assert r.headers["ratelimit"] == '"50%d";r=9;t=20', r.headers
     assert r.headers["ratelimit-policy"] == '"50%d";q=10;w=60', r.headers
+
+
+async def test_a_named_policy_is_noted_in_the_scope_only_when_a_dependency_shares_the_limiter() -> (
+    None
+):
+    """The note that lets a `rate_limit` dependency skip what the middleware counted costs
+    a set per request: without a dependency on the limiter, nothing is written."""
+    from asgi_guard._record import COUNTED_KEY
+    from asgi_guard.fastapi import rate_limit
+
+    seen: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(COUNTED_KEY in scope)
+        await ok_app(scope, receive, send)
+
+    shared = RateLimiter()
+    policy = Policy("5/minute", name="api")
+    guard = RateLimitMiddleware(app, limiter=shared, limit=policy)
+    assert (await drive(guard, http_scope("/x"))).status == 200
+    rate_limit(policy, limiter=shared)  # a route's dependency on the same limiter
+    assert (await drive(guard, http_scope("/x"))).status == 200
+    assert seen == [False, True]

@@ -22,6 +22,7 @@ from .asgi_driver import ok_app
 
 # Construction only: nothing here runs on an event loop.
 
+
 async def _async(event: object) -> None:  # pragma: no cover - refused, never called
     pass
 

@@ -50,7 +50,9 @@ def route_path(scope: Scope) -> str:
     Behind ``uvicorn --root-path /api``, or in an app mounted at ``/api``, a request for
     ``/health`` arrives as ``path="/api/health"`` with ``root_path="/api"``; Starlette and
     FastAPI route it as ``/health``, and so do the guards' rules, exempt paths and
-    priorities. (The middlewares call this only when a ``root_path`` is set.)
+    priorities. (The middlewares call this only when a ``root_path`` is set.) The path of
+    the root itself (``/api``) is ``"/"`` here, where Starlette's routing sees ``""`` and
+    redirects to ``/api/``: an exempt ``"/"`` covers both.
     """
     path: str = scope["path"]
     root: str = scope.get("root_path") or ""
@@ -82,7 +84,9 @@ class Exemptions:
         if isinstance(exempt, str) or callable(exempt):
             exempt = [exempt]
         elif isinstance(exempt, bytes) or not isinstance(exempt, Iterable):
-            raise ConfigurationError(f"exempt takes a list of paths and predicates, got {exempt!r}")
+            raise ConfigurationError(
+                f"exempt takes a list of paths and predicates (() for none), got {exempt!r}"
+            )
         paths = set()
         self._patterns: list[re.Pattern[str]] = []
         self._checks: list[Callable[[Scope], bool]] = []

@@ -13,6 +13,7 @@ __all__ = [
     "QUOTA_EXCEEDED",
     "TEMPORARY_REDUCED_CAPACITY",
     "Rejection",
+    "can_deny",
     "encode_problem",
     "ResponseFactory",
     "rejection_detail",
@@ -84,6 +85,12 @@ def rejection_detail(retry: int) -> str:
     return f"Request quota exceeded; retry after {retry} seconds."
 
 
+def can_deny(scope: Scope) -> bool:
+    """Whether the server can answer this WebSocket handshake with an HTTP denial response
+    (the ``websocket.http.response`` extension); otherwise it can only close it."""
+    return "websocket.http.response" in scope.get("extensions", {})
+
+
 async def send_rejection(
     rejection: Rejection,
     scope: Scope,
@@ -98,7 +105,7 @@ async def send_rejection(
     ``websocket.http.response`` extension, and otherwise a close with code 1008.
     """
     websocket = scope["type"] == "websocket"
-    if websocket and "websocket.http.response" not in scope.get("extensions", {}):
+    if websocket and not can_deny(scope):
         # Without the denial-response extension a handshake can only be closed.
         await send({"type": "websocket.close", "code": 1008, "reason": rejection.title})
         return

@@ -22,7 +22,7 @@ from ._keys import KeyFunc
 from ._limiter import RateLimiter
 from ._paths import route_template
 from ._policy import LimitSpec
-from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection
+from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection, can_deny
 from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY
 from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
@@ -175,9 +175,7 @@ def _refuse_websocket(scope: Scope, reason: str) -> None:
     """Close a refused WebSocket handshake with 1008 where the server cannot send an HTTP
     denial response (as the middleware does); where it can, the HTTPException raised
     next is answered as one."""
-    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
-        "extensions", {}
-    ):
+    if scope["type"] == "websocket" and not can_deny(scope):
         raise WebSocketException(code=1008, reason=reason)
 
 

@@ -76,18 +76,29 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         if marker is not None:
             item.warn(
                 pytest.PytestWarning(
-                    f"{MARKER}: {item.name} is not an async test function, so it was not "
-                    "checked (a sync test has no event loop to block)"
+                    f"{MARKER}: {item.name} is not a coroutine function (a sync test, or an "
+                    "async one wrapped in a sync function, as Hypothesis's @given does), so "
+                    "it was not checked"
                 )
             )
         return (yield)
     events: list[BlockingEvent] = []
     detector = _detector(item, marker, events)
-    item.obj = _checked(test, detector)
+    ran: list[bool] = []
+    item.obj = _checked(test, detector, ran)
     try:
         yield
     finally:
         item.obj = test
+    if not ran:
+        # Its runner called the test function it had read before this hook, not ours.
+        item.warn(
+            pytest.PytestWarning(
+                f"{MARKER}: {item.name} was not run through the checked function (its "
+                "runner called the test function it had read before), so it was not checked"
+            )
+        )
+        return
     # The detector has stopped, which drains its report thread: every detection is here.
     if events:
         details = "\n\n".join(
@@ -141,10 +152,11 @@ async def _no_app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no co
     raise RuntimeError("the pytest plugin's detector serves no requests")
 
 
-def _checked(test: Any, detector: BlockingDetectorMiddleware) -> Any:
+def _checked(test: Any, detector: BlockingDetectorMiddleware, ran: list[bool]) -> Any:
     @functools.wraps(test)
     async def checked(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
+        ran.append(True)
         async with detector.watching():
             return await test(*args, **kwargs)
 

@@ -281,10 +281,6 @@ class LoadSheddingMiddleware:
         if response is not None and not callable(response):
             raise ConfigurationError("response must be a callable (scope, rejection) -> ASGI app")
         handlers = event_handlers(on_event)
-        if not (isinstance(exempt, (str, Iterable)) or callable(exempt)):
-            raise ConfigurationError(
-                f"exempt takes paths and predicates (() for none), got {exempt!r}"
-            )
         self._exempt = Exemptions(exempt, logger, "shed")
         self._exempt_paths = self._exempt.paths
         self._exempt_more = self._exempt.needs_check
@@ -587,7 +583,9 @@ class LoadSheddingMiddleware:
         function behind a plain one), does not trust (logged once)."""
         try:
             trusted = trust(scope)
-            if trusted and inspect.isawaitable(trusted):
+            if trusted is True or not trusted:
+                return trusted is True
+            if inspect.isawaitable(trusted):
                 if inspect.iscoroutine(trusted):
                     trusted.close()
                 raise TypeError("trust_priority_header returned an awaitable, not a bool")

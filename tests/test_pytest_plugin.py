@@ -165,7 +165,48 @@ def test_allow_entries_never_used_are_a_warning(pytester: pytest.Pytester) -> No
             " ?'time.sleep'?",
         ]
     )
-    result.stdout.fnmatch_lines(["*test_sync is not an async test function*not checked*"])
+    result.stdout.fnmatch_lines(["*test_sync is not a coroutine function*not checked*"])
+
+
+EARLY_READER_CONFTEST = """
+import asyncio
+
+import pytest
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.read_early = item.obj  # a runner that keeps the function it read
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    asyncio.run(pyfuncitem.read_early())
+    return True
+"""
+
+EARLY_READER_TESTS = """
+import time
+
+import pytest
+
+
+@pytest.mark.asgi_guard_blocking
+async def test_blocks():
+    time.sleep(0.15)
+"""
+
+
+def test_a_test_its_runner_did_not_run_through_the_checked_function_is_warned_about(
+    pytester: pytest.Pytester,
+) -> None:
+    """A runner that calls the test function it read before the plugin swapped it runs
+    the test unchecked: the plugin says so instead of passing it silently."""
+    pytester.makeconftest(EARLY_READER_CONFTEST)
+    pytester.makepyfile(test_early=EARLY_READER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:anyio")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*test_blocks was not run through the checked function*"])
 
 
 THRESHOLD_TESTS = """

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
+from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -116,3 +119,18 @@ async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
     """A raw ASGI app that answers 200 without reading the body."""
     await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def lifespan_client(
+    app: ASGIApp,
+    *,
+    root_path: str = "",
+    client: tuple[str, int] = ("127.0.0.1", 123),
+    base_url: str = "http://t",
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on ``app`` through `httpx.ASGITransport`, inside the app's lifespan."""
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, root_path=root_path, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
+            yield http

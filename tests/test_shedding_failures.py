@@ -5,22 +5,21 @@ falls back as documented; a custom algorithm whose limit falls below 1 is read a
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Scope
+from starlette.types import Scope
 
 from asgi_guard import LoadSheddingMiddleware
 from asgi_guard._shedding import CLASSES
+
+from .asgi_driver import lifespan_client
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +35,6 @@ async def slow(request: Request) -> JSONResponse:
 
 
 routes = [Route("/bulk", priority_of), Route("/other", priority_of), Route("/slow", slow)]
-
-
-@asynccontextmanager
-async def client_for(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http
 
 
 def records(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
@@ -63,7 +54,7 @@ async def test_a_failing_priority_function_is_logged_once_and_gives_the_default_
     app = LoadSheddingMiddleware(
         Starlette(routes=routes), priority=priority, default_priority="sheddable-plus"
     )
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         responses = [await http.get("/other") for _ in range(9)]
     assert [r.status_code for r in responses] == [200] * 9, [r.text for r in responses]
     assert {r.json()["priority"] for r in responses} == {"sheddable-plus"}
@@ -88,7 +79,7 @@ async def test_a_failing_trust_predicate_is_logged_once_and_the_header_not_trust
         priority_header="X-Priority",
         trust_priority_header=trust,
     )
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         responses = [
             await http.get("/bulk", headers={"X-Priority": "critical-plus"}) for _ in range(5)
         ]
@@ -113,7 +104,7 @@ async def test_an_async_trust_predicate_behind_a_plain_function_does_not_trust(
         priority_header="X-Priority",
         trust_priority_header=lambda scope: is_gateway(scope),  # type: ignore[arg-type,return-value]
     )
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         responses = [
             await http.get("/bulk", headers={"X-Priority": "critical-plus"}) for _ in range(3)
         ]
@@ -143,7 +134,7 @@ async def test_a_custom_limit_below_one_is_read_as_one(after: int) -> None:
     """The guard reads a limit below 1 as 1: requests are still served one at a time
     (queued behind each other), no ZeroDivisionError, no 500."""
     app = LoadSheddingMiddleware(Starlette(routes=routes), limit=Collapsing(after))
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         assert (await http.get("/slow")).status_code == 200  # the limit falls to `after`
         responses: list[httpx.Response] = []
 

@@ -5,14 +5,11 @@ exemptions cover a mounted metrics app (``/metrics/``) too."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -22,6 +19,8 @@ from starlette.types import ASGIApp
 from asgi_guard import LoadSheddingMiddleware
 from asgi_guard._shedding import CLASSES
 from asgi_guard.shedding import DEFAULT_EXEMPT
+
+from .asgi_driver import lifespan_client
 
 pytestmark = pytest.mark.anyio
 
@@ -71,14 +70,6 @@ def shedder(app: ASGIApp) -> LoadSheddingMiddleware:
     )
 
 
-@asynccontextmanager
-async def client_for(app: ASGIApp, root_path: str = "") -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http
-
-
 async def while_full(
     http: httpx.AsyncClient, gate: Gate, prefix: str, *paths: str
 ) -> dict[str, httpx.Response]:
@@ -121,7 +112,7 @@ async def test_behind_a_root_path_exemptions_and_priorities_use_the_routed_path(
     """uvicorn --root-path /api: /api/health is exempt while the worker is full, and the
     rules for /bulk and /exports/{name} class /api/bulk and /api/exports/daily."""
     gate = Gate()
-    async with client_for(shedder(inner_app(gate)), root_path="/api") as http:
+    async with lifespan_client(shedder(inner_app(gate)), root_path="/api") as http:
         await check(http, gate, "/api")
 
 
@@ -130,7 +121,7 @@ async def test_in_a_mounted_sub_app_exemptions_and_priorities_use_the_routed_pat
     Mount (which keeps the full path and sets root_path)."""
     gate = Gate()
     app = Starlette(routes=[Mount("/api", app=shedder(inner_app(gate)))])
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         await check(http, gate, "/api")
 
 
@@ -138,7 +129,7 @@ async def test_without_a_root_path_nothing_changes() -> None:
     """The same rules with no root_path at all (and a path that only looks prefixed is
     matched as it is)."""
     gate = Gate()
-    async with client_for(shedder(inner_app(gate))) as http:
+    async with lifespan_client(shedder(inner_app(gate))) as http:
         await check(http, gate, "")
         r = await http.get("/api/health")
     assert r.status_code == 404, r.text  # counted and routed as /api/health
@@ -156,7 +147,7 @@ async def test_the_default_exemptions_cover_a_mounted_metrics_app() -> None:
         ]
     )
     app.add_middleware(LoadSheddingMiddleware, limit=1, max_queue=0)
-    async with client_for(app) as http:
+    async with lifespan_client(app) as http:
         results = await while_full(http, gate, "", "/metrics", "/health", "/metrics/")
     for path in ("/metrics", "/metrics/", "/health"):
         assert results[path].status_code == 200, (path, results[path].text)

@@ -8,20 +8,17 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import anyio
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from asgi_guard import Adaptive, Fixed, LoadSheddingMiddleware, ManualClock, Vegas, _shedding
 from asgi_guard._shedding import (
@@ -31,6 +28,8 @@ from asgi_guard._shedding import (
     Permit,
     class_index,
 )
+
+from .asgi_driver import lifespan_client
 
 pytestmark = pytest.mark.anyio
 
@@ -50,14 +49,6 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-@asynccontextmanager
-async def client_for(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http
-
-
 async def concurrently(http: httpx.AsyncClient, *paths: str) -> list[httpx.Response]:
     responses: list[httpx.Response] = []
 
@@ -74,7 +65,7 @@ async def test_the_examples_report_serves_a_burst_on_a_fresh_worker() -> None:
     """examples/shedding.py on a fresh import: four concurrent /report (100 ms each) are
     all served, one at a time while the shedder learns (it refused three of them)."""
     shedding = load_example("shedding")
-    async with client_for(shedding.guarded) as http:
+    async with lifespan_client(shedding.guarded) as http:
         responses = await concurrently(http, *["/report"] * 4)
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     state = shedding.shedder.state()
@@ -95,7 +86,7 @@ async def test_a_fresh_worker_serves_steady_traffic_to_a_slow_route() -> None:
 
     shedder = LoadSheddingMiddleware(Starlette(routes=[Route("/io", io)]))
     responses: list[httpx.Response] = []
-    async with client_for(shedder) as http:
+    async with lifespan_client(shedder) as http:
 
         async def get() -> None:
             responses.append(await http.get("/io"))
@@ -122,7 +113,7 @@ async def test_while_learning_a_configured_queue_timeout_still_bounds_the_wait()
         return PlainTextResponse("ok")
 
     shedder = LoadSheddingMiddleware(Starlette(routes=[Route("/", slow)]), queue_timeout=0.05)
-    async with client_for(shedder) as http:
+    async with lifespan_client(shedder) as http:
         responses = await concurrently(http, "/", "/")
     assert sorted(r.status_code for r in responses) == [200, 503], [r.text for r in responses]
     refused = next(r for r in responses if r.status_code == 503)
@@ -234,7 +225,7 @@ async def test_newcomers_behind_a_first_request_that_never_ends_are_refused_as_u
     app = Starlette(routes=[Route("/stream", stream), Route("/x", quick)])
     shedder = LoadSheddingMiddleware(app)
     took: dict[str, tuple[int, float]] = {}
-    async with client_for(shedder) as http:
+    async with lifespan_client(shedder) as http:
 
         async def get(name: str, path: str) -> None:
             started = anyio.current_time()

@@ -379,6 +379,23 @@ async def test_a_steady_stream_is_not_cut_by_its_idle_timeout() -> None:
     assert events == []
 
 
+def slow_reader(sent: list[Message]) -> Send:
+    """A client that takes 2 T to read each body message: its sends wait that long."""
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(2 * T)
+        sent.append(message)
+
+    return send
+
+
+async def never_receives() -> Message:
+    """A client that sends nothing more and stays connected."""
+    await anyio.sleep_forever()
+    raise AssertionError  # pragma: no cover
+
+
 async def test_a_slow_reader_does_not_count_as_an_idle_stream() -> None:
     """A send that waits for a slow client is not the app going idle: a stream the app
     feeds without pause, to a client that takes longer than idle_timeout to read each
@@ -391,19 +408,11 @@ async def test_a_slow_reader_does_not_count_as_an_idle_stream() -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     sent: list[Message] = []
-
-    async def slow_client(message: Message) -> None:
-        if message["type"] == "http.response.body":
-            await anyio.sleep(2 * T)  # the client reads slowly: the send waits
-        sent.append(message)
-
-    async def receive() -> Message:
-        await anyio.sleep_forever()
-        raise AssertionError  # pragma: no cover
+    slow_client = slow_reader(sent)
 
     events: list[Event] = []
     guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
-    await guard(http_scope("/stream"), receive, slow_client)
+    await guard(http_scope("/stream"), never_receives, slow_client)
     assert b"".join(m.get("body", b"") for m in sent) == b"abc"
     assert sent[-1]["more_body"] is False
     assert events == []
@@ -419,20 +428,12 @@ async def test_a_stream_that_stalls_after_a_slow_send_is_still_cut() -> None:
         await anyio.sleep(10)  # stalls
 
     sent: list[Message] = []
-
-    async def slow_client(message: Message) -> None:
-        if message["type"] == "http.response.body":
-            await anyio.sleep(2 * T)
-        sent.append(message)
-
-    async def receive() -> Message:
-        await anyio.sleep_forever()
-        raise AssertionError  # pragma: no cover
+    slow_client = slow_reader(sent)
 
     events: list[Event] = []
     guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
     started = time.monotonic()
-    await guard(http_scope("/stream"), receive, slow_client)
+    await guard(http_scope("/stream"), never_receives, slow_client)
     assert time.monotonic() - started < 3 * T + SLACK
     assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
 
@@ -451,14 +452,10 @@ async def test_the_idle_clock_restarts_when_a_send_fails() -> None:
         if message["type"] == "http.response.body":
             raise OSError("connection reset")
 
-    async def receive() -> Message:
-        await anyio.sleep_forever()
-        raise AssertionError  # pragma: no cover
-
     events: list[Event] = []
     guard = TimeoutMiddleware(app, timeout=5.0, idle_timeout=T, on_event=events.append)
     started = time.monotonic()
-    await guard(http_scope("/stream"), receive, failing_client)
+    await guard(http_scope("/stream"), never_receives, failing_client)
     assert time.monotonic() - started < T + SLACK
     assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
 

@@ -42,12 +42,16 @@ class GuardRecord:
         timeout_exempt: A ``TimeoutMiddleware`` exempted the request (no deadline).
         priority: The criticality class a ``LoadSheddingMiddleware`` gave the request (an
             index: 0 is ``critical-plus``), or ``None``.
+        refused: A guard refused the request (429, or 503 at capacity): its response says
+            nothing of how fast the application serves, and an outer load shedder's
+            algorithm does not learn from it.
     """
 
     __slots__ = (
         "arrival",
         "budget",
         "priority",
+        "refused",
         "timeout_exempt",
     )
 
@@ -56,6 +60,7 @@ class GuardRecord:
         self.budget: Budget | None = None
         self.timeout_exempt = False
         self.priority: int | None = None
+        self.refused = False
 
 
 def get_record(scope: Scope) -> GuardRecord:

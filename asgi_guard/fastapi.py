@@ -23,7 +23,7 @@ from ._limiter import RateLimiter
 from ._paths import route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection, can_deny
-from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY
+from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY, get_record
 from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
 from .ratelimit import (
     HeaderMode,
@@ -117,6 +117,7 @@ class RateLimitDependency:
             scope, plan, scope["path"], connection, again=False
         )
         if storage_denied:
+            get_record(scope).refused = True  # an outer load shedder does not learn from it
             core._report_storage_denied(connection, plan)  # type: ignore[arg-type]
             _refuse_websocket(scope, "Service Unavailable")
             raise RequestRejected(storage_rejection())
@@ -154,6 +155,7 @@ class RateLimitDependency:
                 headers.update((k.decode(), v.decode()) for k, v in legacy_fields(*legacy))
         if not allowed:
             core.stats["rejected"] += 1
+            get_record(scope).refused = True  # an outer load shedder does not learn from it
             enforced = [s for s in states if not s.allowed and not s.dry_run]
             retry = retry_after_seconds(
                 max(s.retry_after for s in enforced), core.retry_after_jitter
@@ -348,6 +350,7 @@ class BulkheadDependency:
         if permit is None:
             outcome = await limiter.wait(priority, deadline)
             if isinstance(outcome, str):
+                get_record(scope).refused = True  # an outer load shedder does not learn from it
                 raise RequestRejected(
                     Rejection(
                         status=503,

@@ -697,6 +697,7 @@ class RateLimitMiddleware:
         states: tuple[QuotaState, ...],
     ) -> None:
         self.stats["rejected"] += 1
+        get_record(scope).refused = True  # an outer load shedder does not learn from it
         violated = [s for s in states if not s.allowed and not s.dry_run]
         retry = retry_after_seconds(max(s.retry_after for s in violated), self.retry_after_jitter)
         names = [s.name for s in violated]
@@ -750,6 +751,7 @@ class RateLimitMiddleware:
         emit(event, self._handlers, self._callback_guard)
 
     async def _deny_storage(self, scope: Scope, receive: Receive, send: Send, plan: _Plan) -> None:
+        get_record(scope).refused = True
         self._report_storage_denied(scope, plan)
         await send_rejection(storage_rejection(), scope, receive, send, self.response)
 

@@ -662,6 +662,10 @@ class LoadSheddingMiddleware:
             dropped = budget is not None and budget.fired == "deadline"
             raise
         finally:
+            if reached:
+                record = scope.get("asgi_guard")
+                if record is not None and record.refused:
+                    reached = False  # a guard inside refused it (a 429): not the app's speed
             limiter.release(permit, dropped=dropped, learn=reached)
 
     async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
@@ -683,6 +687,7 @@ class LoadSheddingMiddleware:
                 limiter.release(permit)
 
     async def _refuse(self, why: Refusal, scope: Scope, receive: Receive, send: Send) -> None:
+        get_record(scope).refused = True  # an outer load shedder does not learn from it
         now = self._clock.now()
         self._refusals += 1
         self._refused_since += 1

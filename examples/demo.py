@@ -76,6 +76,11 @@ report_bulkhead: BulkheadDependency = bulkhead(1)
 
 app = FastAPI(title="asgi_guard demo")
 app.add_exception_handler(RequestRejected, rejection_handler)
+# In the order the docs recommend (each added middleware wraps the ones before it): the
+# shedder innermost, the deadline outside it (waiting in its queue counts), and the rate
+# limiter outermost, whose refusals are the cheapest and take no place in the shedder.
+app.add_middleware(LoadSheddingMiddleware, limit=64)
+app.add_middleware(TimeoutMiddleware, timeout=5.0)
 app.add_middleware(
     RateLimitMiddleware,
     limit="100/minute",
@@ -85,9 +90,6 @@ app.add_middleware(
     ],
     exempt=["/health"],
 )
-app.add_middleware(LoadSheddingMiddleware, limit=64)
-# Added last, so outermost: the deadline counts from the request's arrival.
-app.add_middleware(TimeoutMiddleware, timeout=5.0)
 
 
 @app.get("/hello")

@@ -81,6 +81,8 @@ async def test_quickstart_limits_login_after_five_posts() -> None:
     assert r.status_code == 429, r.text
     assert "retry-after" in r.headers, r.headers
     assert '"5-per-60s";q=5;w=60' in r.headers["ratelimit-policy"], r.headers
+    assert r.headers["content-type"] == "application/problem+json", r.headers
+    assert r.json()["violated-policies"] == ["5-per-60s"], r.text
 
 
 # -- the demo ---------------------------------------------------------------------------------

@@ -110,7 +110,16 @@ class _Fast:
 class _Plan:
     """Everything static about one place (the default, a rule, a route)."""
 
-    __slots__ = ("bound", "fast", "has_dry_run", "named", "per_path", "policy_header", "route")
+    __slots__ = (
+        "awaits",
+        "bound",
+        "fast",
+        "has_dry_run",
+        "named",
+        "per_path",
+        "policy_header",
+        "route",
+    )
 
     def __init__(
         self, bound: list[_BoundPolicy], route: str | None, per_path: bool, mode: HeaderMode
@@ -119,6 +128,8 @@ class _Plan:
         self.route = route
         self.per_path = per_path
         self.named = any(b.counter is not None for b in bound)
+        #: Whether deciding may await the user's code (an async key or cost function).
+        self.awaits = any(b.key_async or _is_async_callable(b.cost) for b in bound)
         enforced = [q for b in bound if not b.policy.dry_run for q in b.policy.quotas]
         self.has_dry_run = any(b.policy.dry_run for b in bound)
         self.policy_header = (
@@ -452,8 +463,9 @@ class RateLimitMiddleware:
                     allowed = True
                     self._report_dry_run(scope, plan, states)
         else:
-            if not self.limiter.is_memory and kind == "http":
-                # A remote storage takes time: the request's deadline counts from now.
+            if kind == "http" and (plan.awaits or not self.limiter.is_memory):
+                # A remote storage, or an async key or cost function, takes time: the
+                # request's deadline counts from now.
                 noted = get_record(scope)
                 if noted.arrival is None:
                     noted.arrival = monotonic()

@@ -893,3 +893,27 @@ async def test_a_named_policy_is_noted_in_the_scope_only_when_a_dependency_share
     rate_limit(policy, limiter=shared)  # a route's dependency on the same limiter
     assert (await drive(guard, http_scope("/x"))).status == 200
     assert seen == [False, True]
+
+
+async def test_an_async_key_functions_time_counts_against_the_deadline() -> None:
+    """In front of a TimeoutMiddleware, an async key function that takes a while (a
+    database lookup) counts against the request's deadline, which runs from arrival at the
+    outermost guard, as with a remote storage."""
+    from asgi_guard import TimeoutMiddleware, remaining
+
+    seen: list[float | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(remaining())
+        await ok_app(scope, receive, send)
+
+    async def slow_key(scope: Scope) -> str:
+        await anyio.sleep(0.2)
+        return "tenant-1"
+
+    guarded = RateLimitMiddleware(
+        TimeoutMiddleware(app, timeout=0.5), limit="100/minute", key=slow_key
+    )
+    assert (await drive(guarded, http_scope("/x"))).status == 200
+    assert seen[0] is not None
+    assert seen[0] < 0.35  # 0.5 s from arrival, less the key's 0.2 s

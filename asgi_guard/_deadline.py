@@ -515,9 +515,10 @@ def remaining() -> float | None:
 def deadline() -> float | None:
     """The current request's deadline on the anyio clock (`anyio.current_time`), or ``None``.
 
-    Use it for your own cancel scopes: ``with anyio.CancelScope(deadline=deadline()):``.
-    ``None`` where `remaining` is ``None``. Call it from async code (it reads the event
-    loop's clock).
+    Use it for your own cancel scopes:
+    ``with anyio.CancelScope(deadline=deadline() or math.inf):`` (``None`` where
+    `remaining` is ``None``: on exempt paths, in background tasks, outside a request). Call
+    it from async code (it reads the event loop's clock).
     """
     budget = _current.get()
     if budget is None or budget.complete:

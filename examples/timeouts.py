@@ -3,19 +3,29 @@
 ``TimeoutMiddleware`` gives every request 1 second from arrival; ``/search`` has 0.5 s,
 ``/report`` 3 s (the middleware allows routes up to 10 s with ``max_timeout``). ``/quote``
 calls an upstream with an ``httpx`` timeout bounded by what is left of the request's budget,
-so a slow upstream ends in a 504 on time instead of holding the client. Streams that stall
-for 5 s are ended; a caller can tighten its own deadline with ``X-Request-Timeout``.
+so a slow upstream ends in a 504 on time instead of holding the client. ``/suggest``
+gathers what it can within its budget (a cancel scope on ``deadline()``) and answers with
+that. Streams that stall for 5 s are ended; a caller can tighten its own deadline with
+``X-Request-Timeout``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import anyio
 import httpx
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 
-from asgi_guard import TimeoutEvent, TimeoutMiddleware, httpx_timeout, outbound_timeout, remaining
+from asgi_guard import (
+    TimeoutEvent,
+    TimeoutMiddleware,
+    deadline,
+    httpx_timeout,
+    outbound_timeout,
+    remaining,
+)
 from asgi_guard.fastapi import TimeoutDependency, timeout
 
 log = logging.getLogger("examples.timeouts")
@@ -60,6 +70,18 @@ async def quote() -> dict[str, object]:
     except httpx.TimeoutException:
         raise HTTPException(504, "the price service did not answer in time") from None
     return {"price": response.json()["price"], "budget_left": remaining()}
+
+
+@app.get("/suggest", dependencies=[Depends(timeout(0.5))])
+async def suggest() -> dict[str, object]:
+    # As many suggestions as fit in the budget, less 0.1 s to answer: a partial answer on
+    # time rather than a 504. (deadline() is None outside a guarded request: no limit.)
+    found: list[int] = []
+    with anyio.CancelScope(deadline=(deadline() or math.inf) - 0.1):
+        for n in range(100):
+            await anyio.sleep(0.05)  # one slow lookup
+            found.append(n)
+    return {"suggestions": found, "complete": len(found) == 100}
 
 
 def audit(item: str) -> None:

@@ -550,6 +550,22 @@ async def test_timeouts_search_route_is_tighter_than_the_app() -> None:
     assert timeouts.timeouts[0].route == "/search"
 
 
+async def test_timeouts_suggest_answers_with_what_fits_in_its_budget() -> None:
+    """/suggest stops its lookups 0.1 s before its 0.5 s deadline and answers with what it
+    found: a 200 with part of the list, not a 504."""
+    timeouts = load("timeouts")
+    async with client_for(timeouts.app) as http:
+        started = time.monotonic()
+        r = await http.get("/suggest")
+        took = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["complete"] is False
+    assert 2 <= len(body["suggestions"]) <= 8, body
+    assert took < 0.5
+    assert timeouts.timeouts == []
+
+
 async def test_timeouts_report_route_may_take_longer() -> None:
     """/report outlasts the 1 s app default within its own 3 s deadline."""
     timeouts = load("timeouts")

@@ -713,7 +713,7 @@ class RateLimitMiddleware:
         violated = [s for s in states if not s.allowed and not s.dry_run]
         retry = retry_after_seconds(max(s.retry_after for s in violated), self.retry_after_jitter)
         names = [s.name for s in violated]
-        headers = [("retry-after", str(retry))] if retry else []
+        headers = [("Retry-After", str(retry))] if retry else []
         headers.extend(
             (k.decode(), v.decode("latin-1")) for k, v in self._headers_for(plan, states)
         )
@@ -806,6 +806,6 @@ def storage_rejection() -> Rejection:
         type=TEMPORARY_REDUCED_CAPACITY,
         title="Service Unavailable",
         detail="The rate limiter cannot reach its storage; retry shortly.",
-        headers=[("retry-after", "1")],
+        headers=[("Retry-After", "1")],
         guard="rate_limit",
     )

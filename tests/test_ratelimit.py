@@ -547,7 +547,10 @@ async def test_custom_response_and_events() -> None:
     """response= builds the rejection; on_event sees it; a raising callback is harmless."""
     events: list[Event] = []
 
+    given: list[dict[str, str]] = []
+
     def respond(scope: Scope, rejection: Rejection) -> Response:
+        given.append(dict(rejection.headers))
         return PlainTextResponse(
             f"slow down: {','.join(rejection.extensions['violated-policies'])}",
             status_code=rejection.status,
@@ -570,6 +573,7 @@ async def test_custom_response_and_events() -> None:
     assert r.status_code == 429
     assert r.text == "slow down: p"
     assert "retry-after" in r.headers
+    assert "Retry-After" in given[0]  # spelt as every guard's Rejection spells it
     (event,) = events
     assert isinstance(event, RateLimitEvent)
     assert (event.kind, event.policies, event.method, event.path) == (

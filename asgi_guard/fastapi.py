@@ -162,6 +162,12 @@ class RateLimitDependency:
             )
             core._report_rejection(connection, plan, [s.name for s in enforced], retry)  # type: ignore[arg-type]
             _refuse_websocket(scope, "Too Many Requests")
+            for name in ("RateLimit-Policy", "RateLimit"):
+                # The entries of dependencies that admitted the request before this one are
+                # on the response FastAPI drops for the 429: carry them over.
+                earlier = response.headers.get(name)
+                if earlier and name in headers:
+                    headers[name] = f"{earlier}, {headers[name]}"
             raise RateLimitExceeded(
                 violated_policies=[s.name for s in enforced],
                 retry_after=retry,

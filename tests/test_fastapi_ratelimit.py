@@ -585,3 +585,28 @@ async def test_a_named_policy_on_a_router_and_a_route_counts_once_per_request() 
     async with client_for(app, "10.0.0.3") as client:
         keyed = await client.get("/k", headers={"x-api-key": "A"})
     assert keyed.headers["ratelimit"] == '"api";r=1;t=20, "api";r=1;t=20', keyed.headers
+
+
+async def test_a_dependencys_429_keeps_the_entries_of_dependencies_before_it() -> None:
+    """Without a middleware, an app's and a route's dependencies: the route's 429 lists the
+    app's quota too, as the 200s before it did (FastAPI drops the response they were on)."""
+    app = FastAPI(dependencies=[Depends(rate_limit("100/minute", limiter=limiter()))])
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.get("/x", dependencies=[Depends(rate_limit("1/minute", limiter=limiter()))])
+    async def x() -> str:
+        return "x"
+
+    async with client_for(app) as client:
+        admitted = await client.get("/x")
+        refused = await client.get("/x")
+    assert admitted.headers.get_list("ratelimit-policy") == [
+        '"100-per-60s";q=100;w=60, "1-per-60s";q=1;w=60'
+    ], admitted.headers
+    assert refused.status_code == 429, refused.text
+    assert refused.headers.get_list("ratelimit-policy") == [
+        '"100-per-60s";q=100;w=60, "1-per-60s";q=1;w=60'
+    ], refused.headers
+    assert refused.headers.get_list("ratelimit") == [
+        '"100-per-60s";r=98;t=20, "1-per-60s";r=0;t=20'
+    ], refused.headers

@@ -654,10 +654,12 @@ class Adaptive:
 
     Examples:
         >>> algorithm = Adaptive(initial=4)
+        >>> algorithm.limit, algorithm.learning  # measuring first, at min_limit
+        (1, True)
         >>> for i in range(5):  # requests running alone: 3 ms is the no-load latency
         ...     algorithm.on_sample(now=0.003 * (i + 1), rtt=0.003, inflight=1, dropped=False)
-        >>> algorithm.limit, algorithm.state()["min_rtt"]
-        (4, 0.003)
+        >>> algorithm.limit, algorithm.state()["min_rtt"], algorithm.learning
+        (4, 0.003, False)
     """
 
     __slots__ = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -53,17 +54,22 @@ STARTUP_TIMEOUT = 1.0
 _MEMORY_SCHEMES = ("memory", "async+memory")
 _REMOTE_SCHEMES = {
     "redis": "async+redis",
-    "rediss": "async+redis",
-    "redis+unix": "async+redis",
+    "rediss": "async+rediss",  # TLS
+    "redis+unix": "async+redis+unix",  # a unix socket
     "redis+cluster": "async+redis+cluster",
     "redis+sentinel": "async+redis+sentinel",
     "valkey": "async+valkey",
-    "valkeys": "async+valkey",
-    "valkey+unix": "async+valkey",
+    "valkeys": "async+valkeys",
+    "valkey+unix": "async+valkey+unix",
     "valkey+cluster": "async+valkey+cluster",
     "valkey+sentinel": "async+valkey+sentinel",
     "memcached": "async+memcached",
 }
+
+#: Schemes whose URI path is a database number (``redis://host/2``); a unix socket's is the
+#: socket's path, a sentinel's the service name.
+_DB_PATH_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys"})
+_DB_PATH = re.compile(r"/\d+")
 
 # Redis decides a whole policy (every quota) in one round trip and one atomic step: check
 # every quota, commit only if all admit, so a refused request consumes nothing, as in memory.
@@ -231,7 +237,11 @@ class RateLimiter:
     ) -> None:
         if not isinstance(storage, str):
             raise ConfigurationError(f"storage must be a URI string, got {type(storage).__name__}")
-        scheme = urllib.parse.urlsplit(storage).scheme.lower() if "://" in storage else ""
+        try:
+            parts = urllib.parse.urlsplit(storage)
+        except ValueError as exc:  # a malformed host ("redis://[::1")
+            raise ConfigurationError(f"malformed storage URI: {exc}") from None
+        scheme = parts.scheme.lower() if "://" in storage else ""
         if max_keys is not None and (
             isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 2
         ):
@@ -287,7 +297,17 @@ class RateLimiter:
             raise ConfigurationError(
                 f"unknown storage URI {self.uri!r}: the scheme must be one of {known}"
             )
-        password = urllib.parse.urlsplit(storage).password
+        if (
+            plain in _DB_PATH_SCHEMES
+            and parts.path not in ("", "/")
+            and not _DB_PATH.fullmatch(parts.path)
+        ):
+            # Given to the client as is, "/abc" or "/3x" meant database 0.
+            raise ConfigurationError(
+                f"storage URI {self.uri!r}: the path names a database number, such as "
+                f"'/2', not {parts.path!r}"
+            )
+        password = parts.password
         try:
             self._storage = storage_from_string(
                 target + storage[len(scheme) :], **(storage_options or {})
@@ -478,8 +498,7 @@ class RateLimiter:
 
     def _storage_ok(self) -> None:
         self._down = False
-        self._failures = 0
-        self._last_ok = -math.inf
+        self._failures = 0  # the answer that ended the outage set _last_ok: a stall now is new
         emit(
             StorageEvent("recovered", self.uri, ""),
             self._handlers,
@@ -634,12 +653,20 @@ class RateLimiter:
         storage = self._storage
         bridge = getattr(storage, "bridge", None)
         client = getattr(bridge, "storage", None)
-        close = getattr(client, "aclose", None) or getattr(client, "close", None)
-        if close is not None:
-            with anyio.move_on_after(1):
-                result = close()
-                if hasattr(result, "__await__"):
-                    await result
+        if client is None:
+            return
+        # redis-py's client closes itself (``aclose``), coredis' only through its pool
+        # (``connection_pool.disconnect``); emcache's has ``close``.
+        pool = getattr(client, "connection_pool", None)
+        for close in (
+            getattr(client, "aclose", None) or getattr(client, "close", None),
+            getattr(pool, "disconnect", None),
+        ):
+            if close is not None:
+                with anyio.move_on_after(1):
+                    result = close()
+                    if hasattr(result, "__await__"):
+                        await result
 
     def reset(self) -> None:
         """Forget every in-memory counter (tests; remote storages are left alone)."""

@@ -1,7 +1,8 @@
 """Redis storage: one limit shared by every process, and what happens when Redis fails.
 
 Needs ``pip install 'asgi-guard[redis]'`` and a Redis (or Valkey) server; remote storages
-run on asyncio only. Nothing connects at import or construction: the first request does.
+run on asyncio only. Nothing connects at import or construction: the middleware connects
+(and checks the storage) at lifespan startup, and closes the connections at shutdown.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import get_args
 
 import anyio
@@ -28,7 +30,7 @@ from asgi_guard import (
 from asgi_guard._policy import Strategy
 
 from ..asgi_driver import ok_app
-from .servers import RedisServer, ask
+from .servers import RedisServer, ask, free_port, require_binary
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -314,3 +316,113 @@ async def test_a_deadline_counts_the_time_spent_asking_redis(redis_url: str) -> 
     arrival, reached = seen[0]
     assert arrival is not None
     assert before <= arrival < reached
+
+
+def _keys(server: RedisServer) -> bytes:
+    return ask(server.port, b"KEYS *\r\n")
+
+
+async def test_a_tls_uri_never_talks_in_clear_text(own_redis: RedisServer) -> None:
+    """``rediss://`` to a Redis that speaks only plain text: the TLS handshake fails and the
+    storage is down; nothing is written in clear text (it was: the scheme lost its s)."""
+    limiter = RateLimiter(own_redis.url.replace("redis://", "rediss://"), timeout=PATIENT)
+    decision = await limiter.hit(Policy("5/minute", name="tls"), "client")
+    await limiter.aclose()
+    assert decision.storage_error, decision
+    assert _keys(own_redis) == b"*0\r\n"
+
+
+class _UnixRedis(RedisServer):
+    """A redis-server that also listens on a unix socket."""
+
+    def __init__(self, binary: str, port: int, log_dir: Path) -> None:
+        super().__init__(binary, port, log_dir)
+        self.socket = log_dir / "redis.sock"
+
+    def argv(self) -> Sequence[str]:
+        return [*super().argv(), "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+
+
+async def test_a_unix_socket_uri_counts_through_the_socket(tmp_path: Path) -> None:
+    """``redis+unix:///path`` counts through that socket (it went to localhost:6379)."""
+    server = _UnixRedis(require_binary("redis-server", "redis-server"), free_port(), tmp_path)
+    server.start()
+    try:
+        limiter = RateLimiter(f"redis+unix://{server.socket}", timeout=PATIENT)
+        decision = await limiter.hit(Policy("5/minute", name="unix"), "client")
+        await limiter.aclose()
+        assert not decision.storage_error, decision
+        assert decision.allowed
+        assert b"unix" in _keys(server)
+    finally:
+        server.stop()
+
+
+def _clients(server: RedisServer) -> int:
+    """Connections the server has, besides those that only asked for this list (the
+    asking one, and earlier ones whose close it may not have seen yet)."""
+    listing = ask(server.port, b"CLIENT LIST\r\n").split(b"\n")
+    return sum(b"addr=" in line and b"cmd=client|list" not in line for line in listing)
+
+
+async def test_aclose_closes_the_storages_connections(own_redis: RedisServer) -> None:
+    """After concurrent hits the client holds several connections; aclose() closes them
+    (with coredis it closed none)."""
+    limiter = RateLimiter(own_redis.url, timeout=PATIENT)
+    policy = Policy("1000/minute", name="pool")
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(limiter.hit, policy, f"client-{n}")
+    assert _clients(own_redis) >= 2
+    await limiter.aclose()
+    for _ in range(50):
+        if _clients(own_redis) == 0:
+            break
+        await anyio.sleep(0.02)
+    assert _clients(own_redis) == 0
+
+
+@pytest.mark.parametrize(
+    "uri", ["redis://[::1", "redis://127.0.0.1:6379/abc", "valkey://127.0.0.1:6379/3x"]
+)
+def test_malformed_uris_fail_at_construction(uri: str) -> None:
+    """A malformed host raised a bare ValueError; a database path that is not a number
+    silently meant database 0."""
+    with pytest.raises(ConfigurationError):
+        RateLimiter(uri)
+
+
+async def test_a_short_stall_right_after_a_recovery_is_not_a_new_outage(
+    own_redis: RedisServer,
+) -> None:
+    """The answer that ends an outage counts as the last success: a short stall right
+    after it fails its calls alone, as at any other time (it declared a new outage at
+    once, with its log line and event)."""
+    events: list[Event] = []
+    limiter = RateLimiter(own_redis.url, timeout=0.05, on_event=events.append)
+    app = RateLimitMiddleware(ok_app, limit=Policy("1000/minute", name="api"), limiter=limiter)
+    async with client_for(app) as client:
+        limiter.timeout = PATIENT
+        assert "ratelimit" in (await client.get("/")).headers
+        own_redis.stop()
+        for _ in range(200):
+            await client.get("/")
+            if limiter._down:
+                break
+            await anyio.sleep(0.01)
+        assert limiter._down
+        own_redis.start()
+        limiter.timeout = PATIENT
+        await until_counted_again(client)  # the probe's answer ends the outage
+        limiter.timeout = 0.05
+        own_redis.pause()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(client.get, "/")
+        finally:
+            own_redis.resume()
+    assert [e.kind for e in events if isinstance(e, StorageEvent)] == [
+        "unavailable",
+        "recovered",
+    ], events

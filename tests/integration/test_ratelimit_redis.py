@@ -79,6 +79,18 @@ def asgi_guard_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str
     ]
 
 
+async def stall(server: RedisServer, client: httpx.AsyncClient, *, requests: int) -> None:
+    """Freeze Redis while ``requests`` concurrent requests time out against it (at the
+    limiter's timeout), then let it go on."""
+    server.pause()
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(requests):
+                tg.start_soon(client.get, "/")
+    finally:
+        server.resume()
+
+
 async def until_counted_again(client: httpx.AsyncClient) -> httpx.Response:
     """Request ``/`` until the storage answers again (the response has a RateLimit field)."""
     for _ in range(100):
@@ -256,13 +268,7 @@ async def test_a_short_stall_is_not_an_outage(
         limiter.timeout = PATIENT  # before and after the stall, calls are answered
         assert "ratelimit" in (await client.get("/")).headers
         limiter.timeout = 0.05
-        own_redis.pause()
-        try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(16):
-                    tg.start_soon(client.get, "/")
-        finally:
-            own_redis.resume()
+        await stall(own_redis, client, requests=16)
         limiter.timeout = PATIENT
         r = await client.get("/")
     assert app.stats["storage_errors"] == 16, app.stats
@@ -415,13 +421,7 @@ async def test_a_short_stall_right_after_a_recovery_is_not_a_new_outage(
         limiter.timeout = PATIENT
         await until_counted_again(client)  # the probe's answer ends the outage
         limiter.timeout = 0.05
-        own_redis.pause()
-        try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(8):
-                    tg.start_soon(client.get, "/")
-        finally:
-            own_redis.resume()
+        await stall(own_redis, client, requests=8)
     assert [e.kind for e in events if isinstance(e, StorageEvent)] == [
         "unavailable",
         "recovered",

@@ -29,6 +29,7 @@ from .ratelimit import (
     HeaderMode,
     LegacyValues,
     RateLimitMiddleware,
+    _BoundPolicy,
     _Plan,
     legacy_fields,
     legacy_values,
@@ -84,6 +85,9 @@ class RateLimitDependency:
         assert self._core._default is not None
         self._policies = tuple(b.policy for b in self._core._default.bound)
         self._plans: dict[int, _Plan] = {}
+        #: ``RateLimit-Policy`` of a plan less the policies a middleware decided already,
+        #: by plan and skipped policies (a few per route).
+        self._partial_headers: dict[tuple[int, ...], bytes | None] = {}
         self.limiter = self._core.limiter
         self.limiter._dependents = True  # a middleware on it notes what it counted
 
@@ -107,6 +111,23 @@ class RateLimitDependency:
             self._plans[id(route)] = plan
         return plan
 
+    def _policy_header_without(
+        self, plan: _Plan, skipped: tuple[_BoundPolicy, ...]
+    ) -> bytes | None:
+        """The plan's ``RateLimit-Policy`` without ``skipped`` (formatted once)."""
+        ident = (id(plan), *map(id, skipped))
+        if ident not in self._partial_headers:
+            quotas = [
+                q
+                for b in plan.bound
+                if b not in skipped and not b.policy.dry_run
+                for q in b.policy.quotas
+            ]
+            self._partial_headers[ident] = (
+                policy_header_value(quotas).encode("latin-1") if quotas else None
+            )
+        return self._partial_headers[ident]
+
     async def __call__(self, connection: HTTPConnection, response: Response) -> None:
         core = self._core
         scope = connection.scope
@@ -125,13 +146,7 @@ class RateLimitDependency:
         shown = [s for s in states if not s.dry_run]
         policy_header = plan.policy_header
         if skipped and policy_header is not None:
-            quotas = [
-                q
-                for b in plan.bound
-                if b not in skipped and not b.policy.dry_run
-                for q in b.policy.quotas
-            ]
-            policy_header = policy_header_value(quotas).encode("latin-1") if quotas else None
+            policy_header = self._policy_header_without(plan, skipped)
         ietf = mode in ("ietf", "both") and bool(shown) and policy_header is not None
         policy_value = policy_header.decode("latin-1") if ietf and policy_header else ""
         state_value = ratelimit_header_value(shown) if ietf else ""

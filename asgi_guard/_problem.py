@@ -82,7 +82,7 @@ def rejection_detail(retry: int) -> str:
     """The ``detail`` of a 429: when to retry, or (``retry`` 0) that retrying cannot help."""
     if not retry:
         return "The request costs more than the whole quota; it cannot be admitted."
-    return f"Request quota exceeded; retry after {retry} seconds."
+    return f"Request quota exceeded; retry after {retry} second{'s' if retry != 1 else ''}."
 
 
 def can_deny(scope: Scope) -> bool:

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._blocking import BlockingEvent, Dispatcher, Watchdog, check_settings
 from ._deadline import _check_seconds, _is_number, current_loop, settle, spawn_task
 from ._errors import ConfigurationError
+from ._lifespan import run_lifespan
 from ._paths import route_template
 from ._strict import BlockingCallError, StrictCalls
 
@@ -289,8 +290,14 @@ class BlockingDetectorMiddleware:
             raise error
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The detector watches for the app's lifespan and stops before the server hears
+        # that shutdown is complete.
+        await run_lifespan(self.app, scope, receive, send, self._lifespan_watch)
+
+    async def _lifespan_watch(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with self.watching():
-            await self.app(scope, receive, send)
+            task_status.started()
+            await anyio.sleep_forever()
 
     def _lazy_start(self, loop: object) -> None:
         """Start without lifespan: a heartbeat task of this loop, the threads, an exit hook."""

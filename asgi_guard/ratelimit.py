@@ -244,7 +244,8 @@ class RateLimitMiddleware:
         problem_type: The problem ``type`` URI of the 429 body.
         response: Build your own rejection response: ``(scope, Rejection) -> ASGI app``.
         websocket: Limit WebSocket handshakes too (denied with HTTP 429 where the server
-            supports it, else closed with code 1008).
+            supports it, else closed with code 1008, which servers send the client as an
+            HTTP 403 before the handshake is accepted).
         on_event: Callbacks receiving every `RateLimitEvent`, and the `StorageEvent`s of
             the limiter the middleware builds (with ``limiter=``, pass them to that
             `RateLimiter` instead).

@@ -31,6 +31,7 @@ from ._deadline import (
 from ._errors import ConfigurationError
 from ._events import LoadSheddingEvent, _CallbackGuard, emit, event_handlers
 from ._keys import _is_async_callable
+from ._lifespan import run_lifespan
 from ._pacing import Pacer
 from ._paths import Exemptions, ExemptSpec, compile_template, route_path
 from ._problem import (
@@ -529,20 +530,18 @@ class LoadSheddingMiddleware:
         self._ticker = spawn_task(loop, tick_until_the_loop_ends)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error: Exception | None = None
-        async with anyio.create_task_group() as group:
-            self._bind(current_loop())
-            group.start_soon(self._tick)
-            try:
-                await self.app(scope, receive, send)
-            except Exception as exc:
-                error = exc  # raised as is, not wrapped in an exception group
-            finally:
-                group.cancel_scope.cancel()
-                self._loop = None
-                self._on_loop.bind(None)
-        if error is not None:
-            raise error
+        # The ticker runs for the app's lifespan and stops before the server hears that
+        # shutdown is complete.
+        await run_lifespan(self.app, scope, receive, send, self._lifespan_ticker)
+
+    async def _lifespan_ticker(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self._bind(current_loop())
+        try:
+            task_status.started()
+            await self._tick()
+        finally:
+            self._loop = None
+            self._on_loop.bind(None)
 
     # -- per request --------------------------------------------------------------------------
 

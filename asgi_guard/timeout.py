@@ -14,6 +14,7 @@ from time import monotonic
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._deadline import (
@@ -29,6 +30,7 @@ from ._deadline import (
 )
 from ._errors import ConfigurationError
 from ._events import TimeoutEvent, _CallbackGuard, emit, event_handlers
+from ._lifespan import run_lifespan
 from ._paths import Exemptions, ExemptSpec, route_path, route_template
 from ._problem import Rejection, ResponseFactory, send_rejection
 from ._record import SCOPE_KEY, GuardRecord
@@ -229,16 +231,9 @@ class TimeoutMiddleware:
         loop = current_loop()
         keeper = Keeper(loop, self._fire, self._answer, self._horizon)
         self._keepers[id(loop)] = self._keeper = keeper
-        error: Exception | None = None
-        async with anyio.create_task_group() as task_group:
-            await task_group.start(keeper.run)
-            try:
-                await self.app(scope, receive, send)
-            except Exception as exc:
-                error = exc
-            task_group.cancel_scope.cancel()
-        if error is not None:
-            raise error
+        # The keeper runs for the app's lifespan and stops before the server hears that
+        # shutdown is complete.
+        await run_lifespan(self.app, scope, receive, send, keeper.run)
 
     # -- per request --------------------------------------------------------------------------
 
@@ -293,7 +288,12 @@ class TimeoutMiddleware:
         async def guarded_send(message: Message) -> None:
             nonlocal trailers
             if budget.fired is not None:
-                return  # answered (504/408) or cut short: the app's late messages are dropped
+                # Answered (504/408) or cut short: the app's late messages are dropped. A
+                # step of the loop each, so that the cancellation reaches an app that would
+                # not suspend otherwise (a stream generated without await, once a thread it
+                # waited for returns): it spun on, holding the worker.
+                await anyio.lowlevel.checkpoint()
+                return
             kind = message["type"]
             if kind == "http.response.body" or kind == "http.response.zerocopysend":
                 if not message.get("more_body", False) and not trailers:

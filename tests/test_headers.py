@@ -70,3 +70,11 @@ def test_legacy_headers_report_the_tightest_quota(specs: list[tuple[int, float]]
     headers = dict(legacy_headers(states))
     assert int(headers[b"x-ratelimit-remaining"]) == min(r for r, _ in specs)
     assert int(headers[b"x-ratelimit-reset"]) >= 0
+
+
+def test_the_429_detail_counts_its_seconds() -> None:
+    from asgi_guard._problem import rejection_detail
+
+    assert rejection_detail(1) == "Request quota exceeded; retry after 1 second."
+    assert rejection_detail(44) == "Request quota exceeded; retry after 44 seconds."
+    assert "cannot be admitted" in rejection_detail(0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import pytest
 import sniffio
@@ -458,6 +459,28 @@ async def test_the_idle_clock_restarts_when_a_send_fails() -> None:
     await guard(http_scope("/stream"), never_receives, failing_client)
     assert time.monotonic() - started < T + SLACK
     assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
+
+
+async def test_a_stream_that_never_suspends_after_its_deadline_is_stopped() -> None:
+    """The deadline passes while the stream waits for a thread (which defers the
+    cancellation); the stream then generates without ever awaiting. Its late messages are
+    dropped with a step of the loop each, so the cancellation reaches it: it stops at once
+    (it spun through all its chunks, holding the worker)."""
+    produced = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal produced
+        yield b"start"
+        await anyio.to_thread.run_sync(time.sleep, 2 * T)
+        for _ in range(20_000):
+            produced += 1
+            yield b"z"
+
+    guard = TimeoutMiddleware(StreamingResponse(chunks()), timeout=T)
+    driven = await drive(guard, http_scope("/stream"), then="wait")
+    assert driven.body.startswith(b"start")
+    assert not driven.complete
+    assert produced < 100, produced
 
 
 async def test_a_slow_body_is_answered_408() -> None:

@@ -8,7 +8,14 @@ import anyio
 import pytest
 from fastapi import Depends, FastAPI
 
-from asgi_guard import Adaptive, LoadSheddingMiddleware, RateLimitMiddleware, RequestRejected
+from asgi_guard import (
+    Adaptive,
+    LoadSheddingMiddleware,
+    ManualClock,
+    RateLimiter,
+    RateLimitMiddleware,
+    RequestRejected,
+)
 from asgi_guard.fastapi import rate_limit, rejection_handler
 
 from .asgi_driver import lifespan_client
@@ -20,7 +27,10 @@ def app_with_login_limit() -> FastAPI:
     app = FastAPI()
     app.add_exception_handler(RequestRejected, rejection_handler)
 
-    @app.post("/login", dependencies=[Depends(rate_limit("2/minute"))])
+    # A manual clock: the counts must not meet a window's end mid-test.
+    login_limit = rate_limit("2/minute", limiter=RateLimiter(clock=ManualClock(1000.0)))
+
+    @app.post("/login", dependencies=[Depends(login_limit)])
     async def login() -> str:
         await anyio.sleep(0.02)
         return "welcome"
@@ -53,7 +63,11 @@ async def test_a_rate_limit_middleware_inside_the_shedder_teaches_it_nothing() -
     """The same with RateLimitMiddleware inside the shedder (added first): its 429s are
     marked refused in the request's record."""
     algorithm = Adaptive()
-    inner = RateLimitMiddleware(app_with_login_limit(), limit="1/minute")
+    inner = RateLimitMiddleware(
+        app_with_login_limit(),
+        limit="1/minute",
+        limiter=RateLimiter(clock=ManualClock(1000.0)),  # no window ends mid-test
+    )
     shedder = LoadSheddingMiddleware(inner, limit=algorithm)
     async with lifespan_client(shedder) as http:
         codes = [(await http.get("/w")).status_code for _ in range(20)]

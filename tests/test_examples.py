@@ -26,6 +26,17 @@ from asgi_guard import QUOTA_EXCEEDED, ConfigurationError, GuardError, ManualClo
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(autouse=True)
+def _away_from_a_windows_end() -> None:
+    """The examples count on the real clock, in memory windows aligned on it (a minute's):
+    a test that began just before a minute's end would see its counts start over midway.
+    Within two seconds of one, wait for it to pass."""
+    left = 60.0 - time.monotonic() % 60.0
+    if left < 2.0:
+        time.sleep(left + 0.01)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"

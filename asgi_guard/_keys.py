@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import ipaddress
 import logging
+import re
 import string
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeAlias, overload
@@ -29,6 +30,8 @@ _MAX_HOPS = 64
 # Longer than any address literal with brackets, port and zone id: skip parsing (and caching) it.
 _MAX_NODE_CHARS = 128
 _MAX_FORWARDED_ELEMENT = 1024
+# How much of a Forwarded value with quoted strings is split (the rest is left of 64 hops).
+_MAX_QUOTED_SCAN = 8192
 _MAX_HEADER_KEY_CHARS = 256
 _CACHE_SIZE = 4096
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters)
@@ -162,10 +165,55 @@ def _xff_node(entry: bytes) -> str | None:
     return _split_port(entry.decode("latin-1"))
 
 
+# Runs of anything but the separator and quotes, and quoted strings (RFC 9110, with
+# backslash escapes). Matched from a separator, it stops at the next separator outside
+# quotes, at the end, or at a quote left open.
+_UNTIL_COMMA = re.compile(rb'(?:[^,"]+|"(?:[^"\\]|\\.)*")*', re.DOTALL)
+_UNTIL_SEMICOLON = re.compile(rb'(?:[^;"]+|"(?:[^"\\]|\\.)*")*', re.DOTALL)
+
+
+def _split_quoted(value: bytes, until: re.Pattern[bytes]) -> list[bytes] | None:
+    """Split ``value`` at the separator ``until`` stops at, outside quoted strings; ``None``
+    if a quote is left open."""
+    parts: list[bytes] = []
+    start, size = 0, len(value)
+    while True:
+        end = until.match(value, start).end()  # type: ignore[union-attr] # matches empty
+        parts.append(value[start:end])
+        if end >= size:
+            return parts
+        if value[end] == 0x22:  # '"'
+            return None
+        start = end + 1
+
+
+def _forwarded_elements(value: bytes) -> list[bytes]:
+    """The last `_MAX_HOPS` elements of a ``Forwarded`` value, split at commas outside
+    quoted strings (``for=192.0.2.7;host="a,b"`` is one element)."""
+    if b'"' in value:
+        # Scanned from its last `_MAX_QUOTED_SCAN` bytes only, whatever its length: an
+        # element cut at that edge is not an address, and the walk stops there.
+        parts = _split_quoted(value[-_MAX_QUOTED_SCAN:], _UNTIL_COMMA)
+        if parts is not None:
+            return parts[-_MAX_HOPS:]
+        # A quote left open: a client's, which would run on over the elements the proxies
+        # appended after it. Split at every comma, as if there were no quotes.
+    return _rightmost(value)
+
+
+def _rightmost(value: bytes) -> list[bytes]:
+    """The last `_MAX_HOPS` comma-separated entries of a list header."""
+    entries = value.rsplit(b",", _MAX_HOPS)
+    if len(entries) > _MAX_HOPS:
+        del entries[0]
+    return entries
+
+
 def _forwarded_node(element: bytes) -> str | None:
     if len(element) > _MAX_FORWARDED_ELEMENT:
         return None
-    for pair in element.split(b";"):
+    pairs = _split_quoted(element, _UNTIL_SEMICOLON) if b'"' in element else None
+    for pair in element.split(b";") if pairs is None else pairs:
         name, equals, value = pair.partition(b"=")
         if equals and name.strip().lower() == b"for":
             value = value.strip()
@@ -175,10 +223,11 @@ def _forwarded_node(element: bytes) -> str | None:
     return None
 
 
-_NODE_PARSERS: dict[bytes, Callable[[bytes], str | None]] = {
-    b"forwarded": _forwarded_node,
-    b"x-forwarded-for": _xff_node,
-    b"x-real-ip": _xff_node,
+#: For each forwarded header: how to split its value into hops, and how to read a hop.
+_NODE_PARSERS: dict[bytes, tuple[Callable[[bytes], list[bytes]], Callable[[bytes], str | None]]] = {
+    b"forwarded": (_forwarded_elements, _forwarded_node),
+    b"x-forwarded-for": (_rightmost, _xff_node),
+    b"x-real-ip": (_rightmost, _xff_node),
 }
 
 
@@ -248,7 +297,7 @@ def _check_headers(headers: Sequence[str]) -> tuple[bytes, ...]:
 def client_ip(
     *,
     trusted_proxies: Iterable[str] = (),
-    headers: Sequence[str] = ("forwarded", "x-forwarded-for", "x-real-ip"),
+    headers: Sequence[str] = ("x-forwarded-for",),
     ipv6_prefix: int = 64,
 ) -> Callable[[Scope], str]:
     """Build a key function that identifies the client by IP address.
@@ -268,7 +317,10 @@ def client_ip(
         trusted_proxies: Addresses or CIDR networks of the proxies in front of the app, such as
             ``["10.0.0.0/8", "::1"]``.
         headers: Which forwarded headers to read, in order of preference: any of
-            ``"forwarded"`` (RFC 7239), ``"x-forwarded-for"`` and ``"x-real-ip"``.
+            ``"forwarded"`` (RFC 7239), ``"x-forwarded-for"`` (the default) and
+            ``"x-real-ip"``. Name only headers your proxies set or strip: one they pass
+            through unchanged is whatever the client wrote, and if it comes first in
+            ``headers`` the client picks its own key.
         ipv6_prefix: Prefix length IPv6 clients are grouped by; 128 keys each address.
 
     Returns:
@@ -295,7 +347,7 @@ def client_ip(
 
     peer_key = _peer_key_func(ipv6_prefix)
     wanted = frozenset(order)
-    parsers = tuple((name, _NODE_PARSERS[name]) for name in order)
+    parsers = tuple((name, *_NODE_PARSERS[name]) for name in order)
 
     @functools.lru_cache(maxsize=_CACHE_SIZE)
     def classify(text: str) -> _Hop | None:
@@ -308,11 +360,13 @@ def client_ip(
         trusted = any(value & mask == network for network, mask in networks)
         return _address_key(address, ipv6_prefix), trusted
 
-    def walk(value: bytes, parse_node: Callable[[bytes], str | None], nearest: str) -> str:
-        entries = value.rsplit(b",", _MAX_HOPS)
-        if len(entries) > _MAX_HOPS:
-            del entries[0]
-        for entry in reversed(entries):
+    def walk(
+        value: bytes,
+        split: Callable[[bytes], list[bytes]],
+        parse_node: Callable[[bytes], str | None],
+        nearest: str,
+    ) -> str:
+        for entry in reversed(split(value)):
             node = parse_node(entry)
             hop = None if node is None else classify(node)
             if hop is None:
@@ -338,10 +392,10 @@ def client_ip(
             name = name.lower()
             if name in wanted:
                 found.setdefault(name, []).append(value)
-        for name, parse_node in parsers:
+        for name, split, parse_node in parsers:
             lines = found.get(name)
             if lines and any(line.strip() for line in lines):
-                return walk(b",".join(lines), parse_node, key)
+                return walk(b",".join(lines), split, parse_node, key)
         return key
 
     return forwarded_key

@@ -11,9 +11,10 @@ from starlette.types import Scope
 from asgi_guard import KeyFunc, Policy, RateLimitMiddleware, Rule, client_ip, header_key
 from asgi_guard.fastapi import rate_limit
 
-# Behind a reverse proxy, every request comes from the proxy's address. Trust the forwarded
-# headers (Forwarded, X-Forwarded-For, X-Real-IP) from the proxies' networks only: anybody
-# else can send them too. IPv6 clients are counted per /64 network by default.
+# Behind a reverse proxy, every request comes from the proxy's address. Trust the
+# X-Forwarded-For header the proxy appends to from the proxies' networks only: anybody else
+# can send it too (a proxy that writes Forwarded or X-Real-IP instead: headers=["forwarded"]).
+# IPv6 clients are counted per /64 network by default.
 by_ip = client_ip(trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
 
 # API clients by their key; requests without the header fall back to the client IP.

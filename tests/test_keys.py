@@ -268,19 +268,26 @@ def test_multiple_xff_lines_are_concatenated() -> None:
         ("for=_hidden", PROXY),
         ("for=", PROXY),
         ('for="', PROXY),
-        ('for=198.51.100.1;by="a,b", for=10.0.0.3', "10.0.0.3"),
+        ('for=198.51.100.1;by="a,b", for=10.0.0.3', "198.51.100.1"),
+        ('for=198.51.100.1;host="a,b,c", for=10.0.0.3', "198.51.100.1"),
+        ('for=192.0.2.9;host="x;for=6.6.6.6", for=10.0.0.3', "192.0.2.9"),
+        ('for=192.0.2.9;host="a\\"b,c", for=10.0.0.3', "192.0.2.9"),
+        # A client's quote left open does not swallow the element its proxy appended.
+        ('for=6.6.6.6;host="open, for=192.0.2.9', "192.0.2.9"),
+        ('for=6.6.6.6;host="open\\, for=192.0.2.9', "192.0.2.9"),
+        ('for=6.6.6.6;host="x, for="[2001:db8::1]:4711"', "2001:db8::/64"),
     ],
 )
 def test_forwarded_header(forwarded: str, expected: str) -> None:
     """RFC 7239 for= values are read right to left: quoted, bracketed, obfuscated, any case."""
-    key = client_ip(trusted_proxies=TRUSTED)
+    key = client_ip(trusted_proxies=TRUSTED, headers=["forwarded"])
     result = key(make_scope((PROXY, 1), ("forwarded", forwarded)))
     assert result == expected, result
 
 
 def test_multiple_forwarded_lines_are_concatenated() -> None:
     """Several Forwarded lines form one list of elements, in order."""
-    key = client_ip(trusted_proxies=TRUSTED)
+    key = client_ip(trusted_proxies=TRUSTED, headers=["forwarded"])
     scope = make_scope(
         (PROXY, 1),
         ("forwarded", "for=198.51.100.1"),
@@ -301,7 +308,7 @@ def test_multiple_forwarded_lines_are_concatenated() -> None:
 )
 def test_x_real_ip(real_ip: str, expected: str) -> None:
     """X-Real-IP from a trusted proxy is the client."""
-    key = client_ip(trusted_proxies=TRUSTED)
+    key = client_ip(trusted_proxies=TRUSTED, headers=["x-real-ip"])
     result = key(make_scope((PROXY, 1), ("x-real-ip", real_ip)))
     assert result == expected, result
 
@@ -629,7 +636,7 @@ def test_rightmost_untrusted_hop_is_the_client(
     styles: list[int],
 ) -> None:
     """Behind a chain of trusted proxies, the client is the rightmost untrusted address."""
-    key = client_ip(trusted_proxies=["10.0.0.0/8", "fd00::/8"])
+    key = client_ip(trusted_proxies=["10.0.0.0/8", "fd00::/8"], headers=[header])
     chain = [*chain_prefix, client, *suffix]
     value = ", ".join(render(a, header, s) for a, s in zip(chain, styles, strict=False))
     result = key(make_scope((PROXY, 1), (header, value)))
@@ -642,3 +649,30 @@ def test_header_values_cannot_pose_as_client_addresses() -> None:
     spoof = key(make_scope(("192.0.2.1", 1), ("x-api-key", "198.51.100.7")))
     victim = key(make_scope(("198.51.100.7", 1)))
     assert spoof != victim, (spoof, victim)
+
+
+def test_default_reads_only_x_forwarded_for() -> None:
+    """Behind a proxy that appends to X-Forwarded-For and passes other headers through, a
+    client's own Forwarded or X-Real-IP header cannot choose its key."""
+    key = client_ip(trusted_proxies=TRUSTED)
+    scope = make_scope(
+        (PROXY, 1),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "7.7.7.7"),
+        ("x-forwarded-for", "203.0.113.7"),
+    )
+    assert key(scope) == "203.0.113.7", key(scope)
+    assert key(make_scope((PROXY, 1), ("forwarded", "for=6.6.6.6"))) == PROXY
+
+
+def test_forwarded_value_is_split_from_its_end_only() -> None:
+    """A huge Forwarded value with quotes is split from its last 8 KiB: the hops the
+    proxies appended are read, and what is cut at that edge ends the walk."""
+    key = client_ip(trusted_proxies=TRUSTED, headers=["forwarded"])
+    junk = ", ".join(f'for=198.51.100.{i % 200};host="a,{i}"' for i in range(2000))
+    value = f'{junk}, for=192.0.2.9;host="h,1", for=10.0.0.3'
+    assert len(value) > 20_000
+    assert key(make_scope((PROXY, 1), ("forwarded", value))) == "192.0.2.9"
+    # Every hop trusted back to the cut: the walk stops at the last trusted one it read.
+    trusted = ", ".join(f'for=10.0.{i // 250}.{i % 250};host="a,b"' for i in range(400))
+    assert key(make_scope((PROXY, 1), ("forwarded", trusted))).startswith("10.0.")

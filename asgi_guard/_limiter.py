@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -70,6 +71,17 @@ _REMOTE_SCHEMES = {
 #: socket's path, a sentinel's the service name.
 _DB_PATH_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys"})
 _DB_PATH = re.compile(r"/\d+")
+
+#: The longest namespace or key a remote storage sees; a longer one becomes a digest. limits
+#: adds about 30 characters and the limit's digits around the two (``LIMITER/<namespace>/
+#: <key>/100/1/minute/expires``), which stays under memcached's 250 bytes.
+_MAX_STORAGE_KEY = 100
+#: What a namespace or key keeps as is: printable ASCII, less the characters that delimit
+#: key names (``/`` in limits', ``{``, ``|`` and ``}`` in ours) and ``%``, the escape.
+_PLAIN_STORAGE_KEY = re.compile(rf"[!-$&-.0-z~]{{0,{_MAX_STORAGE_KEY}}}")
+_ESCAPED_BYTES = tuple(
+    chr(b) if 0x21 <= b <= 0x7E and chr(b) not in "%/{|}" else f"%{b:02X}" for b in range(256)
+)
 
 # Redis decides a whole policy (every quota) in one round trip and one atomic step: check
 # every quota, commit only if all admit, so a refused request consumes nothing, as in memory.
@@ -193,6 +205,30 @@ class RateLimitDecision:
         return max(
             (q.retry_after for q in self.quotas if not q.allowed and not q.dry_run), default=0.0
         )
+
+
+def _storage_key(part: str) -> str:
+    """``part`` (a namespace or a key) as a remote storage may hold it in a key name.
+
+    Memcached refuses whitespace, control characters and keys over 250 bytes (and its text
+    protocol takes CR LF for the end of a command); limits joins namespace and key with
+    ``/``; a Redis Cluster hash tag ends at the first ``}``. So the bytes that are not
+    printable ASCII, and ``%/{|}``, are percent-escaped, and a result over
+    `_MAX_STORAGE_KEY` characters becomes ``%sha256:`` and 32 hex digits (no escape starts
+    with ``%s``). Distinct parts stay distinct.
+
+    Examples:
+        >>> _storage_key("policy:api"), _storage_key("POST /login"), _storage_key("a/b")
+        ('policy:api', 'POST%20%2Flogin', 'a%2Fb')
+    """
+    if _PLAIN_STORAGE_KEY.fullmatch(part):
+        return part
+    raw = part.encode("utf-8", "surrogatepass")
+    if len(raw) <= _MAX_STORAGE_KEY:
+        escaped = "".join([_ESCAPED_BYTES[b] for b in raw])
+        if len(escaped) <= _MAX_STORAGE_KEY:
+            return escaped
+    return "%sha256:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
 def _redact(uri: str) -> str:
@@ -417,6 +453,7 @@ class RateLimiter:
     ) -> list[HitResult]:
         quotas = policy.quotas
         strategy = policy.strategy
+        namespace, key = _storage_key(namespace), _storage_key(key)
         if self._scripted and strategy in ("fixed-window", "token-bucket"):
             # One hash tag for all of a policy's keys: one slot in a Redis Cluster.
             tag = f"asgi_guard:{{{namespace}|{key}}}"

@@ -426,3 +426,41 @@ async def test_a_short_stall_right_after_a_recovery_is_not_a_new_outage(
         "unavailable",
         "recovered",
     ], events
+
+
+def _key_names(server: RedisServer) -> list[bytes]:
+    """Every key name in ``server`` (a reply to KEYS: the names between their lengths)."""
+    lines = _keys(server).split(b"\r\n")[1:]
+    return [line for line in lines if line and not line.startswith(b"$")]
+
+
+def _hash_tag(name: bytes) -> bytes:
+    """The part of a key name Redis Cluster hashes: between the first ``{`` and the next
+    ``}`` (the whole name without them)."""
+    start = name.find(b"{")
+    end = name.find(b"}", start + 1)
+    if start == -1 or end in (-1, start + 1):
+        return name
+    return name[start + 1 : end]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_clients_of_a_templated_rule_hash_apart(
+    redis_server: RedisServer, redis_url: str, strategy: Strategy
+) -> None:
+    """Each client of a rule whose template has braces (/users/{user_id}) has a hash tag of
+    its own, holding its key (the tag ended inside the template: one Cluster slot for all)."""
+    rule = Rule("/users/{user_id}", limit=Policy("5/minute", strategy=strategy))
+    limiter = patient(redis_url)
+    app = RateLimitMiddleware(ok_app, rules=[rule], limiter=limiter)
+    clients = ("192.0.2.7", "198.51.100.9")
+    for ip in clients:
+        transport = httpx.ASGITransport(app=app, client=(ip, 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            r = await c.get("/users/7")
+            assert "ratelimit" in r.headers, r.headers
+    await limiter.aclose()
+    tags = {_hash_tag(name) for name in _key_names(redis_server)}
+    assert len(tags) == 2, tags
+    for ip in clients:
+        assert sum(ip.encode() in tag for tag in tags) == 1, tags

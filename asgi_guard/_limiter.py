@@ -315,6 +315,7 @@ class RateLimiter:
         self._strategies: dict[str, aio_strategies.RateLimiter] = {}
         self._scripts: dict[str, Any] = {}
         self._scripted = False
+        self._key_prefix = ""
         self._gate = anyio.Semaphore(MAX_IN_FLIGHT)
         self._next_probe = 0.0
         self._started = False
@@ -354,9 +355,11 @@ class RateLimiter:
             if isinstance(exc, LimitsConfigurationError) and "dependenc" in reason.lower():
                 hint = " (install it with 'pip install asgi-guard[redis]' or '[memcached]')"
             raise ConfigurationError(f"cannot use storage {self.uri!r}: {reason}{hint}") from None
-        self._scripted = isinstance(
-            self._storage, (RedisStorage, RedisClusterStorage, RedisSentinelStorage)
-        )
+        if isinstance(self._storage, (RedisStorage, RedisClusterStorage, RedisSentinelStorage)):
+            self._scripted = True
+            # storage_options={"key_prefix": ...} keeps apart services sharing one Redis;
+            # limits puts it in front of its keys ("LIMITS" by default), we do in front of ours.
+            self._key_prefix = self._storage.bridge.key_prefix
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -456,7 +459,7 @@ class RateLimiter:
         namespace, key = _storage_key(namespace), _storage_key(key)
         if self._scripted and strategy in ("fixed-window", "token-bucket"):
             # One hash tag for all of a policy's keys: one slot in a Redis Cluster.
-            tag = f"asgi_guard:{{{namespace}|{key}}}"
+            tag = f"{self._key_prefix}:asgi_guard:{{{namespace}|{key}}}"
             keys = [f"{tag}:{q.name}:{strategy}" for q in quotas]
             args: list[str] = [str(cost)]
             if strategy == "fixed-window":

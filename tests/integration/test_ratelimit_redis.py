@@ -464,3 +464,20 @@ async def test_clients_of_a_templated_rule_hash_apart(
     assert len(tags) == 2, tags
     for ip in clients:
         assert sum(ip.encode() in tag for tag in tags) == 1, tags
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_key_prefix_separates_two_services(
+    redis_server: RedisServer, redis_url: str, strategy: Strategy
+) -> None:
+    """Two limiters with their own key_prefix on one Redis count apart, whatever the
+    strategy, and every key name starts with its prefix (our Lua script ignored it)."""
+    policy = Policy("2/minute", name="api", strategy=strategy)
+    for prefix in ("svcA", "svcB"):
+        limiter = RateLimiter(redis_url, timeout=PATIENT, storage_options={"key_prefix": prefix})
+        decisions = [await limiter.hit(policy, "192.0.2.7") for _ in range(2)]
+        await limiter.aclose()
+        assert [(d.allowed, d.storage_error) for d in decisions] == [(True, False)] * 2, decisions
+    names = _key_names(redis_server)
+    assert names, names
+    assert all(name.startswith((b"svcA:", b"svcB:")) for name in names), names

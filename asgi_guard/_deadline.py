@@ -51,6 +51,9 @@ _current: ContextVar[Budget | None] = ContextVar("asgi_guard_budget", default=No
 MIN_HORIZON = 0.01
 #: How often the keeper retries cancelling a request that sits in a shielded section.
 RETRY = 0.01
+#: How long a deadline that falls while the server writes a response's start waits for
+#: the app's next message: a response whose body follows completes instead of being cut.
+START_GRACE = 0.05
 
 
 def _anyio_task_states() -> Any:
@@ -119,6 +122,7 @@ class Budget:
         "deadline_at",
         "fired",
         "fired_at",
+        "graced",
         "idle_at",
         "keeper",
         "max_timeout",
@@ -130,6 +134,7 @@ class Budget:
         "started",
         "task",
         "timeout",
+        "writing_start",
     )
 
     def __init__(
@@ -154,6 +159,10 @@ class Budget:
         self.active = True
         self.complete = False
         self.started = False
+        #: While the server writes the response's start (a send that yields, as every send
+        #: on trio does), and whether the keeper has waited for it once already.
+        self.writing_start = False
+        self.graced = False
         self.answered = False
         self.fired: str | None = None
         self.fired_at = 0.0

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._deadline import (
     MIN_HORIZON,
+    START_GRACE,
     Budget,
     Keeper,
     LoopCheck,
@@ -317,6 +318,12 @@ class TimeoutMiddleware:
                 if idle is not None:
                     budget.idle_at = monotonic() + idle
                     budget.reschedule()
+                budget.writing_start = True
+                try:
+                    await send(message)
+                finally:
+                    budget.writing_start = False
+                return
             elif (kind == "http.response.trailers" and not message.get("more_trailers", False)) or (
                 kind == "http.response.pathsend"
             ):
@@ -514,6 +521,14 @@ class TimeoutMiddleware:
     # -- at the deadline ---------------------------------------------------------------------
 
     def _fire(self, budget: Budget, now: float) -> None:
+        if budget.writing_start and not budget.graced:
+            # Due while the server writes the response's start (each send yields on trio):
+            # the app's next message comes right after, and a body that ends the response
+            # completes it rather than leaving the client headers without their body.
+            budget.graced = True
+            assert budget.keeper is not None
+            budget.keeper.schedule(budget, now + START_GRACE)
+            return
         if now >= budget.deadline_at:
             kind = "deadline"
         elif now >= budget.body_at:

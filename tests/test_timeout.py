@@ -45,6 +45,7 @@ from asgi_guard import (
     outbound_timeout,
     remaining,
 )
+from asgi_guard._deadline import START_GRACE
 from asgi_guard._record import GuardRecord
 from asgi_guard.timeout import _seconds, parse_timeout_header
 
@@ -437,6 +438,58 @@ async def test_a_stream_that_stalls_after_a_slow_send_is_still_cut() -> None:
     await guard(http_scope("/stream"), never_receives, slow_client)
     assert time.monotonic() - started < 3 * T + SLACK
     assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["idle"]
+
+
+def slow_start_writer(sent: list[Message], takes: float) -> Send:
+    """A server whose send of the response's start yields and takes ``takes`` seconds
+    (every send yields on trio): the deadline can fall while it writes."""
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await anyio.sleep(takes)
+        sent.append(message)
+
+    return send
+
+
+async def test_a_response_whose_start_is_written_across_the_deadline_completes() -> None:
+    """The deadline falls while the server writes the start of a response whose body
+    follows at once: the body completes it (on trio a client got the headers alone and
+    a closed connection, as if the response had been cut short)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(0.8 * T)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    sent: list[Message] = []
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=T, on_event=events.append)
+    await guard(http_scope("/"), never_receives, slow_start_writer(sent, 0.5 * T))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[-1]["body"] == b"done"
+    assert events == []
+    assert guard.stats["cut_short"] == 0
+
+
+async def test_a_stream_that_stalls_after_a_slowly_written_start_is_still_cut() -> None:
+    """The wait for the message after a start written across the deadline is short: a
+    stream that stalls there is cut soon after its deadline."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(0.8 * T)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await anyio.sleep(10)  # stalls
+
+    sent: list[Message] = []
+    events: list[Event] = []
+    guard = TimeoutMiddleware(app, timeout=T, on_event=events.append)
+    started = time.monotonic()
+    await guard(http_scope("/"), never_receives, slow_start_writer(sent, 0.5 * T))
+    assert time.monotonic() - started < T + START_GRACE + SLACK
+    assert [m["type"] for m in sent] == ["http.response.start"]
+    assert [e.kind for e in events if isinstance(e, TimeoutEvent)] == ["deadline"]
+    assert guard.stats["cut_short"] == 1
 
 
 async def test_the_idle_clock_restarts_when_a_send_fails() -> None:

@@ -71,6 +71,10 @@ _REMOTE_SCHEMES = {
 #: socket's path, a sentinel's the service name.
 _DB_PATH_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys"})
 _DB_PATH = re.compile(r"/\d+")
+#: Schemes whose URI names a unix socket (its path), not hosts.
+_SOCKET_SCHEMES = frozenset({"redis+unix", "valkey+unix"})
+#: storage_options that give the client its connections, so that the URI needs no host.
+_CONNECTION_OPTIONS = ("connection_pool", "startup_nodes")
 
 #: The longest namespace or key a remote storage sees; a longer one becomes a digest. limits
 #: adds about 30 characters and the limit's digits around the two (``LIMITER/<namespace>/
@@ -333,6 +337,25 @@ class RateLimiter:
             known = ", ".join(sorted({"memory", *_REMOTE_SCHEMES}))
             raise ConfigurationError(
                 f"unknown storage URI {self.uri!r}: the scheme must be one of {known}"
+            )
+        if plain in _SOCKET_SCHEMES:
+            if parts.path in ("", "/"):
+                raise ConfigurationError(
+                    f"storage URI {self.uri!r} names no socket: write its path, such as "
+                    f"'{plain}:///run/redis.sock'"
+                )
+        elif not parts.netloc.rpartition("@")[2] and not any(
+            option in (storage_options or {}) for option in _CONNECTION_OPTIONS
+        ):
+            # The client would try a default host at the first request, or none at all.
+            raise ConfigurationError(
+                f"storage URI {self.uri!r} names no host: write host:port after '//' "
+                f"(several, separated by commas, for a cluster or sentinels)"
+                + (
+                    "; limits' memcached storage takes no unix socket"
+                    if plain == "memcached" and parts.path
+                    else ""
+                )
             )
         if (
             plain in _DB_PATH_SCHEMES

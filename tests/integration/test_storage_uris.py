@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import coredis
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
@@ -31,6 +32,66 @@ def test_bad_storage_uri_fails_at_construction(storage: str, message: str) -> No
     """A URI with an unknown scheme or a malformed address raises ConfigurationError at once."""
     with pytest.raises(ConfigurationError, match=message):
         RateLimitMiddleware(ok_app, limit="1/second", storage=storage)
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "memcached://",
+        "memcached:///tmp/memcached.sock",
+        "redis://",
+        "redis:///0",
+        "rediss://",
+        "async+redis://",
+        "valkey://",
+        "valkeys://",
+        "redis+cluster://",
+        "valkey+cluster://",
+        "redis+sentinel:///mymaster",
+        "valkey+sentinel:///mymaster",
+        "redis://user:s3cret@/0",
+    ],
+)
+def test_storage_uri_without_a_host_fails_at_construction(storage: str) -> None:
+    """A network storage URI that names no host is a ConfigurationError when the middleware
+    is built (it was accepted, and then every request was a storage error)."""
+    with pytest.raises(ConfigurationError, match="names no host") as raised:
+        RateLimitMiddleware(ok_app, limit="1/second", storage=storage)
+    assert "s3cret" not in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize("storage", ["redis+unix://", "valkey+unix://", "redis+unix:///"])
+def test_unix_socket_uri_without_a_path_fails_at_construction(storage: str) -> None:
+    """A unix-socket URI must name the socket's path."""
+    with pytest.raises(ConfigurationError, match="names no socket"):
+        RateLimiter(storage)
+
+
+@pytest.mark.parametrize(
+    ("storage", "options"),
+    [
+        ("redis+unix:///run/redis.sock", None),
+        ("valkey+unix:///run/valkey.sock", None),
+        ("redis://127.0.0.1:6379", None),
+        ("memcached://127.0.0.1:11211,127.0.0.2:11211", None),
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", None),
+        ("redis+sentinel://127.0.0.1:26379/mymaster", None),
+        ("redis+cluster://", {"startup_nodes": []}),
+    ],
+)
+def test_storage_uris_with_a_host_or_socket_build(
+    storage: str, options: dict[str, Any] | None
+) -> None:
+    """Hosts, unix sockets, or connections given in storage_options: the limiter builds
+    (nothing connects before the first request)."""
+    assert not RateLimiter(storage, storage_options=options).is_memory
+
+
+def test_a_connection_pool_needs_no_host() -> None:
+    """With storage_options={"connection_pool": ...} the client ignores the URI's host, so
+    'redis://' builds."""
+    pool = coredis.ConnectionPool(host="127.0.0.1", port=6379)
+    assert not RateLimiter("redis://", storage_options={"connection_pool": pool}).is_memory
 
 
 def test_storage_uri_password_is_redacted_in_errors() -> None:

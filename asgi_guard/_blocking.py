@@ -85,6 +85,9 @@ _MACHINERY_FRAGMENTS = (
 _IDLE = (f"{os.sep}selectors.py",)
 
 Kind = Literal["blocking_call", "cpu_bound", "never_awaited"]
+#: What tells two steps with the same root frame apart: the heartbeat's tick, and on trio
+#: how many steps the task had taken (``None`` before any step is timed).
+Mark = tuple[int, int | None] | None
 
 
 @dataclass(frozen=True)
@@ -207,15 +210,9 @@ def _trio_tasks(root: Any) -> Iterator[tuple[Any, Any]]:
             pending.extend(list(nursery.child_tasks))
 
 
-def spawned_request(
-    top: FrameType | None,
-    anchor: object,
-    var: contextvars.ContextVar[int],
-    in_flight: dict[int, Scope],
-) -> Scope | None:
-    """The request whose context the task running ``top`` inherited: a child task of a
-    request carries a copy of the request's context. ``anchor`` is the asyncio loop, or the
-    trio run's root task. Called from the watchdog thread while the step still runs."""
+def running_task(top: FrameType | None, anchor: object) -> Any:
+    """The task whose coroutine runs ``top``, or ``None``. ``anchor`` is the asyncio loop, or
+    the trio run's root task. Called from the watchdog thread while the step still runs."""
     on_stack = set()
     frame = top
     while frame is not None:
@@ -230,12 +227,34 @@ def spawned_request(
     try:
         for task, coro in tasks:
             if id(getattr(coro, "cr_frame", None)) in on_stack:
-                context = _context_of(task)
-                number = context.get(var, None) if context is not None else None
-                return in_flight.get(number) if number is not None else None
+                return task
     except RuntimeError:  # the loop changed its tasks while we looked: leave it unnamed
         return None
     return None
+
+
+def spawned_request(
+    top: FrameType | None,
+    anchor: object,
+    var: contextvars.ContextVar[int],
+    in_flight: dict[int, Scope],
+) -> Scope | None:
+    """The request whose context the task running ``top`` inherited: a child task of a
+    request carries a copy of the request's context."""
+    task = running_task(top, anchor)
+    context = _context_of(task) if task is not None else None
+    number = context.get(var, None) if context is not None else None
+    return in_flight.get(number) if number is not None else None
+
+
+def _trio_steps() -> int | None:
+    """How many steps the running trio task has taken (on the loop thread), or ``None``."""
+    trio = sys.modules.get("trio")
+    try:
+        steps = trio.lowlevel.current_task()._schedule_points  # type: ignore[union-attr]
+    except Exception:  # not in a trio task, or a trio without the counter
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def fingerprint(stack: traceback.StackSummary) -> str:
@@ -268,7 +287,7 @@ class _Sample:
     loop thread run.
     """
 
-    __slots__ = ("lines", "request", "root", "top", "via_tap")
+    __slots__ = ("lines", "request", "root", "steps", "top", "via_tap")
 
     def __init__(self, top: FrameType | None, request_codes: frozenset[CodeType]) -> None:
         self.top = top
@@ -300,6 +319,9 @@ class _Sample:
         self.root = lines[-1][0] if lines else None
         #: Taken while the loop thread ran the tap's handler (see `_Tap`).
         self.via_tap = False
+        #: On trio, how many steps the root's task had taken (`Watchdog._steps_of`): two
+        #: steps of one task have the same root frame, and may come with no beat between.
+        self.steps: int | None = None
 
 
 class _Alarm:
@@ -563,11 +585,15 @@ class Watchdog:
         self.loop_thread: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The step being timed: its root frame, its mark (the tick, and on trio how many
+        #: steps its task had taken) and since when; and the step reported last.
         self._root: FrameType | None = None
-        self._root_tick = -1
+        self._root_mark: Mark = None
         self._root_since = 0.0
         self._reported_root: FrameType | None = None
-        self._reported_tick = -1
+        self._reported_mark: Mark = None
+        #: On trio: the root frame a task was last looked up for, and the task.
+        self._stepping: tuple[FrameType, Any] | None = None
         self._cpu_clock: int | None = None
         self._first_look = 0.0
         self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
@@ -650,7 +676,10 @@ class Watchdog:
             self._tap_last = (tick, now, cpu)
             late = now - due
             if late > self.threshold and (cpu[1] - before[1]) - (cpu[0] - before[0]) < late / 2:
-                self._taps.append((now, tick, late, _Sample(frame, self.request_codes)))
+                sample = _Sample(frame, self.request_codes)
+                if not isinstance(self.anchor, asyncio.AbstractEventLoop):
+                    sample.steps = _trio_steps()
+                self._taps.append((now, tick, late, sample))
                 alarm = self._alarm
                 if alarm is not None:
                     with contextlib.suppress(OSError):
@@ -676,8 +705,9 @@ class Watchdog:
         # Nothing of a previous run: a step it was timing when it stopped is not this run's
         # (kept, a restart reported the time it was stopped as a stall).
         self._root = self._reported_root = None
-        self._root_tick = self._reported_tick = -1
+        self._root_mark = self._reported_mark = None
         self._root_since = 0.0
+        self._stepping = None
         self._taps.clear()
         self._tap_last = None
         self._last_look_at = -math.inf
@@ -793,9 +823,37 @@ class Watchdog:
     def _due(self) -> float:
         """When the step being timed, if it still runs, has passed the threshold."""
         root = self._root
-        if root is None or (root is self._reported_root and self._root_tick == self._reported_tick):
+        if root is None or self._reported(root, self._root_mark):
             return math.inf
         return self._root_since + self.threshold + self._MARGIN - self._pause
+
+    def _reported(self, root: FrameType, mark: Mark) -> bool:
+        """Whether this step is the one reported last (a stall is reported once)."""
+        return root is self._reported_root and mark == self._reported_mark
+
+    def _time(self, root: FrameType | None, mark: Mark, now: float) -> None:
+        """Time the step ``root`` runs from ``now``. Two steps of one task have the same
+        root, and the loop may run the second before any beat (asyncio runs a task's next
+        step before the heartbeat's wake-up, queued behind it): on asyncio a beat is posted
+        to the loop, which runs it before anything the step queues when it yields, so the
+        next step has a new tick; on trio the mark counts the task's steps."""
+        self._root, self._root_mark, self._root_since = root, mark, now
+        loop = self.anchor
+        if root is not None and isinstance(loop, asyncio.AbstractEventLoop):
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self.beat)
+
+    def _steps_of(self, sample: _Sample) -> int | None:
+        """On trio, how many steps the task running ``sample`` has taken (its task is looked
+        up once per root frame); ``None`` on asyncio."""
+        anchor, root = self.anchor, sample.root
+        if root is None or anchor is None or isinstance(anchor, asyncio.AbstractEventLoop):
+            return None
+        stepping = self._stepping
+        if stepping is None or stepping[0] is not root:
+            stepping = self._stepping = (root, running_task(sample.top, anchor))
+        steps = getattr(stepping[1], "_schedule_points", None)
+        return steps if isinstance(steps, int) else None
 
     @property
     def _pause(self) -> float:
@@ -824,9 +882,12 @@ class Watchdog:
                 if frame.f_code is _TAPPED_CODE:
                     sample = _Sample(frame.f_back, self.request_codes)
                     sample.via_tap = True
+                    sample.steps = self._steps_of(sample)
                     return sample
                 frame = frame.f_back
-        return _Sample(top, self.request_codes)
+        sample = _Sample(top, self.request_codes)
+        sample.steps = self._steps_of(sample)
+        return sample
 
     def _report_taps(self, previous_look: float) -> None:
         """Report the GIL-holding calls the loop thread's late taps found, each where it
@@ -834,13 +895,13 @@ class Watchdog:
         taps = self._taps
         while taps:
             at, tick, late, sample = taps.popleft()
-            root = sample.root
-            if root is None or (root is self._reported_root and tick == self._reported_tick):
+            root, mark = sample.root, (tick, sample.steps)
+            if root is None or self._reported(root, mark):
                 continue
             switch = sys.getswitchinterval()
             if at - late + 2 * switch < previous_look < at - 2 * switch:
                 continue  # this thread looked meanwhile: the GIL was free, not held
-            self._reported_root, self._reported_tick = root, tick
+            self._reported_root, self._reported_mark = root, mark
             self.seen_at = at
             self._emit(sample, late, holds_gil=True, kind="blocking_call")
 
@@ -859,6 +920,7 @@ class Watchdog:
             # clock is read again: `now` may be older than a handler that ran meanwhile.
             self._last_look_at = time.monotonic()
         root = sample.root
+        mark: Mark = (tick, sample.steps)
         (loop_before, all_before), self._cpu = self._cpu, self._cpu_times()
         overslept = now - expected
         # Waking, this thread may wait one switch interval for a busy loop to let it in.
@@ -869,49 +931,44 @@ class Watchdog:
             if self._cpu_clock is not None and others >= overslept / 2:
                 # The loop was starved, not blocked by its own code: the step is timed
                 # again from now, the time it could not run does not count against it.
-                self._root, self._root_tick, self._root_since = root, tick, now
+                self._time(root, mark, now)
                 return
             if tapped:
                 # Only what the loop thread's taps saw is reported: where it stood when
                 # the tap's handler let this thread in (right where a GIL-holding call
                 # returned), or what a late tap recorded (above). Any other stack may be
                 # the next step's. Whatever runs now is timed from now.
-                if (
-                    sample.via_tap
-                    and root is not None
-                    and not (root is self._reported_root and tick == self._reported_tick)
-                ):
+                if sample.via_tap and root is not None and not self._reported(root, mark):
                     due = self._tap_due(tap_last, tick)
                     if now - due > self.threshold:
                         self._emit(sample, now - due, holds_gil=True, kind="blocking_call")
-                        self._reported_root, self._reported_tick = root, tick
-                self._root, self._root_tick, self._root_since = root, tick, now
+                        self._reported_root, self._reported_mark = root, mark
+                self._time(root, mark, now)
                 return
             if (
                 now - self.beat_at > self.threshold  # no heartbeat since before the stall
                 and root is not None
-                and not (root is self._reported_root and tick == self._reported_tick)
+                and not self._reported(root, mark)
             ):
                 # Nothing ran, not even this thread: a C call on the loop held the GIL and
                 # has just returned. Report it now, where the code goes on (never with an
                 # empty stack, and never twice for one step).
                 self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
-                self._reported_root, self._reported_tick = root, tick
-                self._root, self._root_since = root, now
+                self._reported_root, self._reported_mark = root, mark
+                self._time(root, mark, now)
                 return
         if root is None:
-            self._root, self._root_tick = None, tick  # idle, waiting in select
+            self._root, self._root_mark = None, mark  # idle, waiting in select
             return
-        if root is not self._root or tick != self._root_tick:
-            # A new step (or the same coroutine stepped again after the loop went round):
-            # it is timed from this first look, so a shorter step is never reported.
-            self._root, self._root_tick = root, tick
-            self._root_since = now
+        if root is not self._root or mark != self._root_mark:
+            # A new step (or the same coroutine stepped again): it is timed from this first
+            # look, so a shorter step is never reported.
+            self._time(root, mark, now)
             return
         pause = self._pause
         if now - self._root_since <= self.threshold - pause:
             return
-        if root is self._reported_root and tick == self._reported_tick:
+        if self._reported(root, mark):
             return  # this stall is reported already
         # A second look, just past the threshold (this one came shortly before it): the
         # same step and no heartbeat in between confirm the stall. Waiting long for the
@@ -922,9 +979,9 @@ class Watchdog:
         second = self._sample()
         gil_wait = time.monotonic() - started - wait
         via_tap = sample.via_tap and second.via_tap
-        if second.root is not root or self.tick != tick:
+        if second.root is not root or (self.tick, second.steps) != mark:
             return  # it has just ended: never blame the frame that follows
-        self._reported_root, self._reported_tick = root, tick
+        self._reported_root, self._reported_mark = root, mark
         # Python code computing holds the GIL until the interpreter's switch interval
         # ends; a call that waits, or computes in C, lets this thread in at once. A C call
         # holding the GIL lets it in only from the tap's handler, which it runs when it

@@ -891,6 +891,19 @@ async def short_cpu_bursts(lab: Lab) -> None:
         await anyio.sleep(0)
 
 
+async def bursts_separated_by_checkpoints(lab: Lab) -> None:
+    # Each burst is a step of its own, 0.7 thresholds long: with nothing else to run, the
+    # loop runs the next one at once, and they must not be timed as one.
+    for burst in range(6):
+        if burst % 2:
+            time.sleep(0.7 * THRESHOLD)
+        else:
+            until = time.monotonic() + 0.7 * THRESHOLD
+            while time.monotonic() < until:
+                pass
+        await (anyio.lowlevel.checkpoint() if burst % 3 else anyio.sleep(0))
+
+
 async def background_task_that_awaits(lab: Lab) -> Response:
     async def later() -> None:
         await anyio.sleep(LONG)
@@ -1160,6 +1173,7 @@ LEGIT: tuple[Case, ...] = _family(
     cpu_bursts_beside_a_gil_holding_thread,
     streaming_with_awaits,
     short_cpu_bursts,
+    bursts_separated_by_checkpoints,
     background_task_that_awaits,
     sync_background_task,
     anyio_path_io,

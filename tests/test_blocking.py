@@ -142,6 +142,38 @@ async def test_a_blocking_call_is_reported_with_its_line_and_route() -> None:
     assert detector.stats["blocks"] == 1
 
 
+def burst(seconds: float, how: str) -> None:
+    if how == "sleep":
+        time.sleep(seconds)
+        return
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
+@pytest.mark.parametrize("how", ["sleep", "spin"])
+async def test_steps_shorter_than_the_threshold_are_never_merged_into_a_stall(how: str) -> None:
+    """Bursts of 0.7 thresholds, each followed by a checkpoint, with nothing else to run:
+    every burst is a step of its own, shorter than the threshold, so no report (the task's
+    next step used to run before any heartbeat, and consecutive steps were timed as one)."""
+
+    async def bursts(scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(8):
+            burst(0.7 * THRESHOLD, how)
+            await anyio.lowlevel.checkpoint()
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(bursts, threshold=THRESHOLD, on_block=events.append)
+    try:
+        for _ in range(3):
+            await drive(detector, http_scope("/bursts"))
+        await settle(events, count=0, timeout=0)
+    finally:
+        detector.stop()
+    assert events == [], "\n".join(e.describe() for e in events)
+
+
 @pytest.mark.parametrize(("path", "name"), [("/one-liner", "nap"), ("/lambda", "<lambda>")])
 async def test_a_one_line_function_or_a_lambda_keeps_its_frame(path: str, name: str) -> None:
     """A blocking one-line function (or lambda) is the innermost frame, at its line: it is

@@ -39,6 +39,7 @@ import errno
 import functools
 import gc
 import hashlib
+import importlib.util
 import itertools
 import logging
 import math
@@ -66,21 +67,39 @@ __all__ = ["BlockingEvent", "Watchdog"]
 
 logger = logging.getLogger("asgi_guard.blocking")
 
-#: The asyncio package: its frames are the event loop's own machinery.
-_MACHINERY = (os.path.join(os.path.dirname(asyncio.__file__), ""),)
 _LIBRARY_PATHS = tuple(
     os.path.join(path, "")
     for path in {sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")}
 )
-#: Names of the loop machinery of other backends and servers, by path fragment.
-_MACHINERY_FRAGMENTS = (
-    f"{os.sep}trio{os.sep}_core{os.sep}",
-    f"{os.sep}anyio{os.sep}_backends{os.sep}",
-    f"{os.sep}uvicorn{os.sep}",
-    f"{os.sep}hypercorn{os.sep}",
-    # The pytest plugin's wrapper, which runs a checked test: the step is the test's.
-    f"{os.sep}asgi_guard{os.sep}pytest_plugin.py",
+
+
+def package_dir(name: str) -> str | None:
+    """The directory of the installed package ``name`` (with a trailing separator), found
+    without importing it, or ``None`` when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # pragma: no cover - a broken installation
+        return None
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    return os.path.join(locations[0], "") if locations else None
+
+
+#: The loop machinery of other backends and servers, by their installed directories (an
+#: app's own directory may be named ``uvicorn`` or ``trio`` too), and the pytest plugin's
+#: wrapper, which runs a checked test: the step is the test's.
+_MACHINERY_OTHERS = tuple(
+    os.path.join(directory, *rest)
+    for directory, *rest in (
+        (package_dir("trio"), "_core", ""),
+        (package_dir("anyio"), "_backends", ""),
+        (package_dir("uvicorn"), ""),
+        (package_dir("hypercorn"), ""),
+        (os.path.dirname(__file__), "pytest_plugin.py"),
+    )
+    if directory
 )
+#: The asyncio package's frames and those above: the event loop's own machinery.
+_MACHINERY = (os.path.join(os.path.dirname(asyncio.__file__), ""), *_MACHINERY_OTHERS)
 #: A step made only of these frames, called by the loop itself, is the loop waiting.
 _IDLE = (f"{os.sep}selectors.py",)
 
@@ -161,8 +180,7 @@ def _is_library(filename: str) -> bool:
 
 
 def _is_machinery(frame: FrameType) -> bool:
-    filename = frame.f_code.co_filename
-    return filename.startswith(_MACHINERY) or any(f in filename for f in _MACHINERY_FRAGMENTS)
+    return frame.f_code.co_filename.startswith(_MACHINERY)
 
 
 def _request_of(scope: Scope) -> tuple[str | None, str | None, str | None]:

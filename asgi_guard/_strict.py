@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._blocking import package_dir
 from ._errors import ConfigurationError, GuardError
 
 __all__ = ["BlockingCallError", "KNOWN_CALLS", "StrictCalls"]
@@ -33,8 +34,11 @@ class BlockingCallError(GuardError):
 
 _MARK = "__asgi_guard_strict__"
 
+
 #: Callers whose waits are their own business: starting a thread waits on an Event, a
-#: subprocess.run waits on its Popen, event loops and thread pools hand work over.
+#: subprocess.run waits on its Popen, event loops and thread pools hand work over. The
+#: async libraries by their installed directories: an app's own directory may be named
+#: ``trio`` or ``anyio`` too.
 _INTERNAL = tuple(
     os.path.join(os.path.dirname(module.__file__ or ""), name)
     for module, name in (
@@ -44,16 +48,11 @@ _INTERNAL = tuple(
         (asyncio, ""),
         (concurrent.futures, ""),
     )
-)
-_INTERNAL_FRAGMENTS = (
-    f"{os.sep}anyio{os.sep}",
-    f"{os.sep}trio{os.sep}",
-    f"{os.sep}sniffio{os.sep}",
-)
+) + tuple(path for path in map(package_dir, ("anyio", "trio", "sniffio")) if path)
 
 
 def _internal(filename: str) -> bool:
-    return filename.startswith(_INTERNAL) or any(f in filename for f in _INTERNAL_FRAGMENTS)
+    return filename.startswith(_INTERNAL)
 
 
 def _blocking_socket(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -142,6 +142,29 @@ async def test_a_blocking_call_is_reported_with_its_line_and_route() -> None:
     assert detector.stats["blocks"] == 1
 
 
+@pytest.mark.parametrize("filename", ["/srv/uvicorn/app/views.py", "/home/me/trio/_core/x.py"])
+async def test_app_code_in_a_directory_named_like_a_server_is_the_apps(filename: str) -> None:
+    """Only the servers' and backends' installed files are loop machinery: a blocking line
+    in an app directory named ``uvicorn`` or ``trio/_core`` is reported at that line."""
+    namespace: dict[str, Any] = {"time": time, "BLOCK": BLOCK}
+    exec(compile("def handler_body():\n    time.sleep(BLOCK)\n", filename, "exec"), namespace)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        namespace["handler_body"]()
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=events.append)
+    try:
+        await drive(detector, http_scope("/views"))
+        await settle(events)
+    finally:
+        detector.stop()
+    assert [(e.path, e.location and (e.location.filename, e.location.lineno)) for e in events] == [
+        ("/views", (filename, 2))
+    ]
+
+
 def burst(seconds: float, how: str) -> None:
     if how == "sleep":
         time.sleep(seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -116,6 +117,22 @@ async def test_a_second_strict_detector_says_what_to_do_under_the_plugin() -> No
             async with apps.watching():
                 pass
         assert not apps._watchdog.running  # a failed start leaves no thread behind
+
+
+@pytest.mark.parametrize(
+    "filename", ["/srv/trio/app/handlers.py", "/home/me/anyio/views.py", "/opt/sniffio/x.py"]
+)
+async def test_strict_mode_refuses_calls_from_an_app_directory_named_like_a_library(
+    filename: str,
+) -> None:
+    """Only the async libraries' installed files may wait: an app's directory named
+    ``trio``, ``anyio`` or ``sniffio`` does not let a blocking call through."""
+    namespace: dict[str, Any] = {"time": time}
+    exec(compile("def handler():\n    time.sleep(0.001)\n", filename, "exec"), namespace)
+    detector = strict_app()
+    async with detector.watching():
+        with pytest.raises(BlockingCallError, match=r"time\.sleep"):
+            namespace["handler"]()
 
 
 def test_strict_mode_options_are_checked() -> None:

@@ -67,9 +67,14 @@ __all__ = ["BlockingEvent", "Watchdog"]
 
 logger = logging.getLogger("asgi_guard.blocking")
 
+#: Where library code lives: the standard library, installed packages, and asgi_guard's
+#: own files wherever they are (an editable install, strict mode's wrappers).
 _LIBRARY_PATHS = tuple(
     os.path.join(path, "")
-    for path in {sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")}
+    for path in {
+        *(sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")),
+        os.path.dirname(__file__),
+    }
 )
 
 
@@ -144,8 +149,8 @@ class BlockingEvent:
 
     @property
     def location(self) -> traceback.FrameSummary | None:
-        """The innermost frame of application code (not the standard library or an
-        installed package), or the innermost frame when there is none."""
+        """The innermost frame of application code (not the standard library, an installed
+        package or asgi_guard's own files), or the innermost frame when there is none."""
         for frame in reversed(self.stack):
             if not _is_library(frame.filename):
                 return frame

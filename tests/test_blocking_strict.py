@@ -10,7 +10,12 @@ from typing import Any
 import anyio
 import pytest
 
-from asgi_guard import BlockingCallError, BlockingDetectorMiddleware, ConfigurationError
+from asgi_guard import (
+    BlockingCallError,
+    BlockingDetectorMiddleware,
+    BlockingEvent,
+    ConfigurationError,
+)
 
 from .asgi_driver import drive, http_scope
 
@@ -117,6 +122,21 @@ async def test_a_second_strict_detector_says_what_to_do_under_the_plugin() -> No
             async with apps.watching():
                 pass
         assert not apps._watchdog.running  # a failed start leaves no thread behind
+
+
+async def test_an_allowed_call_that_blocks_is_reported_at_the_apps_line() -> None:
+    """An allowed blocking call longer than the threshold is reported at the app's line, not
+    at strict mode's wrapper (asgi_guard's own files are library code, even installed
+    editable)."""
+    events: list[BlockingEvent] = []
+    detector = strict_app(allow=["time.sleep"], threshold=0.05, on_block=events.append)
+    async with detector.watching():
+        time.sleep(0.15)  # THE ALLOWED LINE
+    assert events, "the stall went unreported"
+    location = events[0].location
+    assert location is not None
+    assert (location.filename, location.line) == (__file__, "time.sleep(0.15)  # THE ALLOWED LINE")
+    assert " in strict " not in events[0].describe()  # the wrapper's name
 
 
 @pytest.mark.parametrize(

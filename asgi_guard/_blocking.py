@@ -1129,10 +1129,19 @@ class Dispatcher:
         )
 
 
+#: The longest threshold: a stall of a day is a hung process, not a slow step (and the
+#: thread and timer calls a watchdog makes overflow well before a float does).
+MAX_THRESHOLD = 86_400.0
+
+
 def check_settings(threshold: Any, poll: Any) -> None:
-    """Raise `ConfigurationError` unless ``0 < poll < threshold`` (finite)."""
+    """Raise `ConfigurationError` unless ``0 < poll < threshold <= MAX_THRESHOLD``."""
     _check_seconds(threshold, "threshold")
     _check_seconds(poll, "poll_interval")
+    if threshold > MAX_THRESHOLD:
+        raise ConfigurationError(
+            f"threshold ({threshold}) must be at most {MAX_THRESHOLD:.0f} seconds (a day)"
+        )
     if poll >= threshold:
         raise ConfigurationError(
             f"threshold ({threshold}) must be above poll_interval ({poll}): the watchdog "

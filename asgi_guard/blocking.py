@@ -71,7 +71,8 @@ class BlockingDetectorMiddleware:
 
     Raises:
         ConfigurationError: A non-positive or non-finite threshold or poll interval, a
-            threshold at or below the poll interval, or an ``on_block`` that is not callable.
+            threshold at or below the poll interval or above a day, or an ``on_block`` that
+            is not callable.
 
     Examples:
         >>> from starlette.applications import Starlette

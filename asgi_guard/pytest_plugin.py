@@ -57,8 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
         check_settings(threshold, threshold / 5)
     except ConfigurationError:
         raise pytest.UsageError(
-            f"--asgi-guard-blocking-threshold takes a positive, finite number of seconds "
-            f"(got {threshold})"
+            f"--asgi-guard-blocking-threshold takes a positive number of seconds, at most "
+            f"a day (got {threshold})"
         ) from None
 
 

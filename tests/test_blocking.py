@@ -821,15 +821,29 @@ async def test_on_block_none_means_no_callback(caplog: pytest.LogCaptureFixture)
         {"threshold": 0.1, "poll_interval": 0.2},
         {"threshold": 0.1, "poll_interval": 0},
         {"threshold": 0.1, "poll_interval": math.nan},
+        {"threshold": 1e12},
+        {"threshold": 86_401},
+        {"threshold": 1e12, "poll_interval": 0.1},
         {"log_interval": -1},
         {"log_interval": math.nan},
         {"on_block": ["not callable"]},
     ],
 )
 def test_nonsense_configuration_fails_at_construction(options: dict[str, Any]) -> None:
-    """A threshold at or below the poll interval, or non-positive, is a ConfigurationError."""
+    """A threshold at or below the poll interval, non-positive, or above a day (1e12 passed,
+    then stop() raised OverflowError), is a ConfigurationError."""
     with pytest.raises(ConfigurationError):
         BlockingDetectorMiddleware(PlainTextResponse("ok"), **options)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_threshold_of_a_day_starts_and_stops() -> None:
+    """The longest threshold allowed runs and stops like any other."""
+    detector, events = make(threshold=86_400)
+    await drive(detector, http_scope("/quick"))
+    assert detector._watchdog.running
+    detector.stop()
+    assert not detector._watchdog.running and events == []
 
 
 async def report_of_dropped_coroutine(

@@ -843,7 +843,8 @@ async def test_a_threshold_of_a_day_starts_and_stops() -> None:
     await drive(detector, http_scope("/quick"))
     assert detector._watchdog.running
     detector.stop()
-    assert not detector._watchdog.running and events == []
+    assert not detector._watchdog.running
+    assert events == []
 
 
 async def report_of_dropped_coroutine(

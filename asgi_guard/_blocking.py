@@ -1050,24 +1050,15 @@ class Watchdog:
 _TAPPED_CODE = Watchdog._tapped.__code__
 
 
-class Dispatcher:
-    """Delivers events to logging and callbacks on a thread of its own, so that a slow or
-    failing callback never holds up the watchdog. Identical stacks are logged at most
-    once per ``log_interval`` (with how many were left out)."""
+class _Lane:
+    """A daemon thread delivering queued events, one at a time, with ``deliver``."""
 
-    MAX_PENDING = 1000
-
-    def __init__(
-        self, handlers: Sequence[Callable[[BlockingEvent], None]], log_interval: float
-    ) -> None:
-        self._handlers = tuple(handlers)
-        self._log_interval = log_interval
+    def __init__(self, name: str, deliver: Callable[[BlockingEvent], None]) -> None:
+        self._name = name
+        self._deliver = deliver
         self._queue: queue.SimpleQueue[BlockingEvent | None] = queue.SimpleQueue()
-        self._logged: dict[str, tuple[float, int]] = {}
-        self._failed = False
         self._thread: threading.Thread | None = None
         self.dropped = 0
-        self.suppressed = 0
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -1078,38 +1069,80 @@ class Dispatcher:
         self._thread = threading.Thread(
             target=self._run,
             args=(self._queue,),
-            name="asgi_guard-blocking-reports",
+            name=self._name,
             daemon=True,  # a callback that never returns must not keep the process alive
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """End the thread once it has delivered what is queued, waiting ``timeout`` at most:
-        a callback cannot be interrupted, so a blocking one is left to end on its own."""
+    def put(self, event: BlockingEvent) -> None:
+        if self._queue.qsize() >= Dispatcher.MAX_PENDING:
+            self.dropped += 1  # stuck: keep the watchdog going
+            return
+        self._queue.put(event)
+
+    def end(self) -> threading.Thread | None:
+        """Have the thread end once it has delivered what is queued; the thread, to join."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
-            thread.join(timeout)
-
-    def put(self, event: BlockingEvent) -> None:
-        if self._queue.qsize() >= self.MAX_PENDING:
-            self.dropped += 1  # a callback is stuck: keep the watchdog going
-            return
-        self._queue.put(event)
+        return thread
 
     def _run(self, pending: queue.SimpleQueue[BlockingEvent | None]) -> None:
         while True:
             event = pending.get()
             if event is None:
                 return
-            self._log(event)
-            for handler in self._handlers:
-                try:
-                    handler(event)
-                except Exception:
-                    if not self._failed:
-                        self._failed = True
-                        logger.exception("asgi_guard: an on_block callback raised; it is ignored")
+            self._deliver(event)
+
+
+class Dispatcher:
+    """Delivers events to logging and to callbacks, each on a thread of its own, so that a
+    slow or failing callback never holds up the watchdog, nor the log. Identical stacks are
+    logged at most once per ``log_interval`` (with how many were left out)."""
+
+    MAX_PENDING = 1000
+
+    def __init__(
+        self, handlers: Sequence[Callable[[BlockingEvent], None]], log_interval: float
+    ) -> None:
+        self._handlers = tuple(handlers)
+        self._log_interval = log_interval
+        self._logged: dict[str, tuple[float, int]] = {}
+        self._failed = False
+        self._lanes = [_Lane("asgi_guard-blocking-log", self._log)]
+        if self._handlers:
+            self._lanes.append(_Lane("asgi_guard-blocking-callbacks", self._call))
+        self.suppressed = 0
+
+    @property
+    def dropped(self) -> int:
+        """Events not delivered because a thread had ``MAX_PENDING`` waiting."""
+        return sum(lane.dropped for lane in self._lanes)
+
+    def start(self) -> None:
+        for lane in self._lanes:
+            lane.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """End the threads once they have delivered what is queued, waiting ``timeout`` at
+        most: a callback cannot be interrupted, so a blocking one is left to end on its own."""
+        deadline = time.monotonic() + timeout
+        for thread in [lane.end() for lane in self._lanes]:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def put(self, event: BlockingEvent) -> None:
+        for lane in self._lanes:
+            lane.put(event)
+
+    def _call(self, event: BlockingEvent) -> None:
+        for handler in self._handlers:
+            try:
+                handler(event)
+            except Exception:
+                if not self._failed:
+                    self._failed = True
+                    logger.exception("asgi_guard: an on_block callback raised; it is ignored")
 
     def _log(self, event: BlockingEvent) -> None:
         now = time.monotonic()

@@ -51,10 +51,11 @@ class BlockingDetectorMiddleware:
             where there is no Linux ``timerfd``, how often it looks). A stall is reported
             within ``threshold + poll_interval`` of its start.
         on_block: Callbacks receiving every `BlockingEvent`, on a thread of their own
-            (never the event loop's); one that raises is logged once, one that blocks
-            delays only other callbacks and later reports (it cannot be interrupted: a stop
-            waits for the report thread at most a second, and that daemon thread never
-            keeps the process alive). ``None``: no callback (reports are still logged).
+            (never the event loop's, nor the log's); one that raises is logged once, one
+            that blocks delays only other callbacks and later callbacks, never the log (it
+            cannot be interrupted: a stop waits for it at most a second, and that daemon
+            thread never keeps the process alive). ``None``: no callback (reports are still
+            logged).
         log_interval: Log identical stacks at most once per this many seconds.
         strict: For tests and development: also make the known blocking calls of the
             standard library (``time.sleep``, blocking sockets, ``subprocess``,

@@ -99,7 +99,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
             )
         )
         return
-    # The detector has stopped, which drains its report thread: every detection is here.
+    # The detector has stopped, which drains its report threads: every detection is here.
     if events:
         details = "\n\n".join(
             f"{event.describe()}\n{''.join(event.stack.format()).rstrip()}" for event in events

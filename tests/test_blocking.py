@@ -758,6 +758,32 @@ async def test_a_raising_or_blocking_callback_never_breaks_the_watchdog(
     assert sum("on_block callback raised" in r.getMessage() for r in caplog.records) == 1
 
 
+async def test_a_blocking_callback_never_holds_up_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The log has a thread of its own: while a callback blocks, later stalls are logged
+    all the same (they were counted, and logged only once the callback returned)."""
+    release = threading.Event()
+
+    def stuck(event: BlockingEvent) -> None:
+        release.wait(5)
+
+    app = Starlette(routes=[Route("/users/{user_id}", sleepy), Route("/compute", computing)])
+    detector = BlockingDetectorMiddleware(app, threshold=THRESHOLD, on_block=stuck, log_interval=0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_guard.blocking"):
+            await drive(detector, http_scope("/users/1"))
+            await drive(detector, http_scope("/compute"))
+            with anyio.move_on_after(1):
+                while len(caplog.records) < 2:
+                    await anyio.sleep(0.01)
+            logged = [r.getMessage().partition(":")[0] for r in caplog.records]
+    finally:
+        release.set()
+        detector.stop()
+    assert logged == ["GET /users/{user_id}", "GET /compute"]
+
+
 async def test_a_restart_delivers_reports_while_a_callback_of_the_last_run_blocks() -> None:
     """A stop leaves a callback that blocks to end on its own (within a second, in a daemon
     thread); the next start's reports are delivered meanwhile (the new thread took the old
@@ -781,7 +807,7 @@ async def test_a_restart_delivers_reports_while_a_callback_of_the_last_run_block
         started = time.monotonic()
         detector.stop()  # its report thread is stuck in the first callback
         assert time.monotonic() - started < 1.5
-        reporters = [t for t in threading.enumerate() if t.name == "asgi_guard-blocking-reports"]
+        reporters = [t for t in threading.enumerate() if t.name == "asgi_guard-blocking-callbacks"]
         assert reporters
         assert all(t.daemon for t in reporters)
         await drive(detector, http_scope("/users/2"))  # starts it again

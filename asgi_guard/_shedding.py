@@ -51,6 +51,7 @@ __all__ = [
     "ConcurrencyLimiter",
     "Permit",
     "Refusal",
+    "Waiter",
     "check_queue_options",
     "class_index",
 ]
@@ -144,14 +145,16 @@ def check_queue_options(max_queue: object, queue_timeout: object) -> None:
             )
 
 
-class _Waiter:
-    """A queued request: `wait` until `wake` (admitted or refused) or its time is up.
+class Waiter:
+    """A queued request: `wait` until `wake` (admitted, refused or abandoned) or its time
+    is up. `ConcurrencyLimiter.enqueue` makes it, `ConcurrencyLimiter.turn` waits on it.
 
     On asyncio it waits on a future with a timer handle: anyio's event and cancel scope
     cost a queued request about 50 µs in process, most of it finding the running loop
     again and again (a ``getpid`` system call each, before Python 3.12)."""
 
     __slots__ = (
+        "abandoned",
         "admitted",
         "burst",
         "enqueued",
@@ -160,6 +163,7 @@ class _Waiter:
         "gone",
         "priority",
         "refusal",
+        "seconds",
     )
 
     def __init__(
@@ -177,8 +181,10 @@ class _Waiter:
         else:  # trio
             self.event = anyio.Event()
         self.admitted = False
-        self.gone = False  # left the queue (admitted, refused or cancelled)
+        self.gone = False  # left the queue (admitted, refused, cancelled or abandoned)
+        self.abandoned = False  # its client went away (see `ConcurrencyLimiter.abandon`)
         self.refusal: Refusal | None = None
+        self.seconds = 0.0  # how long it may wait
 
     async def wait(self, seconds: float) -> None:
         """Until woken, or for ``seconds`` at most (no error then)."""
@@ -280,7 +286,7 @@ class ConcurrencyLimiter:
         self._clock = clock
         self.inflight = 0
         self.inflight_by_class = [0] * len(CLASSES)
-        self._queues: list[deque[_Waiter]] = [deque() for _ in CLASSES]
+        self._queues: list[deque[Waiter]] = [deque() for _ in CLASSES]
         #: When each class last had to queue (or be refused), for `_spared`.
         self._arrivals = [-math.inf] * len(CLASSES)
         self.queued = 0
@@ -320,6 +326,7 @@ class ConcurrencyLimiter:
             "deadline": 0,
             "trigger": 0,
             "cancelled": 0,
+            "disconnected": 0,
             "sampled": 0,
         }
 
@@ -497,9 +504,17 @@ class ConcurrencyLimiter:
         return await self.wait(priority, deadline)
 
     async def wait(self, priority: int, deadline: float | None = None) -> Permit | Refusal:
-        """`acquire` once `try_acquire` has found no room: queue and wait, or refuse. A
-        refusal is decided with as little work as it takes (an overloaded worker refuses
-        most requests, and every refusal spends CPU the admitted need)."""
+        """`acquire` once `try_acquire` has found no room: queue and wait, or refuse."""
+        outcome = self.enqueue(priority, deadline)
+        if isinstance(outcome, Waiter):
+            return await self.turn(outcome) or "queue_timeout"  # never abandoned here
+        return outcome
+
+    def enqueue(self, priority: int, deadline: float | None = None) -> Permit | Refusal | Waiter:
+        """`wait`'s decision, without the wait: admit (the limit has grown), refuse, or
+        queue (a waiter to pass to `turn`). A refusal is decided with as little work as it
+        takes (an overloaded worker refuses most requests, and every refusal spends CPU
+        the admitted need)."""
         limit = self.algorithm.limit
         if limit < 1:
             limit = 1  # a custom algorithm's broken limit (see `limit`)
@@ -560,7 +575,7 @@ class ConcurrencyLimiter:
             self._make_room(priority)
         # Promised the long wait (a burst's, or a spared class's): kept if the queue turns
         # standing, or the class stops being spared, while it waits.
-        waiter = _Waiter(priority, now, not cut, asyncio._get_running_loop())
+        waiter = Waiter(priority, now, not cut, asyncio._get_running_loop())
         if empty:
             self._empty_since_or_at = now
         if not self.queued:
@@ -568,8 +583,15 @@ class ConcurrencyLimiter:
         self._queues[priority].append(waiter)
         self.queued += 1
         self.counts["queued"] += 1
+        waiter.seconds = wait
+        return waiter
+
+    async def turn(self, waiter: Waiter) -> Permit | Refusal | None:
+        """Wait in the queue (after `enqueue`) until admitted or refused; None when its
+        client went away meanwhile (see `abandon`)."""
+        priority = waiter.priority
         try:
-            await waiter.wait(wait)
+            await waiter.wait(waiter.seconds)
         except BaseException:
             if waiter.admitted:  # handed a place just as it was cancelled: give it back
                 self._free(priority)
@@ -581,12 +603,24 @@ class ConcurrencyLimiter:
             self._leave(waiter)
             waiter.refusal = "queue_timeout"
             self.counts["queue_timeout"] += 1
+        elif waiter.abandoned:
+            return None
         if waiter.admitted:
             now = self._clock()
             waited = now - waiter.enqueued
             self.queue_delay += (waited - self.queue_delay) * 0.1
             return Permit(priority, now, self.inflight, waited)
         return waiter.refusal or "queue_timeout"
+
+    def abandon(self, waiter: Waiter) -> None:
+        """Its client went away: it leaves the queue now (unless it has left already) and
+        its `turn` ends, with None."""
+        if waiter.gone:
+            return
+        waiter.abandoned = True
+        self._leave(waiter)
+        self.counts["disconnected"] += 1
+        waiter.wake()
 
     def started(self, permit: Permit) -> None:
         """The request reaches the application now (after a wait of its own since it was
@@ -680,7 +714,7 @@ class ConcurrencyLimiter:
         if self.queued == 0:
             self._emptied(now)
 
-    def _hand_over(self, waiter: _Waiter) -> None:
+    def _hand_over(self, waiter: Waiter) -> None:
         self.queued -= 1
         waiter.gone = True
         waiter.admitted = True
@@ -689,14 +723,14 @@ class ConcurrencyLimiter:
         self.counts["admitted"] += 1
         waiter.wake()
 
-    def _refuse(self, waiter: _Waiter, why: Refusal) -> None:
+    def _refuse(self, waiter: Waiter, why: Refusal) -> None:
         self.queued -= 1
         waiter.gone = True
         waiter.refusal = why
         self.counts[why] += 1
         waiter.wake()
 
-    def _leave(self, waiter: _Waiter) -> None:
+    def _leave(self, waiter: Waiter) -> None:
         waiter.gone = True
         try:
             self._queues[waiter.priority].remove(waiter)

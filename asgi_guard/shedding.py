@@ -49,6 +49,7 @@ from ._shedding import (
     ConcurrencyLimiter,
     Permit,
     Refusal,
+    Waiter,
     check_queue_options,
     class_index,
 )
@@ -109,8 +110,11 @@ class LoadSheddingMiddleware:
     rest are refused at once with 503 ``application/problem+json``
     (``temporary-reduced-capacity``) and a ``Retry-After`` that grows with how much is
     being refused, with jitter. The body is never read and the connection is kept
-    alive. Lower priority classes are shed first. Exempt paths (health checks, metrics by
-    default) are never shed and never counted. Per process: each worker sheds for itself.
+    alive. A request that waits watches its ``receive`` (no further than the body's first
+    chunk, which the app then gets): a client that disconnects leaves the queue at once,
+    unanswered, and never reaches the app. Lower priority classes are shed first. Exempt
+    paths (health checks, metrics by default) are never shed and never counted. Per
+    process: each worker sheds for itself.
 
     Args:
         app: The ASGI app to protect.
@@ -632,9 +636,13 @@ class LoadSheddingMiddleware:
         if permit is None:
             record = scope.get("asgi_guard")
             budget = record.budget if record is not None else None
-            outcome = await limiter.wait(
-                priority, budget.deadline_at if budget is not None else None
-            )
+            queued = limiter.enqueue(priority, budget.deadline_at if budget is not None else None)
+            if isinstance(queued, Waiter):
+                outcome, receive = await self._wait(queued, scope, receive)
+                if outcome is None:
+                    return  # the client went away while it waited: nobody to answer
+            else:
+                outcome = queued
             if isinstance(outcome, str):
                 await self._refuse(outcome, scope, receive, send)
                 return
@@ -666,6 +674,44 @@ class LoadSheddingMiddleware:
                 if record is not None and record.refused:
                     reached = False  # a guard inside refused it (a 429): not the app's speed
             limiter.release(permit, dropped=dropped, learn=reached)
+
+    async def _wait(
+        self, waiter: Waiter, scope: Scope, receive: Receive
+    ) -> tuple[Permit | Refusal | None, Receive]:
+        """Wait in the queue while watching ``receive``: a client that disconnects leaves
+        the queue at once (servers do not cancel a request's task when its client goes,
+        and the request would be admitted later and run for nobody). What the watch read
+        is given to the app first, by the ``receive`` returned: a body's first chunk (it
+        reads no further), or a complete request (then only a disconnect can follow)."""
+        limiter = self.limiter
+        if _expects_continue(scope):
+            return await limiter.turn(waiter), receive  # reading would ask for the body
+        read: list[Message] = []
+        future = waiter.future
+        if future is not None:
+            # asyncio: a plain task (anyio's task group costs a waiter several times more).
+            watch = future.get_loop().create_task(_watch(receive, read, limiter, waiter))
+            try:
+                outcome = await limiter.turn(waiter)
+            finally:
+                # A receive cancelled in its wait has taken nothing from the server.
+                watch.cancel()
+        else:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch, receive, read, limiter, waiter)
+                try:
+                    outcome = await limiter.turn(waiter)
+                finally:
+                    group.cancel_scope.cancel()
+        if not read:
+            return outcome, receive
+
+        async def replay() -> Message:
+            if read:
+                return read.pop(0)
+            return await receive()
+
+        return outcome, replay
 
     async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket counts only until its handshake is answered: a long-lived
@@ -740,6 +786,38 @@ def _rejection(why: Refusal, retry: int) -> Rejection:
 
 #: The problem+json body of each reason (``Retry-After`` is a header, not in the body).
 _BODIES: dict[Refusal, bytes] = {why: encode_problem(_rejection(why, 1)) for why in _DETAILS}
+
+
+async def _watch(
+    receive: Receive, read: list[Message], limiter: ConcurrencyLimiter, waiter: Waiter
+) -> None:
+    """Read what a waiting request's client sends, into ``read``: two messages at most.
+    A disconnect abandons the waiter. After a complete request, or a WebSocket's connect,
+    nothing but a disconnect can come, and the watch reads on; after a body chunk with
+    more to come it stops (the body is the app's to read)."""
+    try:
+        for _ in range(2):
+            message = await receive()
+            read.append(message)
+            kind = message["type"]
+            if kind == "http.disconnect" or kind == "websocket.disconnect":
+                limiter.abandon(waiter)
+                return
+            if kind == "websocket.connect":
+                continue
+            if kind != "http.request" or message.get("more_body", False):
+                return
+    except Exception:
+        return  # the app's own reads will meet it
+
+
+def _expects_continue(scope: Scope) -> bool:
+    """Whether the client waits for ``100 Continue`` before it sends its body (which
+    uvicorn sends at the first ``receive``)."""
+    for name, value in scope["headers"]:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return True
+    return False
 
 
 def _rss() -> int:

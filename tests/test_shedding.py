@@ -70,8 +70,12 @@ def never_receive() -> Callable[[], Awaitable[Message]]:
 async def start(
     group: anyio.abc.TaskGroup, app: Any, path: str, results: dict[str, Driven], **kw: Any
 ) -> None:
+    """Start a request from a client that waits for its answer (a queued request watches
+    for a disconnect: the driver's default, a client gone once its request is read, would
+    leave the queue at once)."""
+
     async def one() -> None:
-        results[path] = await drive(app, http_scope(path, **kw))
+        results[path] = await drive(app, http_scope(path, **kw), then="wait")
 
     group.start_soon(one)
 
@@ -136,7 +140,7 @@ async def test_a_queued_request_waits_no_longer_than_queue_timeout() -> None:
         await start(group, shedder, "/long", results)
         await until(lambda: gate.inside == 1)
         started = time.monotonic()
-        waited = await drive(shedder, http_scope("/late"))
+        waited = await drive(shedder, http_scope("/late"), then="wait")
         elapsed = time.monotonic() - started
         gate.open.set()
     assert problem(waited)["reason"] == "queue_timeout"

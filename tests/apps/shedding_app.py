@@ -4,10 +4,16 @@
 wait (``max_queue=1``), the rest are refused. ``/batch/...`` is sheddable, everything else
 critical. ``/health`` is exempt; ``/state`` reports the guard's state and events.
 The servers run ``shedding_app:guard``.
+
+``shedding_app:flood`` is a second app for clients that go away while queued: one request
+at a time (``limit=1``), a hundred may wait five seconds; ``GET /hold`` takes ``HOLD``
+seconds, ``GET /q/{n}`` notes that it ran, ``/state`` reports the guard's state, the
+requests that ran and (on asyncio) how many tasks the loop has.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -53,4 +59,35 @@ guard = LoadSheddingMiddleware(
     priority={"/batch/{n}": "sheddable"},
     exempt=["/health", "/state"],
     on_event=events.append,
+)
+
+
+HOLD = 1.5
+ran: list[int] = []
+flood_app = FastAPI()
+
+
+@flood_app.get("/hold")
+async def hold() -> dict[str, str]:
+    await anyio.sleep(HOLD)
+    return {"ok": "held"}
+
+
+@flood_app.get("/q/{n}")
+async def queued(n: int) -> dict[str, int]:
+    ran.append(n)
+    return {"n": n}
+
+
+@flood_app.get("/state")
+async def flood_state() -> dict[str, Any]:
+    try:
+        tasks: int | None = len(asyncio.all_tasks())
+    except RuntimeError:  # trio
+        tasks = None
+    return {**flood.state(), "ran": ran, "tasks": tasks}
+
+
+flood = LoadSheddingMiddleware(
+    flood_app, limit=1, max_queue=100, queue_timeout=5.0, exempt=["/state"]
 )

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.apps.shedding_app import SLOW
+from tests.apps.shedding_app import HOLD, SLOW
 
 from .servers import HypercornServer, UvicornServer, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 APP = "tests.apps.shedding_app:guard"
+FLOOD_APP = "tests.apps.shedding_app:flood"
 
 Server = UvicornServer | HypercornServer
 
@@ -93,3 +96,75 @@ async def test_health_checks_pass_while_the_service_is_full(server: Server) -> N
         assert (await client.get("/batch/9")).status_code == 503
         health = await client.get("/health")
     assert health.status_code == 200, health.text
+
+
+@pytest.fixture(scope="module", params=["uvicorn", "hypercorn-trio"])
+def flood_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The disconnect-flood app (limit 1, a queue of 100) on uvicorn and Hypercorn (trio)."""
+    kind = str(request.param)
+    log_dir = tmp_path_factory.mktemp(f"flood-{kind}")
+    started: Server
+    if kind == "uvicorn":
+        started = UvicornServer(FLOOD_APP, free_port(), log_dir)
+    else:
+        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
+        pytest.importorskip("trio", reason="trio is not installed")
+        started = HypercornServer(FLOOD_APP, free_port(), log_dir, worker_class="trio")
+    started.start()
+    yield started
+    started.stop(graceful=True)
+
+
+async def test_clients_that_close_their_sockets_while_queued_leave_nothing_behind(
+    flood_server: Server,
+) -> None:
+    """Fifty queued clients that close their sockets leave the queue at once, are never run
+    by the app, and leave no task behind."""
+    async with httpx.AsyncClient(base_url=flood_server.url, timeout=5.0) as client:
+
+        async def state() -> dict[str, Any]:
+            response = await client.get("/state")
+            assert response.status_code == 200, response.text
+            return response.json()  # type: ignore[no-any-return]
+
+        async def until(check: Callable[[dict[str, Any]], bool], seconds: float) -> dict[str, Any]:
+            with anyio.fail_after(seconds):
+                while not check(now := await state()):  # noqa: ASYNC110 - the server's state
+                    await anyio.sleep(0.01)
+            return now
+
+        before = await state()
+        holder = socket.create_connection(("127.0.0.1", flood_server.port))
+        holder.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        socks = []
+        try:
+            await until(lambda s: s["inflight"] == 1, HOLD / 2)
+            for n in range(50):
+                sock = socket.create_connection(("127.0.0.1", flood_server.port))
+                sock.sendall(b"GET /q/%d HTTP/1.1\r\nHost: t\r\n\r\n" % n)
+                socks.append(sock)
+            await until(lambda s: s["queued"] == 50, HOLD / 2)
+            for sock in socks:
+                sock.close()
+            # Well before the hold ends and a place frees.
+            gone = await until(lambda s: s["queued"] == 0, HOLD / 4)
+            assert gone["counts"]["disconnected"] == 50, gone
+            assert gone["inflight"] == 1, gone
+            if before["tasks"] is not None:
+                assert gone["tasks"] == before["tasks"] + 1, gone  # the hold's alone
+            reply = holder.recv(65536)  # the hold ends
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+        finally:
+            holder.close()
+            for sock in socks:
+                sock.close()
+        await anyio.sleep(0.1)
+        after = await state()
+    assert after["ran"] == [], "the app never runs a request for a gone client"
+    assert after["inflight"] == 0, after
+    assert after["queued"] == 0, after
+    assert after["counts"]["admitted"] == before["counts"]["admitted"] + 1, after
+    if before["tasks"] is not None:
+        assert after["tasks"] == before["tasks"], after

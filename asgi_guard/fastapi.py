@@ -372,6 +372,7 @@ class BulkheadDependency:
             outcome = await limiter.wait(priority, deadline)
             if isinstance(outcome, str):
                 get_record(scope).refused = True  # an outer load shedder does not learn from it
+                _refuse_websocket(scope, "Service Unavailable")
                 raise RequestRejected(
                     Rejection(
                         status=503,
@@ -405,7 +406,9 @@ def bulkhead(
     first when that middleware classified the request) and the rest are refused with a
     `RequestRejected` (503, ``temporary-reduced-capacity``, ``Retry-After: 1``); register
     `rejection_handler` to answer in problem+json. A request behind a `TimeoutMiddleware`
-    is never kept waiting past what its deadline allows.
+    is never kept waiting past what its deadline allows. On a WebSocket route a refused
+    handshake is closed with 1008 where the server cannot send a denial response, and an
+    accepted WebSocket holds its place for its whole session.
 
     Args:
         max_concurrency: Requests served at once.

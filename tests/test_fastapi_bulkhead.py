@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
+from starlette.types import Message
 
 from asgi_guard import ConfigurationError, LoadSheddingMiddleware, RequestRejected
 from asgi_guard.fastapi import bulkhead, rejection_handler
+
+from .asgi_driver import Driven, drive, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -151,3 +156,90 @@ def test_nonsense_bulkheads_fail_at_construction(
     """A limit below 1, a negative queue, a queue timeout without a queue: errors."""
     with pytest.raises(ConfigurationError):
         bulkhead(*args, **options)
+
+
+# -- WebSocket routes -----------------------------------------------------------------------
+
+
+def ws_app(guard: Any) -> tuple[FastAPI, dict[str, Any]]:
+    """A WebSocket route /ws behind ``guard``: it accepts, then stays open until the
+    test sets ``state["close"]``."""
+    state: dict[str, Any] = {"close": anyio.Event(), "open": 0}
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+
+    @app.websocket("/ws", dependencies=[Depends(guard)])
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        state["open"] += 1
+        try:
+            await state["close"].wait()
+        finally:
+            state["open"] -= 1
+        await websocket.close()
+
+    return app, state
+
+
+def ws_scope(extensions: dict[str, Any] | None = None) -> dict[str, Any]:
+    scope = {**http_scope("/ws"), "type": "websocket", "scheme": "ws", "subprotocols": []}
+    scope["extensions"] = extensions or {}
+    del scope["method"]
+    return scope
+
+
+CONNECT: list[Message | float] = [{"type": "websocket.connect"}]
+
+
+async def test_a_refused_websocket_handshake_is_closed_with_1008_without_the_extension() -> None:
+    """On a server without the websocket.http.response extension a handshake the bulkhead
+    refuses is closed with 1008 (as the middleware and rate_limit do): never a
+    websocket.http.response.start the server cannot send."""
+    guard = bulkhead(1)
+    app, state = ws_app(guard)
+    results: dict[str, Driven] = {}
+    async with anyio.create_task_group() as group:
+
+        async def first() -> None:
+            results["first"] = await drive(app, ws_scope(), CONNECT, then="wait")
+
+        group.start_soon(first)
+        await until(lambda: state["open"] == 1)
+        refused = await drive(app, ws_scope(), CONNECT, then="wait")
+        state["close"].set()
+    assert refused.sent == [
+        {"type": "websocket.close", "code": 1008, "reason": "Service Unavailable"}
+    ], refused.sent
+    assert guard.limiter.inflight == 0
+
+
+async def test_a_refused_websocket_handshake_gets_a_503_denial_response_with_the_extension() -> (
+    None
+):
+    """With the extension the refusal is the bulkhead's 503 problem+json."""
+    app, state = ws_app(bulkhead(1))
+    ext: dict[str, Any] = {"websocket.http.response": {}}
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(drive, app, ws_scope(ext), CONNECT, then="wait"))
+        await until(lambda: state["open"] == 1)
+        denied = await drive(app, ws_scope(ext), CONNECT, then="wait")
+        state["close"].set()
+    start = denied.sent[0]
+    assert start["type"] == "websocket.http.response.start", denied.sent
+    assert start["status"] == 503, start
+    assert json.loads(denied.body)["type"].endswith("#temporary-reduced-capacity"), denied.body
+
+
+async def test_an_accepted_websocket_holds_its_bulkhead_place_for_the_whole_session() -> None:
+    """A dependency's place is held until the endpoint returns: an open session keeps it
+    (the middleware, by contrast, releases at the handshake)."""
+    guard = bulkhead(1)
+    app, state = ws_app(guard)
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(drive, app, ws_scope(), CONNECT, then="wait"))
+        await until(lambda: state["open"] == 1)
+        assert guard.limiter.inflight == 1  # accepted, and still held
+        refused = await drive(app, ws_scope(), CONNECT, then="wait")
+        assert refused.sent[0]["type"] == "websocket.close", refused.sent
+        state["close"].set()
+    assert guard.limiter.inflight == 0

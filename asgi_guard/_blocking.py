@@ -1018,8 +1018,9 @@ class Watchdog:
         )
 
     def never_awaited(self, frame: FrameType | None) -> None:
-        """Report a coroutine dropped unawaited while ``frame`` ran (on the loop thread)."""
-        if threading.get_ident() == self.loop_thread:
+        """Report a coroutine dropped unawaited while ``frame`` ran (on the loop thread,
+        while the watchdog runs)."""
+        if threading.get_ident() == self.loop_thread and self.running:
             sample = _Sample(frame, self.request_codes)
             number = self.request_var.get(None)
             scope = self.in_flight.get(number) if number is not None else None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import linecache
 import logging
 import sys
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -129,7 +131,6 @@ class BlockingDetectorMiddleware:
         self._timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
         self._exit_hook = False
-        self._unawaited: tuple[Callable[[object], None], Callable[[object], None]] | None = None
         self._strict = StrictCalls(allow, self._where) if strict else None
         self._follow_tasks = bool(follow_tasks or strict)
         if not strict and allow:
@@ -206,35 +207,13 @@ class BlockingDetectorMiddleware:
     def _start_threads(self) -> None:
         self._dispatcher.start()
         self._watchdog.start(threading.get_ident(), _task_anchor())
-        self._hook_unawaited()
+        _UNAWAITED.add(self._watchdog)
         if self._strict is not None:
             self._strict.start(threading.get_ident())
 
-    def _hook_unawaited(self) -> None:
-        """Hear of coroutines dropped unawaited: CPython reports each through
-        ``warnings._warn_unawaited_coroutine``, which we wrap (and still call)."""
-        original = getattr(warnings, "_warn_unawaited_coroutine", None)
-        if original is None or self._unawaited is not None:
-            return
-        watchdog = self._watchdog
-
-        def warn_unawaited_coroutine(coro: object) -> None:
-            try:
-                watchdog.never_awaited(sys._getframe(1))
-            finally:
-                original(coro)
-
-        self._unawaited = (original, warn_unawaited_coroutine)
-        warnings._warn_unawaited_coroutine = warn_unawaited_coroutine  # type: ignore[attr-defined]
-
-    def _unhook_unawaited(self) -> None:
-        hook, self._unawaited = self._unawaited, None
-        if hook is not None and getattr(warnings, "_warn_unawaited_coroutine", None) is hook[1]:
-            warnings._warn_unawaited_coroutine = hook[0]  # type: ignore[attr-defined]
-
     def stop(self) -> None:
         """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
-        self._unhook_unawaited()
+        _UNAWAITED.discard(self._watchdog)
         heartbeat, self._heartbeat_task = self._heartbeat_task, None
         if (
             isinstance(heartbeat, asyncio.Task)
@@ -351,6 +330,80 @@ class BlockingDetectorMiddleware:
             watchdog.ended += 1
             if time.monotonic() >= watchdog.beat_due:
                 self._beat()
+
+
+class _UnawaitedHook:
+    """Hears of coroutines dropped unawaited, for every running detector.
+
+    CPython reports each through ``warnings._warn_unawaited_coroutine``, which it looks up at
+    each report. That is process-wide by nature, so there is one hook (this module's one
+    piece of mutable state): installed while a detector runs, it tells each running
+    detector's watchdog, then warns as Python would; it is removed when the last detector
+    stops, in whatever order they stop, so a stopped detector never reports.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchdogs: dict[int, Watchdog] = {}
+        #: What the hook replaced (and calls), while it is installed.
+        self._original: Callable[[Any], object] | None = None
+
+    def add(self, watchdog: Watchdog) -> None:
+        with self._lock:
+            if self._original is None:
+                original = getattr(warnings, "_warn_unawaited_coroutine", None)
+                if original is None:  # pragma: no cover - a Python without the hook
+                    return
+                self._original = original
+                warnings._warn_unawaited_coroutine = self._hear  # type: ignore[attr-defined]
+            self._watchdogs[id(watchdog)] = watchdog
+
+    def discard(self, watchdog: Watchdog) -> None:
+        with self._lock:
+            self._watchdogs.pop(id(watchdog), None)
+            if self._watchdogs or self._original is None:
+                return
+            # Wrapped since by someone else: then it stays, and only warns, until the
+            # next detector runs.
+            if getattr(warnings, "_warn_unawaited_coroutine", None) == self._hear:
+                warnings._warn_unawaited_coroutine = self._original  # type: ignore[attr-defined]
+                self._original = None
+
+    def _hear(self, coro: Any) -> None:
+        try:
+            frame = sys._getframe(1)  # the code that dropped it (CPython calls the hook)
+            for watchdog in list(self._watchdogs.values()):
+                watchdog.never_awaited(frame)
+        finally:
+            original = self._original
+            if original is not None and getattr(original, "__module__", None) in {
+                "warnings",
+                "_py_warnings",
+            }:
+                _warn_unawaited(coro)
+            elif original is not None:
+                original(coro)  # someone else's hook: its warning points here
+
+
+def _warn_unawaited(coro: Any) -> None:
+    """Python's own warning (``warnings._warn_unawaited_coroutine``), called from one frame
+    further in: it points at the line that dropped the coroutine, not at this module, so
+    warning filters by module still match."""
+    lines = [f"coroutine '{coro.__qualname__}' was never awaited\n"]
+    origin = getattr(coro, "cr_origin", None)
+    if origin is not None:  # sys.set_coroutine_origin_tracking_depth
+        frames = [
+            (filename, lineno, name, linecache.getline(filename, lineno))
+            for filename, lineno, name in reversed(origin)
+        ]
+        lines.append("Coroutine created at (most recent call last)\n")
+        lines += traceback.format_list(frames)
+    message = "".join(lines).rstrip("\n")
+    # 1 is this function, 2 the hook, 3 the code that dropped the coroutine.
+    warnings.warn(message, category=RuntimeWarning, stacklevel=3, source=coro)
+
+
+_UNAWAITED = _UnawaitedHook()
 
 
 def _task_anchor() -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import itertools
 import logging
 import math
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -913,6 +915,48 @@ async def test_a_coroutine_never_awaited_is_reported_with_its_request() -> None:
     assert event.location.lineno == line_of("# forgot the await")
     assert "a coroutine was never awaited" in event.describe()
     assert detector.stats == {**detector.stats, "never_awaited": 1, "blocks": 0}
+
+
+async def saved() -> None:
+    await anyio.sleep(0)
+
+
+def drop_a_coroutine() -> None:
+    saved()  # type: ignore[unused-coroutine]  # dropped here, on purpose
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_detectors_stopping_in_any_order_leave_no_hook_and_never_report() -> None:
+    """One process-wide hook hears of dropped coroutines for the running detectors, and goes
+    when the last one stops, in whatever order they stop: a stopped detector never reports
+    (each detector wrapped the hook, those stopping out of order stayed, and reported)."""
+    hook = warnings._warn_unawaited_coroutine  # type: ignore[attr-defined]
+    first, second = make()[0], make()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        async with first.watching(), second.watching():
+            first.stop()  # before the detector started after it
+            drop_a_coroutine()
+        assert warnings._warn_unawaited_coroutine is hook  # type: ignore[attr-defined]
+        drop_a_coroutine()
+    assert (first.stats["never_awaited"], second.stats["never_awaited"]) == (0, 1)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_runtime_warning_still_points_at_the_line_that_dropped_the_coroutine() -> None:
+    """Python's RuntimeWarning keeps its location (it pointed at asgi_guard's hook, so
+    warning filters by module stopped matching) and its source, the coroutine."""
+    detector, events = make()
+    async with detector.watching():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            drop_a_coroutine()
+    (warning,) = [w for w in caught if "was never awaited" in str(w.message)]
+    assert warning.category is RuntimeWarning
+    assert (warning.filename, warning.lineno) == (__file__, line_of("# dropped here, on purpose"))
+    assert str(warning.message) == "coroutine 'saved' was never awaited"
+    assert inspect.iscoroutine(warning.source)
+    assert len([e for e in events if e.kind == "never_awaited"]) == 1
 
 
 async def test_a_coroutine_dropped_in_a_task_the_request_spawned_names_the_request() -> None:

@@ -159,7 +159,9 @@ class LoadSheddingMiddleware:
             than this many seconds.
         max_memory: Also shed the two sheddable classes while the process's resident
             memory exceeds this many bytes (Linux).
-        retry_after: The base of ``Retry-After`` in seconds.
+        retry_after: The base of ``Retry-After`` in seconds: a refused client is told to
+            wait this, rounded up to whole seconds, up to four times it as more of the
+            requests are refused, plus a jitter of up to as much again.
         response: Build the rejection response yourself: ``(scope, Rejection) -> ASGI app``.
         on_event: Callbacks for `LoadSheddingEvent` (state changes, never one per request):
             plain functions, called synchronously.
@@ -748,10 +750,11 @@ class LoadSheddingMiddleware:
                 f"asgi_guard: load shedding started ({why}; limit {self.limiter.limit}, "
                 f"{self.limiter.inflight} in flight, {self.limiter.queued} queued)",
             )
-        # Retry-After grows with the share of requests refused lately, with jitter so
-        # that the refused do not all come back at once.
-        base = self._retry_after * (1.0 + 3.0 * self._refusal_ratio)
-        retry = max(1, math.ceil(base + random.random() * self._retry_after))
+        # Retry-After grows with the share of requests refused lately (``retry_after`` while
+        # calm, four times it once all are refused), jittered over whole seconds, from
+        # that base to twice it, so that the refused do not all come back at once.
+        low = math.ceil(self._retry_after * (1.0 + 3.0 * self._refusal_ratio))
+        retry = low + int(random.random() * (low + 1))
         if self._response is None and scope["type"] == "http":
             # The common case, on the hot path of an overloaded worker: the body of each
             # reason is encoded once (every refusal spends CPU the admitted need).

@@ -119,8 +119,15 @@ class BlockingEvent:
     """The event loop was blocked by one step for longer than the threshold.
 
     Attributes:
-        duration: Seconds the loop had been blocked when the stall was detected (for
-            ``holds_gil`` stalls: how long it lasted).
+        duration: Seconds the loop had been blocked when the stall was reported. A stall
+            the watchdog saw while it ran is reported just past the threshold, and the
+            step may have gone on: ``duration`` is how long it had lasted then, not its
+            whole length. A C call that held the GIL and let nothing run until it returned
+            (``holds_gil``) is seen only then: ``duration`` is its whole length, counted
+            from when the first heartbeat it delayed was due (so slightly less). Some C
+            calls that hold the GIL let the loop thread's tap in midway (json's encoder):
+            they are reported while they run, labelled ``holds_gil``, with how long they
+            had lasted. ``never_awaited``: 0.
         stack: Where it was blocked, in Python's usual order (innermost frame last): the
             step running on the loop, down to the line that blocked.
         method: The method of the HTTP request being served, or ``None`` in a WebSocket

@@ -662,7 +662,8 @@ def test_no_tap_off_the_main_thread() -> None:
 
 @pytest.mark.parametrize("use_tap", [True, False])
 async def test_gil_holding_calls_are_reported_with_and_without_the_tap(use_tap: bool) -> None:
-    """A C call holding the GIL for 4 thresholds: one report at its line, labelled."""
+    """A C call holding the GIL for 4 thresholds: one report at its line, labelled, with the
+    call's whole length (nothing could look before it returned), not a threshold's."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         hold_the_gil(4 * THRESHOLD)
@@ -686,6 +687,7 @@ async def test_gil_holding_calls_are_reported_with_and_without_the_tap(use_tap: 
     assert event.path == "/sum"
     assert event.location is not None
     assert event.location.name == "hold_the_gil"
+    assert event.duration > 2.5 * THRESHOLD
 
 
 async def test_lifespan_starts_and_stops_the_watchdog() -> None:

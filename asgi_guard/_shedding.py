@@ -8,9 +8,12 @@ wait up to ``interval`` (in the middleware 80% of it, and half of it within ten 
 a standing queue: a burst is absorbed) and is served first in, first out; once a standing
 queue has formed (not empty for a whole interval, its first-in-first-out waits above the
 target and above half the wait a burst is allowed at the time), a waiter may wait only
-``target``, the newest is served first (adaptive LIFO: the oldest have the least time left
-and are likely given up on by their clients), and the queue keeps one waiter: enough to fill
-the next place that frees, while newcomers are refused at once, when a refusal is fastest.
+``target``, and the queue keeps one waiter: enough to fill the next place that frees, while
+newcomers are refused at once, when a refusal is fastest. (So Facebook's adaptive LIFO,
+newest first, has nothing to reorder: the one waiter is served, or refused when its wait
+ends. The newest-first branch of `_admit_waiters` matters only when a cut class holds more
+than one waiter of its own: newcomers that pushed out lower classes' waiters left from
+before, a rare and passing case.)
 (Pushing its oldest out for a newcomer refused it only when the next request arrived, and
 then a loop iteration later: measured, refusals took 6-7 ms at p99 where refusing at arrival
 took 4-5 ms.) Those that queued during the burst before it keep the wait they were allowed

@@ -106,7 +106,7 @@ class LoadSheddingMiddleware:
 
     Requests run while fewer than the limit are in the application; then they wait in a
     bounded queue managed after Facebook's CoDel (first in, first out while the queue
-    absorbs a burst; once a standing queue forms, short waits and newest first), and the
+    absorbs a burst; once a standing queue forms, short waits and a single waiter), and the
     rest are refused at once with 503 ``application/problem+json``
     (``temporary-reduced-capacity``) and a ``Retry-After`` that grows with how much is
     being refused, with jitter. The body is never read and the connection is kept

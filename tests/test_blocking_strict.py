@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -84,6 +85,27 @@ async def test_strict_mode_lets_threads_and_allowed_calls_through() -> None:
         assert detector.unused_allowances() == ["os.system"]
     finally:
         detector.stop()
+
+
+async def test_the_allowances_never_used_are_a_warning_when_the_detector_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At stop, the allow= entries strict mode never had to let through are logged as a
+    warning, by name; a detector whose allowances were all used says nothing."""
+    detector = strict_app(allow=["time.sleep", "os.system", "select.select"])
+    with caplog.at_level(logging.WARNING, logger="asgi_guard.blocking"):
+        assert (await drive(detector, http_scope("/naps/1"))).status == 200
+        detector.stop()
+        all_used = strict_app(allow=["time.sleep"])
+        assert (await drive(all_used, http_scope("/naps/2"))).status == 200
+        all_used.stop()
+    warnings = [r for r in caplog.records if "allowed calls never made" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in warnings] == [
+        (
+            logging.WARNING,
+            "asgi_guard: strict mode allowed calls never made: ['os.system', 'select.select']",
+        )
+    ]
 
 
 async def test_strict_mode_ignores_non_blocking_sockets() -> None:

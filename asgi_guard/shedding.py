@@ -717,21 +717,26 @@ class LoadSheddingMiddleware:
 
     async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket counts only until its handshake is answered: a long-lived
-        connection must not hold a place for its whole life."""
+        connection must not hold a place for its whole life. A handshake a guard inside
+        refused teaches the algorithm nothing (as over HTTP)."""
         limiter = self.limiter
         held = [True]
 
+        def release() -> None:
+            held[0] = False
+            record = scope.get("asgi_guard")
+            limiter.release(permit, learn=record is None or not record.refused)
+
         async def send_wrapper(message: Message) -> None:
             if held[0] and message["type"] in ("websocket.accept", "websocket.close"):
-                held[0] = False
-                limiter.release(permit)
+                release()
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             if held[0]:
-                limiter.release(permit)
+                release()
 
     async def _refuse(self, why: Refusal, scope: Scope, receive: Receive, send: Send) -> None:
         get_record(scope).refused = True  # an outer load shedder does not learn from it

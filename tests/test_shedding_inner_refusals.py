@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
+from starlette.types import Message
 
 from asgi_guard import (
     Adaptive,
@@ -18,7 +19,8 @@ from asgi_guard import (
 )
 from asgi_guard.fastapi import rate_limit, rejection_handler
 
-from .asgi_driver import lifespan_client
+from .asgi_driver import drive, http_scope, lifespan_client
+from .test_shedding import Spy
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +75,29 @@ async def test_a_rate_limit_middleware_inside_the_shedder_teaches_it_nothing() -
         codes = [(await http.get("/w")).status_code for _ in range(20)]
         assert codes == [200] + [429] * 19
         assert algorithm.learning
+
+
+async def test_a_websocket_handshake_an_inner_guard_refuses_teaches_the_algorithm_nothing() -> None:
+    """An inner RateLimitMiddleware closes the second handshake with 1008: the algorithm
+    learns from the accepted handshake only, as over HTTP."""
+    spy = Spy(10)
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    inner = RateLimitMiddleware(
+        app, limit="1/minute", limiter=RateLimiter(clock=ManualClock(1000.0))
+    )
+    shedder = LoadSheddingMiddleware(inner, limit=spy)
+    scope = {**http_scope("/ws"), "type": "websocket", "scheme": "ws", "subprotocols": []}
+    del scope["method"]
+    connect: list[Message | float] = [{"type": "websocket.connect"}]
+    accepted = await drive(shedder, dict(scope), connect, then="wait")
+    refused = await drive(shedder, dict(scope), connect, then="wait")
+    assert accepted.sent[0]["type"] == "websocket.accept", accepted.sent
+    assert refused.sent[0]["type"] == "websocket.close", refused.sent
+    assert refused.sent[0]["code"] == 1008, refused.sent
+    assert len(spy.samples) == 1

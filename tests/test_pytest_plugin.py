@@ -3,6 +3,8 @@ without it, allow= entries never used as a warning, and its options checked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -305,3 +307,20 @@ def test_a_command_line_threshold_that_is_not_positive_is_a_usage_error(
     result.stderr.fnmatch_lines(
         ["ERROR: --asgi-guard-blocking-threshold takes a positive number of seconds, at most*"]
     )
+
+
+def test_the_plugin_example_runs_as_the_docs_say(pytester: pytest.Pytester) -> None:
+    """``examples/test_blocking_plugin.py``: the clean and the allowed tests pass, the two
+    that block are caught (xfail); with ``--runxfail`` they fail, with the call and with the
+    line that held the loop."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "test_blocking_plugin.py"
+    pytester.makepyfile(test_blocking_plugin=example.read_text(encoding="utf-8"))
+    pytester.makeconftest(
+        "import pytest\n\n\n@pytest.fixture\ndef anyio_backend():\n    return 'asyncio'\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "anyio")
+    result.assert_outcomes(passed=2, xfailed=2)
+    failing = pytester.runpytest_subprocess("-p", "anyio", "--runxfail")
+    failing.assert_outcomes(passed=2, failed=2)
+    failing.stdout.fnmatch_lines(["*BlockingCallError: time.sleep() blocks the event loop*"])
+    failing.stdout.fnmatch_lines(["*the test blocked the event loop*", "*THE BLOCKING LINE*"])

@@ -143,6 +143,25 @@ class BlockingEvent:
             a ``def`` endpoint, or move the work to a thread or process), or
             ``"never_awaited"`` (a coroutine was created and dropped without being awaited:
             the stack shows where; ``duration`` is 0).
+
+    Examples:
+        An ``on_block`` callback gets each one, on a thread of its own:
+
+        >>> def alert(event: BlockingEvent) -> None:
+        ...     where = event.location
+        ...     line = where.lineno if where is not None else "?"
+        ...     print(f"{event.route or 'outside requests'}: {event.kind} at line {line}")
+        >>> stack = traceback.StackSummary.from_list(
+        ...     [("/srv/app/reports.py", 14, "render_report", "time.sleep(0.3)")]
+        ... )
+        >>> event = BlockingEvent(
+        ...     duration=0.104, stack=stack, method="GET", path="/reports/7",
+        ...     route="/reports/{id}", holds_gil=False, fingerprint="9f2c0e1a4b7d3c55",
+        ... )
+        >>> alert(event)
+        /reports/{id}: blocking_call at line 14
+        >>> event.describe()[:60]
+        'GET /reports/{id}: the event loop was blocked for 0.104 s at'
     """
 
     duration: float

@@ -29,7 +29,24 @@ __all__ = ["BlockingCallError", "KNOWN_CALLS", "StrictCalls"]
 
 
 class BlockingCallError(GuardError):
-    """A known blocking call was made on the event loop thread while strict mode was on."""
+    """A known blocking call was made on the event loop thread while strict mode was on.
+
+    Its message names the call, the request being served, and what to do instead.
+
+    Examples:
+        >>> import anyio, time
+        >>> from asgi_guard import BlockingDetectorMiddleware
+        >>> async def main() -> str:
+        ...     detector = BlockingDetectorMiddleware(lambda *args: None, strict=True)
+        ...     async with detector.watching():
+        ...         try:
+        ...             time.sleep(0.001)  # any duration
+        ...         except BlockingCallError as error:
+        ...             return str(error).partition(":")[0]
+        ...     return "not raised"
+        >>> anyio.run(main)
+        'time.sleep() blocks the event loop (outside requests)'
+    """
 
 
 _MARK = "__asgi_guard_strict__"

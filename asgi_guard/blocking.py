@@ -212,7 +212,16 @@ class BlockingDetectorMiddleware:
             self._strict.start(threading.get_ident())
 
     def stop(self) -> None:
-        """Stop the watchdog (lifespan shutdown does it; so does interpreter exit)."""
+        """Stop the watchdog (lifespan shutdown does it; so does interpreter exit). It
+        starts again at the next request (or lifespan startup); stopping twice is harmless.
+
+        Examples:
+            >>> from starlette.responses import PlainTextResponse
+            >>> detector = BlockingDetectorMiddleware(PlainTextResponse("ok"))
+            >>> detector.stop()
+            >>> detector.stats["blocks"]
+            0
+        """
         _UNAWAITED.discard(self._watchdog)
         heartbeat, self._heartbeat_task = self._heartbeat_task, None
         if (
@@ -233,7 +242,20 @@ class BlockingDetectorMiddleware:
                 logger.warning("asgi_guard: strict mode allowed calls never made: %s", unused)
 
     def unused_allowances(self) -> list[str]:
-        """The ``allow=`` entries strict mode never had to let through (so far)."""
+        """The ``allow=`` entries strict mode never had to let through (so far).
+
+        Examples:
+            >>> import anyio, time
+            >>> async def main() -> list[str]:
+            ...     detector = BlockingDetectorMiddleware(
+            ...         lambda *args: None, strict=True, allow=["time.sleep", "os.system"]
+            ...     )
+            ...     async with detector.watching():
+            ...         time.sleep(0.001)  # allowed: passes, and counts as used
+            ...     return detector.unused_allowances()
+            >>> anyio.run(main)
+            ['os.system']
+        """
         return self._strict.unused() if self._strict is not None else []
 
     def _where(self) -> str:
@@ -250,7 +272,21 @@ class BlockingDetectorMiddleware:
     async def watching(self) -> AsyncIterator[None]:
         """Watch the running event loop for the duration of the block (for tests: the
         pytest plugin uses it), then stop. An exception the block raises comes out as it
-        is, not wrapped in an exception group."""
+        is, not wrapped in an exception group.
+
+        Examples:
+            >>> import anyio, time
+            >>> events = []
+            >>> async def main() -> None:
+            ...     detector = BlockingDetectorMiddleware(
+            ...         lambda *args: None, threshold=0.05, on_block=events.append
+            ...     )
+            ...     async with detector.watching():
+            ...         time.sleep(0.2)  # blocks the loop
+            >>> anyio.run(main)
+            >>> [(event.kind, event.location.name) for event in events]
+            [('blocking_call', 'main')]
+        """
         error: BaseException | None = None
         async with anyio.create_task_group() as task_group:
             self._generation += 1

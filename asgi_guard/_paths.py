@@ -17,6 +17,7 @@ __all__ = [
     "Exemptions",
     "check_template",
     "compile_template",
+    "matched_route",
     "route_path",
     "route_template",
 ]
@@ -65,11 +66,32 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def _included_route(scope: Scope) -> object:
+    """FastAPI's record of the matched route as a router included it (its ``path_format``
+    has the include prefixes), or ``None``. Recent FastAPI includes routers lazily: the
+    route in ``scope["route"]`` is the router's own, its template without the prefix."""
+    fastapi_scope = scope.get("fastapi")
+    if fastapi_scope.__class__ is not dict:
+        return None
+    included = fastapi_scope.get("effective_route_context")
+    if included is None or getattr(included, "original_route", None) is not scope.get("route"):
+        return None  # another route's (a mount's, before the mounted app routed)
+    return included
+
+
+def matched_route(scope: Scope) -> object:
+    """What stands for the route the app matched: FastAPI's record of it as included (one
+    per inclusion, so a router included twice gives two), else ``scope["route"]``."""
+    included = _included_route(scope)
+    return included if included is not None else scope.get("route")
+
+
 def route_template(scope: Scope) -> str | None:
-    """The template of the route the app matched (``"/users/{id}"``), once it has routed."""
-    route = scope.get("route")
+    """The template of the route the app matched (``"/users/{id}"``), once it has routed,
+    with the prefixes of the routers FastAPI included it under (``"/v1/users/{id}"``)."""
+    route = matched_route(scope)
     template = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return template if isinstance(template, str) else None
+    return template if isinstance(template, str) and template else None
 
 
 class Exemptions:

@@ -6,6 +6,7 @@ Importing this module needs FastAPI (``pip install asgi-guard[fastapi]``); the r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request, Response
@@ -20,7 +21,7 @@ from ._errors import ConfigurationError, RateLimitExceeded, RequestRejected
 from ._events import EventHandler
 from ._keys import KeyFunc
 from ._limiter import RateLimiter
-from ._paths import route_template
+from ._paths import matched_route, route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection, can_deny
 from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY, get_record
@@ -38,6 +39,8 @@ from .ratelimit import (
     retry_after_seconds,
     storage_rejection,
 )
+
+logger = logging.getLogger("asgi_guard")
 
 __all__ = [
     "BulkheadDependency",
@@ -84,7 +87,8 @@ class RateLimitDependency:
         )
         assert self._core._default is not None
         self._policies = tuple(b.policy for b in self._core._default.bound)
-        self._plans: dict[int, _Plan] = {}
+        #: By route: the route (kept, so that its id is never another's) and its plan.
+        self._plans: dict[int, tuple[object, _Plan]] = {}
         #: ``RateLimit-Policy`` of a plan less the policies a middleware decided already,
         #: by plan and skipped policies (a few per route).
         self._partial_headers: dict[tuple[int, ...], bytes | None] = {}
@@ -97,18 +101,31 @@ class RateLimitDependency:
         return self._core.stats
 
     def _plan_for(self, scope: Scope) -> _Plan:
-        # One plan per route object (routes are finite; a concrete path or a mount prefix
-        # with parameters would grow without bound), named by its template and methods.
-        route = scope.get("route")
-        plan = self._plans.get(id(route))
-        if plan is None:
-            template = getattr(route, "path_format", None) or "*"
-            methods = getattr(route, "methods", None)
-            label = f"{','.join(sorted(methods))} {template}" if methods else template
-            plan = self._core._plan(
-                self._policies, f"route:{label}", template, False, owner=(id(self), id(route))
+        # One plan per route (routes are finite; a concrete path or a mount prefix with
+        # parameters would grow without bound), named by its template and methods: the
+        # route as included, so a router included under two prefixes counts twice.
+        route = matched_route(scope)
+        entry = self._plans.get(id(route))
+        if entry is not None and entry[0] is route:
+            return entry[1]
+        template = route_template(scope) or "*"
+        methods = getattr(route, "methods", None)
+        label = f"{','.join(sorted(methods))} {template}" if methods else template
+        namespace = f"route:{label}"
+        owner = (id(self), id(route))
+        claims = self.limiter._claims.get(namespace, ())
+        if not self.limiter.is_memory and claims and owner not in claims:
+            # Numbered by first use, which differs between processes: one process's
+            # "route:GET /items#2" would be another's "route:GET /items".
+            logger.warning(
+                "two routes are both %r for an unnamed rate_limit on %s: their counters are "
+                "numbered in the order they are first used, which other processes may not "
+                "share; name the policy (Policy(..., name=...)) or give each its own limiter",
+                namespace,
+                self.limiter.uri,
             )
-            self._plans[id(route)] = plan
+        plan = self._core._plan(self._policies, namespace, template, False, owner=owner)
+        self._plans[id(route)] = (route, plan)
         return plan
 
     def _policy_header_without(
@@ -166,7 +183,9 @@ class RateLimitDependency:
             tightest: list[LegacyValues | None] | None = scope.get(LEGACY_KEY)
             if tightest is not None:
                 tightest.append(legacy)
-            else:
+            elif _tighter_than_shown(legacy, response):
+                # Without a middleware, the fields an earlier dependency set stay if they
+                # describe a tighter quota: they show the tightest of the route's quotas.
                 headers.update((k.decode(), v.decode()) for k, v in legacy_fields(*legacy))
         if not allowed:
             core.stats["rejected"] += 1
@@ -200,6 +219,18 @@ def _refuse_websocket(scope: Scope, reason: str) -> None:
     next is answered as one."""
     if scope["type"] == "websocket" and not can_deny(scope):
         raise WebSocketException(code=1008, reason=reason)
+
+
+def _tighter_than_shown(legacy: LegacyValues, response: Response) -> bool:
+    """Whether ``legacy`` is tighter than the ``X-RateLimit-*`` fields ``response`` has
+    (fewer requests remaining; as many, and a later reset), or it has none."""
+    shown = response.headers
+    try:
+        remaining = int(shown["x-ratelimit-remaining"])
+        reset = int(shown.get("x-ratelimit-reset", "0"))
+    except (KeyError, ValueError):
+        return True
+    return (legacy[1], -legacy[2]) < (remaining, -reset)
 
 
 def _merge(response: Response, name: str, value: str) -> None:

@@ -17,6 +17,7 @@ from asgi_guard import (
     ManualClock,
     Policy,
     RateLimiter,
+    RateLimitEvent,
     RateLimitMiddleware,
     RequestRejected,
     header_key,
@@ -610,3 +611,94 @@ async def test_a_dependencys_429_keeps_the_entries_of_dependencies_before_it() -
     assert refused.headers.get_list("ratelimit") == [
         '"100-per-60s";r=98;t=20, "1-per-60s";r=0;t=20'
     ], refused.headers
+
+
+async def test_a_router_included_under_two_prefixes_counts_each_apart() -> None:
+    """On a router included at /v1 and /v2, each inclusion is a route of its own, named
+    with its prefix (FastAPI includes routers lazily: the route in the scope is the
+    router's own, whose template has no prefix)."""
+    events: list[Event] = []
+    router = APIRouter(
+        dependencies=[Depends(rate_limit("2/minute", limiter=limiter(), on_event=events.append))]
+    )
+
+    @router.get("/items")
+    async def items() -> str:
+        return "items"
+
+    app = FastAPI()
+    app.add_exception_handler(RequestRejected, rejection_handler)
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/v2")
+    async with client_for(app) as client:
+        assert await codes(client, "/v1/items", "/v1/items", "/v2/items") == [200, 200, 200]
+        assert await codes(client, "/v2/items", "/v2/items", "/v1/items") == [200, 429, 429]
+    assert [(e.route, e.path) for e in events if isinstance(e, RateLimitEvent)] == [
+        ("/v2/items", "/v2/items"),
+        ("/v1/items", "/v1/items"),
+    ]
+
+
+async def test_legacy_headers_of_two_dependencies_show_the_tightest() -> None:
+    """Without a middleware, two dependencies with legacy headers: the X-RateLimit-* set
+    is the quota with the fewest requests left, whichever dependency runs last."""
+    shared = limiter()
+    app = FastAPI(dependencies=[Depends(rate_limit("3/minute", limiter=shared, headers="both"))])
+
+    @app.get("/x", dependencies=[Depends(rate_limit("100/minute", limiter=shared, headers="both"))])
+    async def x() -> str:
+        return "x"
+
+    @app.get("/y", dependencies=[Depends(rate_limit("1/minute", limiter=shared, headers="legacy"))])
+    async def y() -> str:
+        return "y"
+
+    async with client_for(app) as client:
+        for left in (2, 1):
+            response = await client.get("/x")
+            assert response.headers["x-ratelimit-limit"] == "3"
+            assert response.headers["x-ratelimit-remaining"] == str(left)
+        response = await client.get("/y")  # the route's own quota is the tighter one
+        assert response.headers["x-ratelimit-limit"] == "1"
+        assert response.headers["x-ratelimit-remaining"] == "0"
+
+
+async def test_two_routes_named_alike_on_a_remote_limiter_are_warned_about(
+    caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """Two mounted apps with the same route under unnamed limits of one remote limiter: their
+    counters are numbered by first use, which processes may not share; a warning says so."""
+    if anyio_backend == "trio":
+        pytest.skip("remote storages run on asyncio only")
+    shared = RateLimiter(storage="redis://127.0.0.1:1", timeout=0.05)
+    app = FastAPI()
+    for prefix in ("/v1", "/v2"):
+        sub = FastAPI()
+
+        @sub.get("/items", dependencies=[Depends(rate_limit("2/minute", limiter=shared))])
+        async def items() -> str:
+            return "items"
+
+        app.mount(prefix, sub)
+    with caplog.at_level("WARNING", logger="asgi_guard"):
+        async with client_for(app) as client:
+            # Nothing listens there: the storage fails and the requests are allowed.
+            assert await codes(client, "/v1/items", "/v2/items", "/v2/items") == [200] * 3
+    warnings = [r.getMessage() for r in caplog.records if "numbered" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "'route:GET /items'" in warnings[0]
+
+
+async def test_a_dependency_kept_in_a_variable_can_be_overridden_in_tests() -> None:
+    """docs/fastapi.md: app.dependency_overrides[dep] = lambda: None lifts the limit."""
+    search_limit = rate_limit("1/minute", limiter=limiter())
+    app = FastAPI()
+
+    @app.get("/search", dependencies=[Depends(search_limit)])
+    async def search() -> str:
+        return "found"
+
+    async with client_for(app) as client:
+        assert await codes(client, "/search", "/search") == [200, 429]
+        app.dependency_overrides[search_limit] = lambda: None
+        assert await codes(client, "/search", "/search") == [200, 200]

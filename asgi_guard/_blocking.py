@@ -14,6 +14,9 @@ server machinery (the task's coroutine and what it calls). When the same step ha
 the thread, with the tick unchanged, for longer than the threshold, the loop is blocked:
 the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
 (a stall that has just ended is never blamed on the frame that follows it), and reports.
+It goes on looking at a reported step: another line that then holds the loop for at least
+the threshold, from the first look that sees it there to the last, is reported as a stall
+of its own when the loop moves on from it.
 Requests are found by walking from the sampled frame to the middleware's own frame and
 reading its ``scope`` argument (nothing is registered per request); a step in a task the
 request spawned (a task group child, a streaming body Starlette runs in a task of its own)
@@ -122,7 +125,10 @@ class BlockingEvent:
         duration: Seconds the loop had been blocked when the stall was reported. A stall
             the watchdog saw while it ran is reported just past the threshold, and the
             step may have gone on: ``duration`` is how long it had lasted then, not its
-            whole length. A C call that held the GIL and let nothing run until it returned
+            whole length. Another line of a step reported already that then held the
+            loop for at least the threshold is reported too, once the loop moved on from
+            it, with how long the watchdog saw it there (from its first look to its last).
+            A C call that held the GIL and let nothing run until it returned
             (``holds_gil``) is seen only then: ``duration`` is its whole length, counted
             from when the first heartbeat it delayed was due (so slightly less). Some C
             calls that hold the GIL let the loop thread's tap in midway (json's encoder):
@@ -371,6 +377,35 @@ class _Sample:
         #: On trio, how many steps the root's task had taken (`Watchdog._steps_of`): two
         #: steps of one task have the same root frame, and may come with no beat between.
         self.steps: int | None = None
+
+
+#: A sample's step as code locations, outermost first: two samples at the same line of the
+#: same calls have the same.
+Lines = tuple[tuple[CodeType, int], ...]
+
+
+def _lines_of(sample: _Sample) -> Lines:
+    return tuple((frame.f_code, line) for frame, line in reversed(sample.lines))
+
+
+class _Run:
+    """Looks at a reported step that found it at one line (of the same calls), in a row."""
+
+    __slots__ = ("computing", "last", "lines", "looks", "sample", "since", "tapped")
+
+    def __init__(self, sample: _Sample, lines: Lines, now: float, computing: bool) -> None:
+        self.sample = sample
+        self.lines = lines
+        self.since = self.last = now
+        self.looks = 1
+        self.computing = int(computing)
+        self.tapped = int(sample.via_tap)
+
+    def add(self, sample: _Sample, now: float, computing: bool) -> None:
+        self.last = now
+        self.looks += 1
+        self.computing += computing
+        self.tapped += sample.via_tap
 
 
 class _Alarm:
@@ -643,6 +678,11 @@ class Watchdog:
         self._reported_mark: Mark = None
         #: On trio: the root frame a task was last looked up for, and the task.
         self._stepping: tuple[FrameType, Any] | None = None
+        #: The lines the reported step has been reported at, and its request; what the
+        #: looks at it have seen since (`_follow`).
+        self._reported_lines: set[Lines] = set()
+        self._reported_request: tuple[str | None, str | None, str | None] = (None, None, None)
+        self._line_run: _Run | None = None
         self._cpu_clock: int | None = None
         self._first_look = 0.0
         self._cpu = (0.0, 0.0)  # the loop thread's and the process's CPU time at the last check
@@ -757,6 +797,8 @@ class Watchdog:
         self._root_mark = self._reported_mark = None
         self._root_since = 0.0
         self._stepping = None
+        self._reported_lines = set()
+        self._line_run = None
         self._taps.clear()
         self._tap_last = None
         self._last_look_at = -math.inf
@@ -814,6 +856,8 @@ class Watchdog:
         try:
             self._watch(alarm)
         finally:
+            with contextlib.suppress(Exception):  # a bug here must not hide a stop
+                self._end_run()
             if alarm is not None:
                 alarm.close()
 
@@ -830,6 +874,7 @@ class Watchdog:
         # that beat, is as early as the schedule's would have been.
         while True:
             if alarm is not None and self._on_time(alarm):
+                self._end_run()  # the loop goes round again: the reported step is over
                 if self._tap is None:
                     alarm.wait()
                 else:
@@ -886,6 +931,8 @@ class Watchdog:
         step before the heartbeat's wake-up, queued behind it): on asyncio a beat is posted
         to the loop, which runs it before anything the step queues when it yields, so the
         next step has a new tick; on trio the mark counts the task's steps."""
+        if root is not self._reported_root or mark != self._reported_mark:
+            self._end_run()
         self._root, self._root_mark, self._root_since = root, mark, now
         loop = self.anchor
         if root is not None and isinstance(loop, asyncio.AbstractEventLoop):
@@ -950,9 +997,9 @@ class Watchdog:
             switch = sys.getswitchinterval()
             if at - late + 2 * switch < previous_look < at - 2 * switch:
                 continue  # this thread looked meanwhile: the GIL was free, not held
-            self._reported_root, self._reported_mark = root, mark
             self.seen_at = at
             self._emit(sample, late, holds_gil=True, kind="blocking_call")
+            self._reported_step(root, mark, sample)
 
     def _check(self, now: float, expected: float) -> None:
         # Read first: once this thread runs Python it may hand the GIL back, and a tap's
@@ -991,7 +1038,7 @@ class Watchdog:
                     due = self._tap_due(tap_last, tick)
                     if now - due > self.threshold:
                         self._emit(sample, now - due, holds_gil=True, kind="blocking_call")
-                        self._reported_root, self._reported_mark = root, mark
+                        self._reported_step(root, mark, sample)
                 self._time(root, mark, now)
                 return
             if (
@@ -1003,10 +1050,11 @@ class Watchdog:
                 # has just returned. Report it now, where the code goes on (never with an
                 # empty stack, and never twice for one step).
                 self._emit(sample, overslept, holds_gil=True, kind="blocking_call")
-                self._reported_root, self._reported_mark = root, mark
+                self._reported_step(root, mark, sample)
                 self._time(root, mark, now)
                 return
         if root is None:
+            self._end_run()
             self._root, self._root_mark = None, mark  # idle, waiting in select
             return
         if root is not self._root or mark != self._root_mark:
@@ -1014,11 +1062,14 @@ class Watchdog:
             # look, so a shorter step is never reported.
             self._time(root, mark, now)
             return
+        if self._reported(root, mark):
+            # Reported already: follow it, to report any other line that holds the loop as
+            # long again. Waking late means waiting for the GIL: Python code computing.
+            self._follow(sample, now, overslept > sys.getswitchinterval() / 2)
+            return
         pause = self._pause
         if now - self._root_since <= self.threshold - pause:
             return
-        if self._reported(root, mark):
-            return  # this stall is reported already
         # A second look, just past the threshold (this one came shortly before it): the
         # same step and no heartbeat in between confirm the stall. Waiting long for the
         # GIL to take it means Python code is computing.
@@ -1030,7 +1081,6 @@ class Watchdog:
         via_tap = sample.via_tap and second.via_tap
         if second.root is not root or (self.tick, second.steps) != mark:
             return  # it has just ended: never blame the frame that follows
-        self._reported_root, self._reported_mark = root, mark
         # Python code computing holds the GIL until the interpreter's switch interval
         # ends; a call that waits, or computes in C, lets this thread in at once. A C call
         # holding the GIL lets it in only from the tap's handler, which it runs when it
@@ -1041,6 +1091,48 @@ class Watchdog:
             time.monotonic() - self._root_since,
             holds_gil=via_tap,
             kind="blocking_call" if via_tap or not computing else "cpu_bound",
+        )
+        self._reported_step(root, mark, second)
+
+    def _reported_step(self, root: FrameType, mark: Mark, sample: _Sample) -> None:
+        """Note the step just reported (at ``sample``), to report it once, and follow it."""
+        self._end_run()
+        self._reported_root, self._reported_mark = root, mark
+        self._reported_lines = {_lines_of(sample)}
+        self._reported_request = sample.request
+
+    def _follow(self, sample: _Sample, now: float, computing: bool) -> None:
+        """A look at the reported step: the same line as the previous look's extends its
+        run, another starts one."""
+        run, lines = self._line_run, _lines_of(sample)
+        if run is not None and run.lines == lines:
+            run.add(sample, now, computing)
+            return
+        self._end_run()
+        self._line_run = _Run(sample, lines, now, computing)
+
+    def _end_run(self) -> None:
+        """A run of looks at one line of the reported step has ended: a line it was not
+        reported at, seen for at least the threshold (from its first look to its last, so
+        never longer than it lasted), is reported as a stall of its own, in the request of
+        the step."""
+        run, self._line_run = self._line_run, None
+        if run is None or run.lines in self._reported_lines:
+            return
+        if run.last - run.since < self.threshold:
+            return
+        self._reported_lines.add(run.lines)
+        sample = run.sample
+        sample.request = self._reported_request  # the step's: read while it ran
+        holds_gil = run.tapped == run.looks
+        computing = not holds_gil and 2 * run.computing > run.looks
+        self.seen_at = run.last
+        self._emit(
+            sample,
+            run.last - run.since,
+            holds_gil=holds_gil,
+            kind="cpu_bound" if computing else "blocking_call",
+            attribute=False,
         )
 
     def never_awaited(self, frame: FrameType | None) -> None:
@@ -1054,8 +1146,16 @@ class Watchdog:
                 sample.request = _request_of(scope)
             self._emit(sample, 0.0, holds_gil=False, kind="never_awaited")
 
-    def _emit(self, sample: _Sample, duration: float, *, holds_gil: bool, kind: Kind) -> None:
-        if sample.request[0] is None and sample.lines and kind != "never_awaited":
+    def _emit(
+        self,
+        sample: _Sample,
+        duration: float,
+        *,
+        holds_gil: bool,
+        kind: Kind,
+        attribute: bool = True,
+    ) -> None:
+        if attribute and sample.request[0] is None and sample.lines and kind != "never_awaited":
             scope = spawned_request(sample.top, self.anchor, self.request_var, self.in_flight)
             if scope is not None:
                 sample.request = _request_of(scope)

@@ -300,6 +300,43 @@ async def test_a_gil_holding_call_is_reported_when_it_returns() -> None:
     assert events[0].location.name == "regex_app"
 
 
+def set_up() -> None:
+    burst(2 * THRESHOLD, "spin")  # past the threshold: reported here first
+
+
+def the_real_stall() -> None:
+    time.sleep(8 * THRESHOLD)  # where the loop is really held
+
+
+async def test_a_long_stall_at_another_line_than_the_reported_one_is_reported_too() -> None:
+    """The watchdog keeps looking at a step it reported: another line that then held the
+    loop for at least the threshold is reported as a stall of its own, in the same request,
+    with how long it was seen (it was never reported at all)."""
+
+    async def two_phases(scope: Scope, receive: Receive, send: Send) -> None:
+        set_up()
+        the_real_stall()
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    events: list[BlockingEvent] = []
+    detector = BlockingDetectorMiddleware(two_phases, threshold=THRESHOLD, on_block=events.append)
+    try:
+        await drive(detector, http_scope("/two-phases"))
+        await settle(events, count=2)
+    finally:
+        detector.stop()
+    assert [(e.path, e.location and e.location.name) for e in events] == [
+        ("/two-phases", "burst"),
+        ("/two-phases", "the_real_stall"),
+    ]
+    real = events[1]
+    assert real.location is not None
+    assert real.location.lineno == line_of("# where the loop is really held")
+    assert (real.kind, real.holds_gil) == ("blocking_call", False)
+    assert 5 * THRESHOLD < real.duration <= 8 * THRESHOLD
+    assert detector.stats["blocks"] == 2
+
+
 async def test_websocket_sessions_are_watched_too() -> None:
     """A WebSocket handler that blocks is reported with its path, described as a WebSocket
     session (not as outside requests)."""

@@ -25,7 +25,7 @@ from ._paths import matched_route, route_template
 from ._policy import LimitSpec
 from ._problem import QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY, Rejection, can_deny
 from ._record import FIELDS_KEY, LEGACY_KEY, SCOPE_KEY, get_record
-from ._shedding import ConcurrencyLimiter, check_queue_options, class_index
+from ._shedding import ConcurrencyLimiter, Permit, Waiter, check_queue_options, class_index
 from .ratelimit import (
     HeaderMode,
     LegacyValues,
@@ -39,6 +39,7 @@ from .ratelimit import (
     retry_after_seconds,
     storage_rejection,
 )
+from .shedding import _replaying, _watched_turn
 
 logger = logging.getLogger("asgi_guard")
 
@@ -400,8 +401,20 @@ class BulkheadDependency:
         limiter = self.limiter
         permit = limiter.try_acquire(priority)
         if permit is None:
-            outcome = await limiter.wait(priority, deadline)
-            if isinstance(outcome, str):
+            queued = limiter.enqueue(priority, deadline)
+            if not isinstance(queued, Waiter):
+                outcome: Permit | str | None = queued
+            elif isinstance(connection, Request):
+                outcome, read = await _watched_turn(limiter, queued, scope, connection._receive)
+                if read:
+                    # What the watch read reaches the endpoint first: FastAPI hands every
+                    # dependency and the endpoint this one Request object.
+                    connection._receive = _replaying(read, connection._receive)
+            else:
+                outcome = await limiter.turn(queued)
+            if not isinstance(outcome, Permit):
+                # None: the client went away while it waited; the answer reaches nobody.
+                reason = outcome or "disconnected"
                 get_record(scope).refused = True  # an outer load shedder does not learn from it
                 _refuse_websocket(scope, "Service Unavailable")
                 raise RequestRejected(
@@ -412,7 +425,7 @@ class BulkheadDependency:
                         detail=f"{route_template(scope) or scope.get('path')} is serving "
                         "as many requests as it may; retry later.",
                         headers=(("Retry-After", "1"),),
-                        extensions={"reason": outcome},
+                        extensions={"reason": reason},
                         guard="bulkhead",
                     )
                 )
@@ -437,7 +450,9 @@ def bulkhead(
     first when that middleware classified the request) and the rest are refused with a
     `RequestRejected` (503, ``temporary-reduced-capacity``, ``Retry-After: 1``); register
     `rejection_handler` to answer in problem+json. A request behind a `TimeoutMiddleware`
-    is never kept waiting past what its deadline allows. On a WebSocket route a refused
+    is never kept waiting past what its deadline allows. A queued HTTP request whose
+    client disconnects leaves the queue at once and never reaches the endpoint (what the
+    wait read of its body, the endpoint gets first). On a WebSocket route a refused
     handshake is closed with 1008 where the server cannot send a denial response, and an
     accepted WebSocket holds its place for its whole session.
 

@@ -640,9 +640,11 @@ class LoadSheddingMiddleware:
             budget = record.budget if record is not None else None
             queued = limiter.enqueue(priority, budget.deadline_at if budget is not None else None)
             if isinstance(queued, Waiter):
-                outcome, receive = await self._wait(queued, scope, receive)
+                outcome, read = await _watched_turn(limiter, queued, scope, receive)
                 if outcome is None:
                     return  # the client went away while it waited: nobody to answer
+                if read:
+                    receive = _replaying(read, receive)
             else:
                 outcome = queued
             if isinstance(outcome, str):
@@ -676,44 +678,6 @@ class LoadSheddingMiddleware:
                 if record is not None and record.refused:
                     reached = False  # a guard inside refused it (a 429): not the app's speed
             limiter.release(permit, dropped=dropped, learn=reached)
-
-    async def _wait(
-        self, waiter: Waiter, scope: Scope, receive: Receive
-    ) -> tuple[Permit | Refusal | None, Receive]:
-        """Wait in the queue while watching ``receive``: a client that disconnects leaves
-        the queue at once (servers do not cancel a request's task when its client goes,
-        and the request would be admitted later and run for nobody). What the watch read
-        is given to the app first, by the ``receive`` returned: a body's first chunk (it
-        reads no further), or a complete request (then only a disconnect can follow)."""
-        limiter = self.limiter
-        if _expects_continue(scope):
-            return await limiter.turn(waiter), receive  # reading would ask for the body
-        read: list[Message] = []
-        future = waiter.future
-        if future is not None:
-            # asyncio: a plain task (anyio's task group costs a waiter several times more).
-            watch = future.get_loop().create_task(_watch(receive, read, limiter, waiter))
-            try:
-                outcome = await limiter.turn(waiter)
-            finally:
-                # A receive cancelled in its wait has taken nothing from the server.
-                watch.cancel()
-        else:
-            async with anyio.create_task_group() as group:
-                group.start_soon(_watch, receive, read, limiter, waiter)
-                try:
-                    outcome = await limiter.turn(waiter)
-                finally:
-                    group.cancel_scope.cancel()
-        if not read:
-            return outcome, receive
-
-        async def replay() -> Message:
-            if read:
-                return read.pop(0)
-            return await receive()
-
-        return outcome, replay
 
     async def _websocket(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket counts only until its handshake is answered: a long-lived
@@ -794,6 +758,48 @@ def _rejection(why: Refusal, retry: int) -> Rejection:
 
 #: The problem+json body of each reason (``Retry-After`` is a header, not in the body).
 _BODIES: dict[Refusal, bytes] = {why: encode_problem(_rejection(why, 1)) for why in _DETAILS}
+
+
+async def _watched_turn(
+    limiter: ConcurrencyLimiter, waiter: Waiter, scope: Scope, receive: Receive
+) -> tuple[Permit | Refusal | None, list[Message]]:
+    """Wait in the queue (`ConcurrencyLimiter.turn`) while watching ``receive``: a client
+    that disconnects leaves the queue at once, and the outcome is None (servers do not
+    cancel a request's task when its client goes, and the request would be admitted later
+    and run for nobody). Also returns what the watch read, for the app to get first (see
+    `_replaying`): a body's first chunk (it reads no further), or a complete request (then
+    only a disconnect can follow). The middleware and the bulkhead dependency use it."""
+    if _expects_continue(scope):
+        return await limiter.turn(waiter), []  # reading would ask for the body
+    read: list[Message] = []
+    future = waiter.future
+    if future is not None:
+        # asyncio: a plain task (anyio's task group costs a waiter several times more).
+        watch = future.get_loop().create_task(_watch(receive, read, limiter, waiter))
+        try:
+            outcome = await limiter.turn(waiter)
+        finally:
+            # A receive cancelled in its wait has taken nothing from the server.
+            watch.cancel()
+    else:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watch, receive, read, limiter, waiter)
+            try:
+                outcome = await limiter.turn(waiter)
+            finally:
+                group.cancel_scope.cancel()
+    return outcome, read
+
+
+def _replaying(read: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that returns ``read`` (emptying it) before reading on."""
+
+    async def replay() -> Message:
+        if read:
+            return read.pop(0)
+        return await receive()
+
+    return replay
 
 
 async def _watch(

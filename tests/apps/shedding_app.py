@@ -9,6 +9,11 @@ The servers run ``shedding_app:guard``.
 at a time (``limit=1``), a hundred may wait five seconds; ``GET /hold`` takes ``HOLD``
 seconds, ``GET /q/{n}`` notes that it ran, ``/state`` reports the guard's state, the
 requests that ran and (on asyncio) how many tasks the loop has.
+
+``shedding_app:bulkheaded`` is a third, for the same behind the ``bulkhead`` dependency
+(one at a time, three may wait five seconds): ``GET /hold`` stays in until ``POST
+/release``, ``GET /q/{n}`` and ``POST /item/{n}`` (a JSON body FastAPI reads before the
+dependency) note that they ran, ``/state`` reports the bulkhead's counters and the runs.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import asyncio
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
 
-from asgi_guard import LoadSheddingEvent, LoadSheddingMiddleware
+from asgi_guard import LoadSheddingEvent, LoadSheddingMiddleware, RequestRejected
+from asgi_guard.fastapi import bulkhead, rejection_handler
 
 SLOW = 0.4
 events: list[LoadSheddingEvent] = []
@@ -91,3 +98,52 @@ async def flood_state() -> dict[str, Any]:
 flood = LoadSheddingMiddleware(
     flood_app, limit=1, max_queue=100, queue_timeout=5.0, exempt=["/state"]
 )
+
+
+guarded = bulkhead(1, max_queue=3, queue_timeout=5.0)
+bulkheaded = FastAPI()
+bulkheaded.add_exception_handler(RequestRejected, rejection_handler)
+bulkhead_runs: list[str] = []
+release = {"now": False}
+
+
+class Item(BaseModel):
+    name: str
+
+
+@bulkheaded.get("/hold", dependencies=[Depends(guarded)])
+async def bulkhead_hold() -> dict[str, str]:
+    release["now"] = False
+    with anyio.move_on_after(30):  # never for ever
+        while not release["now"]:  # noqa: ASYNC110 - the test's POST /release sets it
+            await anyio.sleep(0.01)
+    return {"ok": "held"}
+
+
+@bulkheaded.post("/release")
+async def bulkhead_release() -> dict[str, str]:
+    release["now"] = True
+    return {"ok": "released"}
+
+
+@bulkheaded.get("/q/{n}", dependencies=[Depends(guarded)])
+async def bulkhead_queued(n: str) -> dict[str, str]:
+    bulkhead_runs.append(n)
+    return {"n": n}
+
+
+@bulkheaded.post("/item/{n}", dependencies=[Depends(guarded)])
+async def bulkhead_item(n: str, item: Item) -> dict[str, str]:
+    bulkhead_runs.append(n)
+    return {"n": n, "name": item.name}
+
+
+@bulkheaded.get("/state")
+async def bulkhead_state() -> dict[str, Any]:
+    limiter = guarded.limiter
+    return {
+        "inflight": limiter.inflight,
+        "queued": limiter.queued,
+        "counts": limiter.counts,
+        "ran": bulkhead_runs,
+    }

@@ -7,6 +7,7 @@ Importing this module needs FastAPI (``pip install asgi-guard[fastapi]``); the r
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request, Response
@@ -424,7 +425,9 @@ class BulkheadDependency:
                         title="Route temporarily at capacity",
                         detail=f"{route_template(scope) or scope.get('path')} is serving "
                         "as many requests as it may; retry later.",
-                        headers=(("Retry-After", "1"),),
+                        # Jittered over whole seconds, so that the refused do not all
+                        # come back at once (as the middleware's).
+                        headers=(("Retry-After", _RETRY_AFTER[random.random() < 0.5]),),
                         extensions={"reason": reason},
                         guard="bulkhead",
                     )
@@ -437,6 +440,7 @@ class BulkheadDependency:
 
 
 _CRITICAL = class_index("critical")
+_RETRY_AFTER = ("1", "2")
 
 
 def bulkhead(
@@ -448,13 +452,13 @@ def bulkhead(
     it, or build one per route. Past the limit, requests wait in a queue of ``max_queue``
     (first in, first out; managed like `LoadSheddingMiddleware`'s, higher priority classes
     first when that middleware classified the request) and the rest are refused with a
-    `RequestRejected` (503, ``temporary-reduced-capacity``, ``Retry-After: 1``); register
-    `rejection_handler` to answer in problem+json. A request behind a `TimeoutMiddleware`
-    is never kept waiting past what its deadline allows. A queued HTTP request whose
-    client disconnects leaves the queue at once and never reaches the endpoint (what the
-    wait read of its body, the endpoint gets first). On a WebSocket route a refused
-    handshake is closed with 1008 where the server cannot send a denial response, and an
-    accepted WebSocket holds its place for its whole session.
+    `RequestRejected` (503, ``temporary-reduced-capacity``, a ``Retry-After`` of 1 or 2 s
+    at random); register `rejection_handler` to answer in problem+json. A request behind
+    a `TimeoutMiddleware` is never kept waiting past what its deadline allows. A queued
+    HTTP request whose client disconnects leaves the queue at once and never reaches the
+    endpoint (what the wait read of its body, the endpoint gets first). On a WebSocket
+    route a refused handshake is closed with 1008 where the server cannot send a denial
+    response, and an accepted WebSocket holds its place for its whole session.
 
     Args:
         max_concurrency: Requests served at once.

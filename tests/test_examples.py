@@ -161,7 +161,7 @@ async def test_demo_report_bulkhead_refuses_a_second_report_meanwhile() -> None:
     assert sorted(r.status_code for r in responses) == [200, 503]
     refused = next(r for r in responses if r.status_code == 503)
     assert_problem(refused, 503)
-    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["retry-after"] in ("1", "2")
 
 
 async def test_demo_health_is_never_limited() -> None:
@@ -689,7 +689,7 @@ async def test_shedding_report_bulkhead_refuses_beyond_two_running_and_two_waiti
     for r in refused:
         body = assert_problem(r, 503)
         assert body["type"].endswith("#temporary-reduced-capacity")
-        assert r.headers["retry-after"] == "1"
+        assert r.headers["retry-after"] in ("1", "2")
 
 
 async def test_algorithms_every_choice_serves_and_learns_from_served_requests() -> None:

@@ -77,7 +77,7 @@ async def test_past_the_limit_the_route_answers_503_problem_json() -> None:
             state["open"].set()
     assert refused.status_code == 503, refused.text
     assert refused.headers["content-type"] == "application/problem+json"
-    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["retry-after"] in ("1", "2")
     assert refused.json()["type"].endswith("#temporary-reduced-capacity")
     assert results["/report/a"].status_code == 200
 
@@ -136,6 +136,23 @@ async def test_the_classes_of_the_shedding_middleware_order_the_queue() -> None:
         await until(lambda: guard.limiter.queued == 2)
         state["open"].set()
     assert state["order"] == ["first", "pay", "batch"]
+
+
+async def test_retry_after_is_jittered_over_whole_seconds() -> None:
+    """Refused clients are told 1 or 2 seconds at random (a fixed value would bring them
+    all back at once): over 100 refusals both appear, in roughly equal shares."""
+    app, state = make_app(bulkhead(1))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(client.get, "/report/a")
+        await until(lambda: state["inside"] == 1)
+        told = [(await client.get("/export")).headers["retry-after"] for _ in range(100)]
+        state["open"].set()
+    assert set(told) == {"1", "2"}, told
+    assert 20 <= told.count("1") <= 80, told  # a fair coin falls outside once in 10^9
 
 
 @pytest.mark.parametrize(

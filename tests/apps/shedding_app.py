@@ -6,9 +6,9 @@ critical. ``/health`` is exempt; ``/state`` reports the guard's state and events
 The servers run ``shedding_app:guard``.
 
 ``shedding_app:flood`` is a second app for clients that go away while queued: one request
-at a time (``limit=1``), a hundred may wait five seconds; ``GET /hold`` takes ``HOLD``
-seconds, ``GET /q/{n}`` notes that it ran, ``/state`` reports the guard's state, the
-requests that ran and (on asyncio) how many tasks the loop has.
+at a time (``limit=1``), a hundred may wait five seconds; ``GET /hold`` stays in until
+``POST /release`` (exempt), ``GET /q/{n}`` notes that it ran, ``/state`` reports the
+guard's state, the requests that ran and (on asyncio) how many tasks the loop has.
 
 ``shedding_app:bulkheaded`` is a third, for the same behind the ``bulkhead`` dependency
 (one at a time, three may wait five seconds): ``GET /hold`` stays in until ``POST
@@ -69,15 +69,24 @@ guard = LoadSheddingMiddleware(
 )
 
 
-HOLD = 1.5
 ran: list[int] = []
 flood_app = FastAPI()
+flood_release = {"now": False}
 
 
 @flood_app.get("/hold")
 async def hold() -> dict[str, str]:
-    await anyio.sleep(HOLD)
+    flood_release["now"] = False
+    with anyio.move_on_after(30):  # never for ever
+        while not flood_release["now"]:  # noqa: ASYNC110 - the test's POST /release sets it
+            await anyio.sleep(0.01)
     return {"ok": "held"}
+
+
+@flood_app.post("/release")
+async def release_hold() -> dict[str, str]:
+    flood_release["now"] = True
+    return {"ok": "released"}
 
 
 @flood_app.get("/q/{n}")
@@ -96,7 +105,7 @@ async def flood_state() -> dict[str, Any]:
 
 
 flood = LoadSheddingMiddleware(
-    flood_app, limit=1, max_queue=100, queue_timeout=5.0, exempt=["/state"]
+    flood_app, limit=1, max_queue=100, queue_timeout=5.0, exempt=["/state", "/release"]
 )
 
 

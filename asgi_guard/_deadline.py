@@ -52,8 +52,11 @@ MIN_HORIZON = 0.01
 #: How often the keeper retries cancelling a request that sits in a shielded section.
 RETRY = 0.01
 #: How long a deadline that falls while the server writes a response's start waits for
-#: the app's next message: a response whose body follows completes instead of being cut.
+#: the app's next message once the start is written: a response whose body follows
+#: completes instead of being cut.
 START_GRACE = 0.05
+#: How long past its due time a deadline waits for a start being written at most.
+START_WRITE_LIMIT = 1.0
 
 
 def _anyio_task_states() -> Any:
@@ -160,9 +163,9 @@ class Budget:
         self.complete = False
         self.started = False
         #: While the server writes the response's start (a send that yields, as every send
-        #: on trio does), and whether the keeper has waited for it once already.
+        #: on trio does), and when the keeper first waited for it (0.0: never).
         self.writing_start = False
-        self.graced = False
+        self.graced = 0.0
         self.answered = False
         self.fired: str | None = None
         self.fired_at = 0.0

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._deadline import (
     MIN_HORIZON,
     START_GRACE,
+    START_WRITE_LIMIT,
     Budget,
     Keeper,
     LoopCheck,
@@ -323,6 +324,10 @@ class TimeoutMiddleware:
                     await send(message)
                 finally:
                     budget.writing_start = False
+                    if budget.graced and budget.active and keeper.alive:
+                        # The deadline fell while it was written: the app's next message
+                        # gets its moment from now.
+                        keeper.schedule(budget, monotonic() + START_GRACE)
                 return
             elif (kind == "http.response.trailers" and not message.get("more_trailers", False)) or (
                 kind == "http.response.pathsend"
@@ -521,11 +526,12 @@ class TimeoutMiddleware:
     # -- at the deadline ---------------------------------------------------------------------
 
     def _fire(self, budget: Budget, now: float) -> None:
-        if budget.writing_start and not budget.graced:
+        if budget.writing_start and now - (budget.graced or now) < START_WRITE_LIMIT:
             # Due while the server writes the response's start (each send yields on trio):
             # the app's next message comes right after, and a body that ends the response
             # completes it rather than leaving the client headers without their body.
-            budget.graced = True
+            # Looked at again shortly, while the write lasts (a second at most).
+            budget.graced = budget.graced or now
             assert budget.keeper is not None
             budget.keeper.schedule(budget, now + START_GRACE)
             return

@@ -39,6 +39,7 @@ from .ratelimit import (
     ratelimit_header_value,
     retry_after_seconds,
     storage_rejection,
+    tightness,
 )
 from .shedding import _replaying, _watched_turn
 
@@ -89,8 +90,9 @@ class RateLimitDependency:
         )
         assert self._core._default is not None
         self._policies = tuple(b.policy for b in self._core._default.bound)
-        #: By route: the route (kept, so that its id is never another's) and its plan.
-        self._plans: dict[int, tuple[object, _Plan]] = {}
+        #: By route (its original route object's id and its template): the route object
+        #: (kept, so that its id is never another's) and its plan.
+        self._plans: dict[tuple[int, str], tuple[object, _Plan]] = {}
         #: ``RateLimit-Policy`` of a plan less the policies a middleware decided already,
         #: by plan and skipped policies (a few per route).
         self._partial_headers: dict[tuple[int, ...], bytes | None] = {}
@@ -107,16 +109,22 @@ class RateLimitDependency:
         # parameters would grow without bound), named by its template and methods: the
         # route as included, so a router included under two prefixes counts twice.
         route = matched_route(scope)
-        entry = self._plans.get(id(route))
-        if entry is not None and entry[0] is route:
-            return entry[1]
         template = route_template(scope) or "*"
+        # FastAPI builds its records of included routes anew when a router's routes change:
+        # a route is its original route object and its template (one per inclusion).
+        original = getattr(route, "original_route", route)
+        ident = (id(original), template)
+        entry = self._plans.get(ident)
+        if entry is not None and entry[0] is original:
+            return entry[1]
         methods = getattr(route, "methods", None)
         label = f"{','.join(sorted(methods))} {template}" if methods else template
         namespace = f"route:{label}"
-        owner = (id(self), id(route))
+        owner = (id(self), ident)
         claims = self.limiter._claims.get(namespace, ())
-        if not self.limiter.is_memory and claims and owner not in claims:
+        if not self.limiter.is_memory and any(
+            isinstance(other, tuple) and other[1] != ident for other in claims
+        ):
             # Numbered by first use, which differs between processes: one process's
             # "route:GET /items#2" would be another's "route:GET /items".
             logger.warning(
@@ -127,7 +135,7 @@ class RateLimitDependency:
                 self.limiter.uri,
             )
         plan = self._core._plan(self._policies, namespace, template, False, owner=owner)
-        self._plans[id(route)] = (route, plan)
+        self._plans[ident] = (original, plan)
         return plan
 
     def _policy_header_without(
@@ -228,11 +236,10 @@ def _tighter_than_shown(legacy: LegacyValues, response: Response) -> bool:
     (fewer requests remaining; as many, and a later reset), or it has none."""
     shown = response.headers
     try:
-        remaining = int(shown["x-ratelimit-remaining"])
-        reset = int(shown.get("x-ratelimit-reset", "0"))
+        values = (0, int(shown["x-ratelimit-remaining"]), int(shown["x-ratelimit-reset"]))
     except (KeyError, ValueError):
         return True
-    return (legacy[1], -legacy[2]) < (remaining, -reset)
+    return tightness(legacy) < tightness(values)
 
 
 def _merge(response: Response, name: str, value: str) -> None:

@@ -179,6 +179,12 @@ def legacy_values(states: Sequence[QuotaState]) -> LegacyValues:
     return tight.limit, max(0, tight.remaining), math.ceil(max(0.0, tight.reset_after))
 
 
+def tightness(values: LegacyValues) -> tuple[int, int]:
+    """Orders legacy values, the tightest first: fewest remaining, then the latest reset (as
+    `legacy_values` chooses among quotas)."""
+    return values[1], -values[2]
+
+
 def legacy_fields(limit: int, remaining: int, reset: int) -> list[tuple[bytes, bytes]]:
     """``X-RateLimit-Limit/Remaining/Reset`` with these values."""
     return [
@@ -786,7 +792,7 @@ def _merge_legacy(
 ) -> list[tuple[bytes, bytes]]:
     """The middleware's fields with one set of legacy fields: those of the tightest of its
     own quota (``tightest[0]``, None without one) and the dependencies' behind it."""
-    values = min((v for v in tightest if v is not None), key=lambda v: (v[1], -v[2]))
+    values = min((v for v in tightest if v is not None), key=tightness)
     merged = dict(fields)
     merged.update(legacy_fields(*values))
     return list(merged.items())

@@ -702,3 +702,46 @@ async def test_a_dependency_kept_in_a_variable_can_be_overridden_in_tests() -> N
         assert await codes(client, "/search", "/search") == [200, 429]
         app.dependency_overrides[search_limit] = lambda: None
         assert await codes(client, "/search", "/search") == [200, 200]
+
+
+async def test_a_route_keeps_its_counter_when_its_router_gets_a_new_route() -> None:
+    """FastAPI builds its records of included routes anew when the router's routes change;
+    the route's plan (and its counter) stays."""
+    dep = rate_limit("2/minute", limiter=limiter())
+    router = APIRouter(dependencies=[Depends(dep)])
+
+    @router.get("/items")
+    async def items() -> str:
+        return "items"
+
+    app = FastAPI()
+    app.include_router(router, prefix="/v1")
+    async with client_for(app) as client:
+        assert await codes(client, "/v1/items", "/v1/items") == [200, 200]
+
+        @router.get("/other")
+        async def other() -> str:
+            return "other"
+
+        assert await codes(client, "/v1/items", "/v1/other") == [429, 200]
+    assert len(dep._plans) == 2
+
+
+async def test_two_dependencies_of_one_route_on_a_remote_limiter_are_not_warned_about(
+    caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """The app's and the route's unnamed limits on one route: numbered in the order they
+    run, which is the same in every process, so no warning."""
+    if anyio_backend == "trio":
+        pytest.skip("remote storages run on asyncio only")
+    shared = RateLimiter(storage="redis://127.0.0.1:1", timeout=0.05)
+    app = FastAPI(dependencies=[Depends(rate_limit("10/minute", limiter=shared))])
+
+    @app.get("/x", dependencies=[Depends(rate_limit("5/minute", limiter=shared))])
+    async def x() -> str:
+        return "x"
+
+    with caplog.at_level("WARNING", logger="asgi_guard"):
+        async with client_for(app) as client:
+            assert await codes(client, "/x", "/x") == [200, 200]
+    assert not [r for r in caplog.records if "numbered" in r.getMessage()]

@@ -14,9 +14,9 @@ server machinery (the task's coroutine and what it calls). When the same step ha
 the thread, with the tick unchanged, for longer than the threshold, the loop is blocked:
 the watchdog looks twice (to tell a blocking call from a CPU loop), checks the tick again
 (a stall that has just ended is never blamed on the frame that follows it), and reports.
-It goes on looking at a reported step: another line that then holds the loop for at least
-the threshold, from the first look that sees it there to the last, is reported as a stall
-of its own when the loop moves on from it.
+It goes on looking at a reported step: another line where the loop then waits (a call that
+lets the GIL go) for at least the threshold, from the first look that sees it there to the
+last, is reported as a stall of its own when the loop moves on from it.
 Requests are found by walking from the sampled frame to the middleware's own frame and
 reading its ``scope`` argument (nothing is registered per request); a step in a task the
 request spawned (a task group child, a streaming body Starlette runs in a task of its own)
@@ -125,9 +125,10 @@ class BlockingEvent:
         duration: Seconds the loop had been blocked when the stall was reported. A stall
             the watchdog saw while it ran is reported just past the threshold, and the
             step may have gone on: ``duration`` is how long it had lasted then, not its
-            whole length. Another line of a step reported already that then held the
-            loop for at least the threshold is reported too, once the loop moved on from
-            it, with how long the watchdog saw it there (from its first look to its last).
+            whole length. Another line of a step reported already where the loop then
+            waited in a call (one that lets the GIL go, as a sleep or a socket read does)
+            for at least the threshold is reported too, once the loop moved on from it,
+            with how long the watchdog saw it there (from its first look to its last).
             A C call that held the GIL and let nothing run until it returned
             (``holds_gil``) is seen only then: ``duration`` is its whole length, counted
             from when the first heartbeat it delayed was due (so slightly less). Some C
@@ -389,23 +390,31 @@ def _lines_of(sample: _Sample) -> Lines:
 
 
 class _Run:
-    """Looks at a reported step that found it at one line (of the same calls), in a row."""
+    """Looks at a reported step that found it at one line (of the same calls), in a row:
+    when, and the loop thread's CPU time then (``None`` where it cannot be read), and
+    whether a look came in through the tap (a C call holding the GIL)."""
 
-    __slots__ = ("computing", "last", "lines", "looks", "sample", "since", "tapped")
+    __slots__ = ("cpu_last", "cpu_since", "last", "lines", "sample", "since", "tapped")
 
-    def __init__(self, sample: _Sample, lines: Lines, now: float, computing: bool) -> None:
+    def __init__(self, sample: _Sample, lines: Lines, now: float, cpu: float | None) -> None:
         self.sample = sample
         self.lines = lines
         self.since = self.last = now
-        self.looks = 1
-        self.computing = int(computing)
-        self.tapped = int(sample.via_tap)
+        self.cpu_since = self.cpu_last = cpu
+        self.tapped = sample.via_tap
 
-    def add(self, sample: _Sample, now: float, computing: bool) -> None:
+    def add(self, sample: _Sample, now: float, cpu: float | None) -> None:
         self.last = now
-        self.looks += 1
-        self.computing += computing
-        self.tapped += sample.via_tap
+        self.cpu_last = cpu
+        self.tapped = self.tapped or sample.via_tap
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the loop thread waited at this line (a sleep, a socket read), not
+        computed: it used less than half the time on a CPU."""
+        if self.tapped or self.cpu_since is None or self.cpu_last is None:
+            return False
+        return self.cpu_last - self.cpu_since < (self.last - self.since) / 2
 
 
 class _Alarm:
@@ -1063,9 +1072,9 @@ class Watchdog:
             self._time(root, mark, now)
             return
         if self._reported(root, mark):
-            # Reported already: follow it, to report any other line that holds the loop as
-            # long again. Waking late means waiting for the GIL: Python code computing.
-            self._follow(sample, now, overslept > sys.getswitchinterval() / 2)
+            # Reported already: follow it, to report any other line where the loop waits
+            # as long again (the loop thread's CPU time tells waiting from computing).
+            self._follow(sample, now, self._cpu[0] if self._cpu_clock is not None else None)
             return
         pause = self._pause
         if now - self._root_since <= self.threshold - pause:
@@ -1101,15 +1110,15 @@ class Watchdog:
         self._reported_lines = {_lines_of(sample)}
         self._reported_request = sample.request
 
-    def _follow(self, sample: _Sample, now: float, computing: bool) -> None:
+    def _follow(self, sample: _Sample, now: float, cpu: float | None) -> None:
         """A look at the reported step: the same line as the previous look's extends its
         run, another starts one."""
         run, lines = self._line_run, _lines_of(sample)
         if run is not None and run.lines == lines:
-            run.add(sample, now, computing)
+            run.add(sample, now, cpu)
             return
         self._end_run()
-        self._line_run = _Run(sample, lines, now, computing)
+        self._line_run = _Run(sample, lines, now, cpu)
 
     def _end_run(self) -> None:
         """A run of looks at one line of the reported step has ended: a line it was not
@@ -1119,20 +1128,18 @@ class Watchdog:
         run, self._line_run = self._line_run, None
         if run is None or run.lines in self._reported_lines:
             return
-        if run.last - run.since < self.threshold:
+        if run.last - run.since < self.threshold or not run.waiting:
+            # Only a call that waits stays at one line look after look: Python code
+            # computing is seen wherever the GIL changed hands, so the lines its looks
+            # land on are chance (a loop over two helpers was reported again); it was
+            # reported once already. Where the CPU clock cannot be read, nothing follows.
             return
         self._reported_lines.add(run.lines)
         sample = run.sample
         sample.request = self._reported_request  # the step's: read while it ran
-        holds_gil = run.tapped == run.looks
-        computing = not holds_gil and 2 * run.computing > run.looks
         self.seen_at = run.last
         self._emit(
-            sample,
-            run.last - run.since,
-            holds_gil=holds_gil,
-            kind="cpu_bound" if computing else "blocking_call",
-            attribute=False,
+            sample, run.last - run.since, holds_gil=False, kind="blocking_call", attribute=False
         )
 
     def never_awaited(self, frame: FrameType | None) -> None:

@@ -24,6 +24,8 @@ import asgi_guard
 import asgi_guard.fastapi
 from asgi_guard import QUOTA_EXCEEDED, ConfigurationError, GuardError, ManualClock, StorageEvent
 
+from .asgi_driver import until
+
 pytestmark = pytest.mark.anyio
 
 
@@ -690,6 +692,40 @@ async def test_shedding_report_bulkhead_refuses_beyond_two_running_and_two_waiti
         body = assert_problem(r, 503)
         assert body["type"].endswith("#temporary-reduced-capacity")
         assert r.headers["retry-after"] in ("1", "2")
+
+
+async def test_shedding_internal_classes_by_job_and_trusted_header() -> None:
+    """The internal service: the gateway's X-Priority is believed, a client's is not;
+    batch jobs are sheddable; while the loop lags, sheddable requests are refused (503,
+    reason trigger) and the rest served."""
+    shedding = load("shedding")
+    internal = shedding.internal
+    assert shedding.job_class({"headers": [(b"user-agent", b"batch-reindex/2")]}) == "sheddable"
+    assert shedding.job_class({"headers": [(b"user-agent", b"curl/8")]}) is None
+    assert shedding.from_gateway({"client": ("10.1.2.3", 5)})
+    assert not shedding.from_gateway({"client": ("203.0.113.9", 5)})
+    batch = {"user-agent": "batch-reindex/2"}
+    gateway = httpx.ASGITransport(app=internal, client=("10.1.2.3", 5))
+    outside = httpx.ASGITransport(app=internal, client=("203.0.113.9", 5))
+    async with (
+        LifespanManager(internal),
+        httpx.AsyncClient(transport=gateway, base_url="http://t") as via_gateway,
+        httpx.AsyncClient(transport=outside, base_url="http://t") as client,
+    ):
+        for _ in range(5):  # Adaptive measures the no-load latency first
+            assert (await via_gateway.get("/ledger")).status_code == 200
+        time.sleep(0.15)  # noqa: ASYNC251 - the loop lags, on purpose
+        await until(lambda: internal.state()["trigger"] == "loop_lag", within=5)
+        refused = await client.get("/reindex", headers=batch)
+        assert refused.status_code == 503
+        assert refused.json()["reason"] == "trigger"
+        # A client cannot lift itself out of its class; the gateway can.
+        own = await client.get("/reindex", headers={**batch, "X-Priority": "critical-plus"})
+        assert own.status_code == 503
+        lifted = await via_gateway.get("/reindex", headers={**batch, "X-Priority": "critical-plus"})
+        assert lifted.status_code == 200
+        assert (await client.get("/ledger")).status_code == 200  # critical: served
+        assert (await client.get("/health")).status_code == 200
 
 
 async def test_algorithms_every_choice_serves_and_learns_from_served_requests() -> None:

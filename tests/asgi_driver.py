@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -134,3 +134,10 @@ async def lifespan_client(
         transport = httpx.ASGITransport(app=manager.app, root_path=root_path, client=client)
         async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
             yield http
+
+
+async def until(check: Callable[[], object], within: float = 2.0) -> None:
+    """Wait (at most ``within`` seconds) until ``check()`` holds."""
+    with anyio.fail_after(within):
+        while not check():  # noqa: ASYNC110 - polling state the guard owns
+            await anyio.sleep(0.001)

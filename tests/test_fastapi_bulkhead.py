@@ -15,7 +15,7 @@ from starlette.types import Message
 from asgi_guard import ConfigurationError, LoadSheddingMiddleware, RequestRejected
 from asgi_guard.fastapi import bulkhead, rejection_handler
 
-from .asgi_driver import Driven, drive, http_scope
+from .asgi_driver import Driven, drive, http_scope, until
 
 pytestmark = pytest.mark.anyio
 
@@ -50,12 +50,6 @@ def make_app(guard: Any, *, shedder: bool = False) -> tuple[FastAPI, dict[str, A
             priority={"/report/batch": "sheddable", "/report/pay": "critical"},
         )
     return app, state
-
-
-async def until(check: Any) -> None:
-    with anyio.fail_after(2):
-        while not check():  # noqa: ASYNC110 - polling state the guard owns
-            await anyio.sleep(0.001)
 
 
 async def test_past_the_limit_the_route_answers_503_problem_json() -> None:

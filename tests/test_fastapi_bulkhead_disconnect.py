@@ -21,7 +21,7 @@ from starlette.types import Message
 from asgi_guard import RequestRejected
 from asgi_guard.fastapi import BulkheadDependency, bulkhead, rejection_handler
 
-from .asgi_driver import Driven, drive, http_scope
+from .asgi_driver import Driven, drive, http_scope, until
 
 pytestmark = pytest.mark.anyio
 
@@ -65,12 +65,6 @@ def make_app(guard: BulkheadDependency) -> tuple[FastAPI, dict[str, Any]]:
         return {"tag": tag, "name": body.name}
 
     return app, state
-
-
-async def until(check: Any) -> None:
-    with anyio.fail_after(2):
-        while not check():  # noqa: ASYNC110 - polling state the guard owns
-            await anyio.sleep(0.001)
 
 
 def request(body: bytes = b"", *, more: bool = False) -> Message:

@@ -20,7 +20,7 @@ from asgi_guard import (
 )
 from asgi_guard._adaptive import LimitAlgorithm
 
-from .asgi_driver import Driven, drive, http_scope
+from .asgi_driver import Driven, drive, http_scope, until
 
 pytestmark = pytest.mark.anyio
 
@@ -45,13 +45,6 @@ class Gate:
         finally:
             self.inside -= 1
         await PlainTextResponse("ok")(scope, receive, send)
-
-
-async def until(check: Callable[[], bool]) -> None:
-    """Wait (at most 2 s) until ``check()`` holds."""
-    with anyio.fail_after(2.0):
-        while not check():  # noqa: ASYNC110 - polling state the guard owns
-            await anyio.sleep(0.001)
 
 
 def problem(driven: Driven) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from asgi_guard import LoadSheddingMiddleware
 
-from .asgi_driver import Driven, drive, http_scope
-from .test_shedding import SETUP, Gate, start, until
+from .asgi_driver import Driven, drive, http_scope, until
+from .test_shedding import SETUP, Gate, start
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ import pytest
 
 from asgi_guard import LoadSheddingMiddleware
 
-from .asgi_driver import Driven, drive, http_scope
-from .test_shedding import Gate, start, until
+from .asgi_driver import Driven, drive, http_scope, until
+from .test_shedding import Gate, start
 
 pytestmark = pytest.mark.anyio
 

@@ -31,8 +31,8 @@ from asgi_guard._shedding import ConcurrencyLimiter, Permit
 from asgi_guard.fastapi import bulkhead, rejection_handler, timeout
 from asgi_guard.shedding import IDLE_TICK
 
-from .asgi_driver import Driven, drive, http_scope
-from .test_shedding import SETUP, Gate, start, until
+from .asgi_driver import Driven, drive, http_scope, until
+from .test_shedding import SETUP, Gate, start
 from .test_shedding_standing import Waiters, hold, limiter_at
 from .test_shedding_ticker import Counting, Holding
 

@@ -237,3 +237,26 @@ class HypercornServer(ServerProcess):
         # An HTTP request, not a bare connection: Hypercorn's first request in a fresh
         # process is slow (0.2 s with the trio worker), which a timing test must not see.
         return ask(self.port, b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n").startswith(b"HTTP/1.1 ")
+
+
+#: The servers `app_server` runs an app on, by name.
+APP_SERVERS = ("uvicorn", "uvicorn-uvloop", "hypercorn-trio")
+
+
+def app_server(app: str, kind: str, log_dir: Path) -> UvicornServer | HypercornServer:
+    """``app`` on one of `APP_SERVERS`, started: uvicorn (asyncio), uvicorn on uvloop, or
+    Hypercorn's trio worker; the test is skipped when what it needs is not installed."""
+    started: UvicornServer | HypercornServer
+    if kind == "uvicorn":
+        started = UvicornServer(app, free_port(), log_dir)
+    elif kind == "uvicorn-uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed")
+        started = UvicornServer(app, free_port(), log_dir, args=["--loop", "uvloop"])
+    elif kind == "hypercorn-trio":
+        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
+        pytest.importorskip("trio", reason="trio is not installed")
+        started = HypercornServer(app, free_port(), log_dir, worker_class="trio")
+    else:
+        raise ValueError(f"no such server: {kind!r}; choose from {APP_SERVERS}")
+    started.start()
+    return started

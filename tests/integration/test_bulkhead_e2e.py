@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from .servers import HypercornServer, UvicornServer, free_port
+from .servers import HypercornServer, UvicornServer, app_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -30,15 +30,7 @@ def server(
 ) -> Iterator[Server]:
     """The bulkhead app (one at a time, three may wait) on uvicorn and Hypercorn (trio)."""
     kind = str(request.param)
-    log_dir = tmp_path_factory.mktemp(f"bulkhead-{kind}")
-    started: Server
-    if kind == "uvicorn":
-        started = UvicornServer(APP, free_port(), log_dir)
-    else:
-        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
-        pytest.importorskip("trio", reason="trio is not installed")
-        started = HypercornServer(APP, free_port(), log_dir, worker_class="trio")
-    started.start()
+    started = app_server(APP, kind, tmp_path_factory.mktemp(f"bulkhead-{kind}"))
     yield started
     started.stop(graceful=True)
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.apps.shedding_app import SLOW
 
-from .servers import HypercornServer, UvicornServer, free_port
+from .servers import HypercornServer, UvicornServer, app_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -33,18 +33,7 @@ def server(
 ) -> Iterator[Server]:
     """The shedding app on uvicorn (asyncio, uvloop) and Hypercorn (trio)."""
     kind = str(request.param)
-    log_dir = tmp_path_factory.mktemp(kind)
-    started: Server
-    if kind == "uvicorn":
-        started = UvicornServer(APP, free_port(), log_dir)
-    elif kind == "uvicorn-uvloop":
-        pytest.importorskip("uvloop", reason="uvloop is not installed")
-        started = UvicornServer(APP, free_port(), log_dir, args=["--loop", "uvloop"])
-    else:
-        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
-        pytest.importorskip("trio", reason="trio is not installed")
-        started = HypercornServer(APP, free_port(), log_dir, worker_class="trio")
-    started.start()
+    started = app_server(APP, kind, tmp_path_factory.mktemp(kind))
     yield started
     started.stop(graceful=True)
 
@@ -104,15 +93,7 @@ def flood_server(
 ) -> Iterator[Server]:
     """The disconnect-flood app (limit 1, a queue of 100) on uvicorn and Hypercorn (trio)."""
     kind = str(request.param)
-    log_dir = tmp_path_factory.mktemp(f"flood-{kind}")
-    started: Server
-    if kind == "uvicorn":
-        started = UvicornServer(FLOOD_APP, free_port(), log_dir)
-    else:
-        pytest.importorskip("hypercorn", reason="hypercorn is not installed")
-        pytest.importorskip("trio", reason="trio is not installed")
-        started = HypercornServer(FLOOD_APP, free_port(), log_dir, worker_class="trio")
-    started.start()
+    started = app_server(FLOOD_APP, kind, tmp_path_factory.mktemp(f"flood-{kind}"))
     yield started
     started.stop(graceful=True)
 
